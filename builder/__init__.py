@@ -1,0 +1,3 @@
+"""maculaos-sdk: turn a YAML profile into bootable MaculaOS images through staged Docker builds."""
+
+__version__ = "0.1.0"

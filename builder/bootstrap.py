@@ -1,0 +1,45 @@
+"""Bootstrap the Debian base from Debian's archive with mmdebstrap (no Docker Hub needed)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import BuildFailed
+
+NODOC = ["path-exclude=/usr/share/doc/*", "path-include=/usr/share/doc/*/copyright",
+         "path-exclude=/usr/share/man/*", "path-exclude=/usr/share/info/*",
+         "path-exclude=/usr/share/locale/*", "path-include=/usr/share/locale/locale.alias"]
+
+
+def mmdebstrap_command(params: dict[str, Any], tarball: Path) -> list[str]:
+    """The mmdebstrap invocation for the base params (see render.bootstrap_params)."""
+    cmd = ["mmdebstrap", "--mode=root", f"--variant={params['variant']}", f"--arch={params['arch']}",
+           f"--components={','.join(params['components'])}", "--skip=output/mknod",
+           "--aptopt=Acquire::Retries \"5\""]
+    if params["include"]:
+        cmd.append(f"--include={','.join(params['include'])}")
+    cmd += [f"--dpkgopt={opt}" for opt in NODOC]
+    cmd += [params["suite"], str(tarball), params["mirror"]]
+    return cmd
+
+
+def bootstrap(params: dict[str, Any], tarball: Path, log: IO[str]) -> None:
+    """Create the base rootfs tarball; atomic (a killed run leaves no half tarball behind)."""
+    if shutil.which("mmdebstrap") is None:
+        raise BuildFailed("mmdebstrap is not installed", "run `make setup` (apt-get install mmdebstrap)")
+    tarball.parent.mkdir(parents=True, exist_ok=True)
+    partial = tarball.with_name(tarball.name + ".partial.tar")
+    cmd = mmdebstrap_command(params, partial)
+    log.write("$ " + " ".join(cmd) + "\n")
+    log.flush()
+    env = dict(os.environ, SOURCE_DATE_EPOCH=str(params["sde"]))
+    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    if proc.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise BuildFailed(f"mmdebstrap failed with exit code {proc.returncode}",
+                          f"is {params['mirror']} reachable? see the base stage log")
+    os.replace(partial, tarball)

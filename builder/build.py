@@ -1,0 +1,210 @@
+"""The orchestrator: plan -> render -> build each stage (or reuse it) -> export artifacts -> manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__, ui
+from .bootstrap import bootstrap
+from .engine import LABEL_STAGE_ID, Engine, connect, read_text_from_image
+from .errors import BuildFailed
+from .paths import cache_dir
+from .plan import Plan, make_plan
+from .profile import Profile
+from .render import RenderedStage, bootstrap_params, render_stage
+
+
+@dataclass
+class BuildOptions:
+    """How to build: where to write, whether to trust the cache, whether to only render."""
+
+    output: Path = Path("out")
+    no_cache: bool = False
+    dry_run: Path | None = None
+
+
+@dataclass
+class StageResult:
+    stage: RenderedStage
+    cached: bool
+    seconds: float
+
+
+@dataclass
+class BuildResult:
+    """What a build produced."""
+
+    plan: Plan
+    stages: list[StageResult] = field(default_factory=list)
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    manifest: Path | None = None
+
+
+def source_date_epoch(profile: Profile) -> int:
+    """SOURCE_DATE_EPOCH from the environment, else the profile's fixed value."""
+    env = os.environ.get("SOURCE_DATE_EPOCH")
+    if env:
+        if not env.isdigit():
+            raise BuildFailed(f"SOURCE_DATE_EPOCH={env!r} is not a number", "unset it or give seconds since 1970")
+        return int(env)
+    return int(profile.get("source_date_epoch"))
+
+
+def render_plan(plan: Plan, sde: int, workdir: Path) -> list[RenderedStage]:
+    """Render every stage in plan order; each id folds in its inputs' ids."""
+    done: dict[str, RenderedStage] = {}
+    for meta in plan.stages:
+        inputs = {name: done[name] for name in meta.inputs}
+        done[meta.name] = render_stage(meta, plan.profile, inputs, sde, workdir)
+    return list(done.values())
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_dry_run(rendered: list[RenderedStage], dest: Path) -> None:
+    """Copy each rendered stage context (Dockerfile included) to `dest/<NN-stage>/`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for r in rendered:
+        target = dest / r.meta.folder.name
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(r.context, target, symlinks=True)
+        (target / "STAGE_ID").write_text(r.stage_id + "\n")
+
+
+def _build_stage(engine: Engine, r: RenderedStage, profile: Profile, sde: int, log_path: Path,
+                 no_cache: bool) -> None:
+    with log_path.open("w") as log:
+        log.write(f"# stage {r.meta.name} id {r.stage_id}\n# image {r.image}\n")
+        if r.meta.bootstrap and not profile.get("base_image"):
+            tarball = cache_dir() / "bootstrap" / f"{r.stage_id[:32]}.tar"
+            if no_cache or not tarball.exists():
+                bootstrap(bootstrap_params(profile, sde), tarball, log)
+            os.link(tarball, r.context / "rootfs.tar")
+        platform = None if profile.arch.is_native else profile.arch.docker_platform
+        engine.build(r.context, r.image, log, platform=platform, no_cache=no_cache,
+                     labels={LABEL_STAGE_ID: r.stage_id, "io.maculaos.stage": r.meta.name})
+
+
+def _previous_manifest(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def build_image(profile: Profile, options: BuildOptions, engine: Engine | None = None) -> BuildResult:
+    """Build every stage the profile needs and export its artifacts into `options.output`."""
+    plan = make_plan(profile)
+    sde = source_date_epoch(profile)
+    workdir = cache_dir() / "contexts" / f"{profile.name}-{profile.arch}"
+    rendered = render_plan(plan, sde, workdir)
+    result = BuildResult(plan=plan)
+    basename = profile.artifact_basename()
+    ui.info(f"[bold]MaculaOS[/] {profile.name} {profile.version} ({profile.arch}), "
+            f"{len(rendered)} stages, SOURCE_DATE_EPOCH={sde}")
+
+    if options.dry_run is not None:
+        write_dry_run(rendered, options.dry_run)
+        for r in rendered:
+            ui.stage_line(r.meta.name, "planned", None, f"{r.image}  <- {', '.join(r.meta.inputs) or '-'}")
+        ui.info(f"rendered Dockerfiles written to {options.dry_run}")
+        return result
+
+    engine = engine or Engine(connect())
+    out = options.output
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    for r in rendered:
+        t0 = time.monotonic()
+        if not options.no_cache and engine.has_image(r.image):
+            result.stages.append(StageResult(r, True, 0.0))
+            ui.stage_line(r.meta.name, "cached", 0.0, r.image)
+            continue
+        log_path = logs / f"{r.meta.folder.name}.log"
+        try:
+            with ui.console.status(f"  {r.meta.name:<10} building ... (log: {log_path})"):
+                _build_stage(engine, r, profile, sde, log_path, options.no_cache)
+        except BuildFailed as exc:
+            ui.stage_line(r.meta.name, "failed", time.monotonic() - t0, str(log_path))
+            exc.hint = exc.hint or f"full log: {log_path}"
+            raise
+        seconds = time.monotonic() - t0
+        result.stages.append(StageResult(r, False, seconds))
+        ui.stage_line(r.meta.name, "done", seconds, r.image)
+
+    manifest_path = out / f"{basename}.manifest.json"
+    previous = _previous_manifest(manifest_path)
+    artifacts: dict[str, Any] = {}
+    for r in rendered:
+        for src, pattern in sorted(r.meta.exports.items()):
+            dest = out / pattern.format(basename=basename)
+            old = previous.get("artifacts", {}).get(dest.name, {})
+            sha_file = dest.with_name(dest.name + ".sha256")
+            if (old.get("stage_id") == r.stage_id and dest.exists() and dest.stat().st_size == old.get("size")
+                    and sha_file.exists()):
+                digest = old["sha256"]
+            else:
+                with ui.step(f"export {dest}"):
+                    engine.export(r.image, f"/out/{src}", dest)
+                    digest = _sha256(dest)
+                    sha_file.write_text(f"{digest}  {dest.name}\n")
+            artifacts[dest.name] = {"stage": r.meta.name, "stage_id": r.stage_id, "size": dest.stat().st_size,
+                                    "sha256": digest}
+            result.artifacts[dest.name] = dest
+            limit = profile.get("size.iso_max_mb")
+            if dest.suffix == ".iso" and limit and dest.stat().st_size > limit * 1024 * 1024:
+                raise BuildFailed(f"{dest} is {dest.stat().st_size / 2**20:.0f} MiB, over size.iso_max_mb={limit}",
+                                  "prune kernel modules or packages, or raise the limit")
+
+    by_name = {r.meta.name: r for r in rendered}
+    manifest = {
+        "profile": profile.name,
+        "version": profile.version,
+        "arch": profile.arch.value,
+        "board": profile.get("board"),
+        "source_date_epoch": sde,
+        "sdk_version": __version__,
+        "profile_files": [str(p) for p in profile.files],
+        "stages": {s.stage.meta.name: {"id": s.stage.stage_id, "image": s.stage.image, "cached": s.cached,
+                                       "seconds": round(s.seconds, 1)} for s in result.stages},
+        "artifacts": artifacts,
+        "kernel": _kernel_info(engine, by_name.get("kernel"), previous),
+        "packages": _packages(engine, by_name.get("rootfs"), previous),
+        "build_seconds": round(time.monotonic() - started, 1),
+    }
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    manifest_path.write_text(text)
+    (out / "manifest.json").write_text(text)
+    result.manifest = manifest_path
+    return result
+
+
+def _kernel_info(engine: Engine, r: RenderedStage | None, previous: dict[str, Any]) -> dict[str, str]:
+    if r is None:
+        return {}
+    if previous.get("stages", {}).get("kernel", {}).get("id") == r.stage_id and previous.get("kernel"):
+        return previous["kernel"]
+    package, version = read_text_from_image(engine, r.image, "/out/kernel-package.tsv").split()[:2]
+    release = read_text_from_image(engine, r.image, "/out/kernel-version").strip()
+    return {"package": package, "version": version, "release": release}
+
+
+def _packages(engine: Engine, r: RenderedStage | None, previous: dict[str, Any]) -> dict[str, str]:
+    if r is None:
+        return {}
+    if previous.get("stages", {}).get("rootfs", {}).get("id") == r.stage_id and previous.get("packages"):
+        return previous["packages"]
+    text = read_text_from_image(engine, r.image, "/usr/share/maculaos/packages.tsv")
+    return dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)

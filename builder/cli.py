@@ -1,0 +1,148 @@
+"""The `maculaos-sdk` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__, ui
+from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, SdkError
+
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build-image", help="build MaculaOS images from a profile")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--profile", "-p", default=None, help="profile name in profiles/ or a path (default: core)")
+    src.add_argument("--config", "-c", default=None, help="a custom-image YAML file (same format as profiles)")
+    p.add_argument("--arch", choices=["amd64", "arm64"], help="override the profile's architecture")
+    p.add_argument("--output", "-o", type=Path, default=Path("out"), help="output folder (default: out)")
+    p.add_argument("--no-cache", action="store_true", help="rebuild every stage")
+    p.add_argument("--dry-run", nargs="?", const=Path("out/dry-run"), type=Path, metavar="DIR",
+                   help="print the plan and write rendered Dockerfiles to DIR (default out/dry-run); no build")
+    p.set_defaults(func=_cmd_build)
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .build import BuildOptions, build_image
+    from .profile import load_profile
+
+    profile = load_profile(args.config or args.profile or "core", {"arch": args.arch})
+    result = build_image(profile, BuildOptions(output=args.output, no_cache=args.no_cache, dry_run=args.dry_run))
+    for name, path in result.artifacts.items():
+        ui.info(f"[bold green]→[/] {path}")
+    if result.manifest:
+        ui.info(f"  manifest: {result.manifest}")
+    return EXIT_OK
+
+
+def _add_vm(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("vm", help="run MaculaOS images in QEMU")
+    vsub = p.add_subparsers(dest="vm_cmd", required=True)
+    s = vsub.add_parser("start", help="boot an ISO or disk image with the serial console in this terminal")
+    s.add_argument("image", type=Path)
+    s.add_argument("--arch", choices=["amd64", "arm64"], help="default: from the file name, else host")
+    s.add_argument("--memory", default="1024", help="MiB of RAM (default 1024)")
+    s.add_argument("--uefi", action="store_true", help="boot with UEFI firmware (OVMF) instead of BIOS")
+    s.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
+    s.add_argument("--ssh-port", type=int, default=2222, help="host port forwarded to the guest's 22")
+    s.set_defaults(func=_cmd_vm_start)
+
+
+def _cmd_vm_start(args: argparse.Namespace) -> int:
+    import os
+
+    from .vm import VmConfig, qemu_command
+
+    cfg = VmConfig.for_image(args.image, arch=args.arch, memory=args.memory, uefi=args.uefi, accel=args.accel,
+                             ssh_port=args.ssh_port)
+    cmd = qemu_command(cfg, interactive=True)
+    ui.info(f"[dim]{' '.join(cmd)}[/]\n[bold]Ctrl-A X[/] quits QEMU.")
+    os.execvp(cmd[0], cmd)
+    return EXIT_OK  # not reached
+
+
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("doctor", help="check what this host has for building and booting images")
+    p.set_defaults(func=_cmd_doctor)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import print_report, run_checks
+
+    checks = run_checks()
+    print_report(checks)
+    return EXIT_OK if all(c.ok or not c.required for c in checks) else 1
+
+
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="inspect profiles")
+    psub = p.add_subparsers(dest="profile_cmd", required=True)
+    s = psub.add_parser("show", help="print the fully resolved profile and where each value came from")
+    s.add_argument("name")
+    s.set_defaults(func=_cmd_profile_show)
+    k = psub.add_parser("keys", help="print every profile key with its default (markdown)")
+    k.set_defaults(func=lambda a: print(__import__("maculaos_sdk.settings").settings.reference_markdown()) or 0)
+
+
+def _cmd_profile_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .profile import _flatten, load_profile
+
+    profile = load_profile(args.name)
+    print(yaml.safe_dump(profile.data, sort_keys=False).rstrip())
+    print("\n# where values came from")
+    for key, _ in _flatten(profile.data):
+        origin = profile.origins.get(key)
+        print(f"#   {key}: {f'{origin[0]}:{origin[1]}' if origin else 'default'}")
+    return EXIT_OK
+
+
+def _add_test(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("test", help="run the test suites (unit, and QEMU boot tests with --target qemu)")
+    p.add_argument("--target", choices=["unit", "qemu", "all"], default="all")
+    p.add_argument("pytest_args", nargs="*", help="extra arguments for pytest")
+    p.set_defaults(func=_cmd_test)
+
+
+def _cmd_test(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from .paths import sdk_root
+
+    root = sdk_root()
+    paths = {"unit": ["tests", "--ignore=tests/qemu"], "qemu": ["tests/qemu"], "all": ["tests"]}[args.target]
+    cmd = [sys.executable, "-m", "pytest", *paths, *args.pytest_args]
+    return subprocess.call(cmd, cwd=root)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maculaos-sdk", description="Build and test MaculaOS images.")
+    parser.add_argument("--version", action="version", version=f"maculaos-sdk {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_build, _add_vm, _add_doctor, _add_profile, _add_test):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; maps errors to exit codes (0 ok, 1 build failed, 2 bad input, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SdkError as exc:
+        if args.debug:
+            raise
+        for line in exc.render().splitlines():
+            ui.error(line)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        ui.error("interrupted; finished stages stay cached, the next build resumes from them")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Load a YAML profile (following `extends:`), merge it over the defaults and validate it."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .arch import Architecture
+from .errors import BadInput, BadInputs
+from .paths import profiles_dir
+from .settings import BOOL, INT, LIST, MAP, SECTIONS, SETTINGS_BY_KEY, STR, defaults
+
+Origin = tuple[str, int]  # (file, line)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A fully resolved profile: merged data plus where each value came from."""
+
+    data: dict[str, Any]
+    origins: dict[str, Origin]
+    files: tuple[Path, ...]
+    overlay_sources: dict[str, Path] = field(default_factory=dict)
+
+    def get(self, key: str) -> Any:
+        """Value of a dotted setting key, e.g. `kernel.args`."""
+        node: Any = self.data
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    @property
+    def name(self) -> str:
+        return self.data["name"]
+
+    @property
+    def version(self) -> str:
+        return self.data["version"]
+
+    @property
+    def arch(self) -> Architecture:
+        return Architecture(self.data["arch"])
+
+    def artifact_basename(self) -> str:
+        """`maculaos-<profile>-<version>-<arch>`, the stem of every output file."""
+        return f"maculaos-{self.name}-{self.version}-{self.arch}"
+
+
+def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+    """Map every dotted key path in a YAML mapping to its 1-based line number."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            path = f"{prefix}.{k.value}" if prefix else str(k.value)
+            lines[path] = k.start_mark.line + 1
+            if not path.startswith("overlay."):
+                lines.update(_key_lines(v, path))
+    return lines
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read profile: {exc.strerror}", "check the path") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise BadInput(f"{path}{where}: invalid YAML: {problem}", "fix the YAML syntax") from None
+    if data is None:
+        data, node = {}, None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path}:1: a profile must be a YAML mapping", "start with `name: ...`")
+    return data, (_key_lines(node) if node is not None else {})
+
+
+def _suggest(word: str, options: list[str]) -> str | None:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f"did you mean `{close[0]}`?" if close else None
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    if kind == STR:
+        return isinstance(value, str)
+    if kind == INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == BOOL:
+        return isinstance(value, bool)
+    if kind == LIST:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == MAP:
+        return isinstance(value, dict)
+    return False
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Split a profile mapping into (dotted key, value) pairs at setting granularity."""
+    items: list[tuple[str, Any]] = []
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if not prefix and key in SECTIONS and isinstance(v, dict):
+            items.extend(_flatten(v, key))
+        else:
+            items.append((key, v))
+    return items
+
+
+def validate_layer(path: Path, data: dict[str, Any], lines: dict[str, int]) -> list[BadInput]:
+    """Check one profile file's keys and value types; return every problem found."""
+    errors: list[BadInput] = []
+
+    def err(key: str, msg: str, hint: str) -> None:
+        line = lines.get(key) or lines.get(key.split(".")[0]) or 1
+        errors.append(BadInput(f"{path}:{line}: {key}: {msg}", hint))
+
+    for key, value in _flatten(data):
+        setting = SETTINGS_BY_KEY.get(key)
+        if setting is None:
+            if key in SECTIONS:
+                err(key, f"must be a mapping, got {type(value).__name__}", f"write `{key}:` with keys below it")
+                continue
+            candidates = [s for s in SETTINGS_BY_KEY] + sorted(SECTIONS)
+            err(key, "unknown key", _suggest(key, candidates) or "see `maculaos-sdk profile keys`")
+            continue
+        if value is None and key != "extends":
+            continue  # null removes an inherited value (falls back to the default)
+        if key == "packages" and isinstance(value, list):
+            bad = [v for v in value if not isinstance(v, str) or not re.match(r"^-?[a-z0-9][a-z0-9+.-]+$", v)]
+            if bad:
+                err(key, f"invalid Debian package name {bad[0]!r}",
+                    "names are lower case, e.g. `htop`; prefix with '-' to remove an inherited one")
+                continue
+        if not _type_ok(setting.kind, value):
+            hint = "quote it, e.g. \"1.2\"" if setting.kind == STR and isinstance(value, int | float) else (
+                f"expected a {setting.kind}")
+            err(key, f"expected a {setting.kind}, got {type(value).__name__} {value!r}", hint)
+            continue
+        if setting.choices:
+            values = value if isinstance(value, list) else [value]
+            for v in values:
+                if v not in setting.choices:
+                    err(key, f"unknown value {v!r}",
+                        _suggest(v, list(setting.choices)) or f"one of: {', '.join(setting.choices)}")
+        if setting.pattern and isinstance(value, str) and not re.match(setting.pattern, value):
+            err(key, f"invalid value {value!r}", f"must match {setting.pattern}")
+        if key == "overlay":
+            errors.extend(_validate_overlay(path, value, lines))
+    return errors
+
+
+def _validate_overlay(path: Path, overlay: dict[str, Any], lines: dict[str, int]) -> list[BadInput]:
+    errors: list[BadInput] = []
+    line = lines.get("overlay", 1)
+    for dest, spec in overlay.items():
+        where = f"{path}:{line}: overlay.{dest}"
+        if not isinstance(dest, str) or not dest.startswith("/") or ".." in dest.split("/"):
+            errors.append(BadInput(f"{where}: destination must be an absolute path", "e.g. /etc/motd"))
+            continue
+        if spec is None or isinstance(spec, str):
+            continue
+        if not isinstance(spec, dict) or not ({"source", "content"} & spec.keys()):
+            errors.append(BadInput(f"{where}: expected text or a mapping with `source` or `content`",
+                                   "e.g. {source: files/motd, mode: '0644'}"))
+            continue
+        unknown = set(spec) - {"source", "content", "mode"}
+        if unknown:
+            errors.append(BadInput(f"{where}.{sorted(unknown)[0]}: unknown key", "use source, content or mode"))
+        if "mode" in spec and not re.match(r"^0?[0-7]{3,4}$", str(spec["mode"])):
+            errors.append(BadInput(f"{where}.mode: invalid mode {spec['mode']!r}", "quote an octal mode: '0755'"))
+        if "source" in spec and not (path.parent / str(spec["source"])).exists():
+            errors.append(BadInput(f"{where}.source: missing file {spec['source']!r}",
+                                   f"paths are relative to {path.parent}"))
+    return errors
+
+
+def _merge(base: Any, over: Any) -> Any:
+    """Deep-merge `over` onto `base`: maps merge, lists append ('-x' removes x), null removes."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            if v is None:
+                out.pop(k, None)
+            elif k in out:
+                out[k] = _merge(out[k], v)
+            else:
+                out[k] = v
+        return out
+    if isinstance(base, list) and isinstance(over, list):
+        removed = {v[1:] for v in over if isinstance(v, str) and v.startswith("-")}
+        kept = [v for v in base if v not in removed]
+        return kept + [v for v in over if not (isinstance(v, str) and v.startswith("-")) and v not in kept]
+    return over
+
+
+def resolve_profile_path(ref: str, relative_to: Path | None = None) -> Path:
+    """Turn a profile name (`core`) or a path into a file path."""
+    candidates = []
+    as_path = Path(ref)
+    if relative_to is not None and not as_path.is_absolute():
+        candidates.append(relative_to / ref)
+        candidates.append(relative_to / f"{ref}.yaml")
+    candidates += [as_path, profiles_dir() / f"{ref}.yaml", profiles_dir() / ref]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    known = sorted(p.stem for p in profiles_dir().glob("*.yaml"))
+    raise BadInput(f"profile {ref!r} not found", _suggest(ref, known) or f"known profiles: {', '.join(known)}")
+
+
+def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
+    """Load, merge and validate a profile; `overrides` (e.g. from CLI flags) win over every file."""
+    chain: list[tuple[Path, dict[str, Any], dict[str, int]]] = []
+    path: Path | None = resolve_profile_path(ref)
+    seen: set[Path] = set()
+    while path is not None:
+        if path in seen:
+            raise BadInput(f"{path}: extends: cycle through {path.name}", "remove one of the `extends:` lines")
+        seen.add(path)
+        data, lines = _read_yaml(path)
+        chain.append((path, data, lines))
+        parent = data.get("extends")
+        if parent is not None and not isinstance(parent, str):
+            raise BadInput(f"{path}:{lines.get('extends', 1)}: extends: expected a profile name", "e.g. core")
+        try:
+            path = resolve_profile_path(parent, path.parent) if parent else None
+        except BadInput as exc:
+            raise BadInput(f"{chain[-1][0]}:{lines.get('extends', 1)}: extends: {exc.message}", exc.hint) from None
+
+    errors: list[BadInput] = []
+    for p, data, lines in chain:
+        errors.extend(validate_layer(p, data, lines))
+    if errors:
+        raise BadInputs(errors)
+
+    merged: dict[str, Any] = defaults()
+    origins: dict[str, Origin] = {}
+    overlay_sources: dict[str, Path] = {}
+    for p, data, lines in reversed(chain):
+        merged = _merge(merged, data)
+        for key, value in _flatten(data):
+            origins[key] = (str(p), lines.get(key, 1))
+            if key == "overlay" and isinstance(value, dict):
+                for dest, spec in value.items():
+                    if isinstance(spec, dict) and "source" in spec:
+                        overlay_sources[dest] = (p.parent / str(spec["source"])).resolve()
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = merged
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+        origins[key] = ("command line", 0)
+        setting = SETTINGS_BY_KEY[key]
+        if setting.choices and value not in setting.choices:
+            raise BadInput(f"command line: --{leaf}: unknown value {value!r}",
+                           f"one of: {', '.join(setting.choices)}")
+    merged.pop("extends", None)
+    top = chain[0][0]
+    if not merged.get("name"):
+        raise BadInput(f"{top}:1: name: missing", "add `name: <profile-name>`")
+    if merged["board"] == "rpi4" and merged["arch"] != "arm64":
+        line = origins.get("board", (str(top), 1))
+        raise BadInput(f"{line[0]}:{line[1]}: board: rpi4 needs arch arm64, got {merged['arch']}",
+                       "set `arch: arm64` or `board: generic`")
+    return Profile(data=merged, origins=origins, files=tuple(p for p, _, _ in chain),
+                   overlay_sources=overlay_sources)

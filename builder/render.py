@@ -1,0 +1,173 @@
+"""Render a stage: its Dockerfile template and build context, and the content hash that is its id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from .errors import BadInput
+from .paths import sdk_root
+from .plan import BOOT_PACKAGES, INITRD_MODULES
+from .profile import Profile
+from .stages import StageMeta
+
+ID_SCHEMA = 1  # bump to invalidate every cached stage when the id recipe itself changes
+IMAGE_REPO = "maculaos-sdk"
+
+
+@dataclass(frozen=True)
+class RenderedStage:
+    """A stage ready to build: its context folder (holding the Dockerfile) and its content id."""
+
+    meta: StageMeta
+    context: Path
+    dockerfile: str
+    stage_id: str
+
+    @property
+    def image(self) -> str:
+        """The docker tag this stage's result lives under; present means cached."""
+        return f"{IMAGE_REPO}/{self.meta.name}:{self.stage_id[:32]}"
+
+
+def kernel_cmdline(profile: Profile) -> str:
+    """Kernel arguments shared by every boot entry (mode excluded)."""
+    consoles = f"console=tty1 console={profile.arch.serial_console},115200"
+    return " ".join([consoles, *profile.get("kernel.args")])
+
+
+def template_vars(profile: Profile, input_images: dict[str, str], sde: int) -> dict[str, Any]:
+    """Everything a stage template may use; anything else is an error (StrictUndefined)."""
+    arch = profile.arch
+    package = profile.get("kernel.package")
+    return {
+        "profile": profile.data,
+        "arch": arch,
+        "inputs": input_images,
+        "sde": sde,
+        "kernel_package": arch.kernel_package if package == "auto" else package,
+        "initrd_modules": INITRD_MODULES[arch.value] + list(profile.get("kernel.modules")),
+        "boot_packages": BOOT_PACKAGES,
+        "cmdline": kernel_cmdline(profile),
+    }
+
+
+def _env(folder: Path) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(folder)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def _render_file(env: jinja2.Environment, rel: str, variables: dict[str, Any], where: Path) -> str:
+    try:
+        return env.get_template(rel).render(**variables)
+    except jinja2.UndefinedError as exc:
+        raise BadInput(f"{where}: template uses an undefined value: {exc.message}",
+                       "add it to the profile or fix the template") from None
+    except jinja2.TemplateError as exc:
+        raise BadInput(f"{where}: template error: {exc}", "fix the template") from None
+
+
+def _write_profile_overlay(profile: Profile, dest_root: Path) -> None:
+    dest_root.mkdir(parents=True, exist_ok=True)
+    for dest, spec in sorted(profile.get("overlay").items()):
+        if spec is None:
+            continue
+        target = dest_root / dest.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mode = None
+        if isinstance(spec, str):
+            target.write_text(spec)
+        else:
+            mode = int(str(spec["mode"]), 8) if "mode" in spec else None
+            if "content" in spec:
+                target.write_text(str(spec["content"]))
+            else:
+                source = profile.overlay_sources[dest]
+                if source.is_dir():
+                    shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(source, target)
+        if mode is not None:
+            target.chmod(mode)
+        elif target.is_file():
+            target.chmod(0o644 if not os.access(target, os.X_OK) else 0o755)
+
+
+def tree_digest(root: Path) -> str:
+    """Hash of a folder's names, types, permission bits and contents (not mtimes), sorted."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath, name)
+            rel = path.relative_to(root).as_posix()
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                h.update(f"L {rel} {os.readlink(path)}\n".encode())
+            elif stat.S_ISDIR(st.st_mode):
+                h.update(f"D {rel} {st.st_mode & 0o7777:o}\n".encode())
+            else:
+                h.update(f"F {rel} {st.st_mode & 0o7777:o} ".encode())
+                with path.open("rb") as f:
+                    h.update(hashlib.file_digest(f, "sha256").digest())
+                h.update(b"\n")
+    return h.hexdigest()
+
+
+def bootstrap_params(profile: Profile, sde: int) -> dict[str, Any]:
+    """What the mmdebstrap base depends on; part of the base stage id."""
+    deb = profile.get("debian")
+    return {"suite": deb["suite"], "mirror": deb["mirror"], "components": deb["components"],
+            "arch": profile.arch.value, "variant": "minbase", "sde": sde,
+            "include": ["ca-certificates"]}
+
+
+def render_stage(meta: StageMeta, profile: Profile, inputs: dict[str, RenderedStage], sde: int,
+                 workdir: Path) -> RenderedStage:
+    """Render the stage into `workdir/<name>` (recreated) and compute its id."""
+    context = workdir / meta.name
+    if context.exists():
+        shutil.rmtree(context)
+    context.mkdir(parents=True)
+    variables = template_vars(profile, {n: r.image for n, r in inputs.items()}, sde)
+    env = _env(meta.folder)
+    for src in sorted(meta.folder.rglob("*")):
+        rel = src.relative_to(meta.folder).as_posix()
+        if src.is_dir() or rel == "stage.yaml":
+            continue
+        out = context / (rel[:-3] if rel.endswith(".j2") else rel)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".j2"):
+            out.write_text(_render_file(env, rel, variables, src))
+        else:
+            shutil.copy2(src, out)
+    for source in meta.context:
+        if source == "profile-overlay":
+            _write_profile_overlay(profile, context / "overlay")
+        else:
+            shutil.copytree(sdk_root() / source, context / source, symlinks=True, dirs_exist_ok=True)
+    if meta.bootstrap and not profile.get("base_image"):
+        (context / "bootstrap.json").write_text(json.dumps(bootstrap_params(profile, sde), sort_keys=True))
+    dockerfile = (context / "Dockerfile").read_text()
+    key = {
+        "schema": ID_SCHEMA,
+        "stage": meta.name,
+        "context": tree_digest(context),
+        "inputs": {n: r.stage_id for n, r in sorted(inputs.items())},
+        "arch": profile.arch.value,
+        "sde": sde,
+    }
+    stage_id = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return RenderedStage(meta=meta, context=context, dockerfile=dockerfile, stage_id=stage_id)

@@ -1,0 +1,83 @@
+"""The one declarative table of profile settings: it drives validation, defaults and the docs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Value kinds a setting can hold.
+STR, INT, BOOL, LIST, MAP = "string", "integer", "boolean", "list of strings", "mapping"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One profile key: its dotted path, kind, default and help text."""
+
+    key: str
+    kind: str
+    default: Any
+    help: str
+    choices: tuple[str, ...] = field(default=())
+    pattern: str | None = None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("name", STR, None, "Profile name; part of every output file name.", pattern=r"^[a-z0-9][a-z0-9-]*$"),
+    Setting("version", STR, "0.0.0", "MaculaOS version written to /etc/os-release and output names.",
+            pattern=r"^[0-9A-Za-z][0-9A-Za-z.+~-]*$"),
+    Setting("description", STR, "", "Free text shown by `profile show`."),
+    Setting("extends", STR, None, "Another profile (name in profiles/ or path) this one builds on."),
+    Setting("arch", STR, "amd64", "Target architecture.", choices=("amd64", "arm64")),
+    Setting("board", STR, "generic", "Target board.", choices=("generic", "rpi4")),
+    Setting("outputs", LIST, ["iso"], "Artifacts to produce.", choices=("iso",)),
+    Setting("source_date_epoch", INT, 1735689600,
+            "Timestamp for every file in the image (env SOURCE_DATE_EPOCH wins); part of every stage id."),
+    Setting("base_image", STR, None, "Use this existing local docker image as the base instead of bootstrapping."),
+    Setting("debian.suite", STR, "bookworm", "Debian suite the base is bootstrapped from (pinned)."),
+    Setting("debian.mirror", STR, "http://deb.debian.org/debian", "Debian mirror for bootstrap and apt."),
+    Setting("debian.components", LIST, ["main"], "Archive components (add non-free-firmware for RPi)."),
+    Setting("packages", LIST, [], "Debian packages installed into the root filesystem."),
+    Setting("services", LIST, [], "OpenRC services added to the default runlevel."),
+    Setting("overlay", MAP, {}, "Files laid over the rootfs: /path -> inline text, or {source: file, mode: '0755'}."),
+    Setting("kernel.package", STR, "auto", "Debian kernel package; `auto` means linux-image-<arch>."),
+    Setting("kernel.args", LIST, [], "Extra kernel command line arguments."),
+    Setting("kernel.modules", LIST, [], "Extra kernel modules loaded by the initrd."),
+    Setting("kernel.prune", LIST, [], "Module folders (under kernel/) left out of the image to save space."),
+    Setting("squashfs.compression", STR, "zstd", "squashfs compressor.", choices=("zstd", "xz", "gzip")),
+    Setting("squashfs.level", INT, 15, "Compression level (zstd 1-22, ignored for xz/gzip)."),
+    Setting("iso.volume_id", STR, "MACULAOS", "ISO 9660 volume id.", pattern=r"^[A-Z0-9_]{1,32}$"),
+    Setting("iso.timeout", INT, 3, "Seconds the GRUB menu waits before booting the default entry."),
+    Setting("size.iso_max_mb", INT, 0, "Fail the build if the ISO is larger than this (0: no limit)."),
+)
+
+SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+SECTIONS: frozenset[str] = frozenset(s.key.split(".")[0] for s in SETTINGS if "." in s.key)
+
+
+def defaults() -> dict[str, Any]:
+    """The nested mapping of every setting's default value."""
+    out: dict[str, Any] = {}
+    for s in SETTINGS:
+        node = out
+        *parents, leaf = s.key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = _copy(s.default)
+    return out
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return value
+
+
+def reference_markdown() -> str:
+    """A markdown table of all settings, generated so the docs cannot drift from the code."""
+    rows = ["| key | kind | default | meaning |", "| --- | --- | --- | --- |"]
+    for s in SETTINGS:
+        extra = f" One of: {', '.join(s.choices)}." if s.choices else ""
+        rows.append(f"| `{s.key}` | {s.kind} | `{s.default!r}` | {s.help}{extra} |")
+    return "\n".join(rows) + "\n"

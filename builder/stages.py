@@ -1,0 +1,78 @@
+"""Stage metadata: one folder per stage under stages/ with a Dockerfile template and stage.yaml."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import BadInput
+from .paths import stages_dir
+
+_META_KEYS = {"name", "description", "inputs", "arches", "context", "exports", "provides", "bootstrap"}
+
+
+@dataclass(frozen=True)
+class StageMeta:
+    """What a stage is: its folder, inputs, arches, extra build-context sources and exported files."""
+
+    name: str
+    folder: Path
+    description: str = ""
+    inputs: tuple[str, ...] = ()
+    arches: tuple[str, ...] = ("amd64", "arm64")
+    context: tuple[str, ...] = ()
+    exports: dict[str, str] = field(default_factory=dict)
+    provides: str | None = None
+    bootstrap: bool = False
+
+    @property
+    def order(self) -> int:
+        """The numeric prefix of the folder (k3OS style), used to break ties in the plan."""
+        m = re.match(r"^(\d+)-", self.folder.name)
+        return int(m.group(1)) if m else 999
+
+
+def load_stage(folder: Path) -> StageMeta:
+    """Read and check one stage folder's stage.yaml."""
+    meta_file = folder / "stage.yaml"
+    try:
+        raw = yaml.safe_load(meta_file.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise BadInput(f"{meta_file}: cannot read stage metadata: {exc}", "fix the file") from None
+    unknown = set(raw) - _META_KEYS
+    if unknown:
+        raise BadInput(f"{meta_file}: {sorted(unknown)[0]}: unknown key", f"one of {sorted(_META_KEYS)}")
+    if not (folder / "Dockerfile.j2").is_file():
+        raise BadInput(f"{folder}: stage has no Dockerfile.j2", "every stage folder needs a template")
+    return StageMeta(
+        name=str(raw.get("name", folder.name)),
+        folder=folder,
+        description=str(raw.get("description", "")),
+        inputs=tuple(raw.get("inputs") or ()),
+        arches=tuple(raw.get("arches") or ("amd64", "arm64")),
+        context=tuple(raw.get("context") or ()),
+        exports=dict(raw.get("exports") or {}),
+        provides=raw.get("provides"),
+        bootstrap=bool(raw.get("bootstrap", False)),
+    )
+
+
+def load_stages(root: Path | None = None) -> dict[str, StageMeta]:
+    """All stages under stages/, keyed by name."""
+    root = root or stages_dir()
+    stages: dict[str, StageMeta] = {}
+    for folder in sorted(p for p in root.iterdir() if (p / "stage.yaml").is_file()):
+        meta = load_stage(folder)
+        if meta.name in stages:
+            raise BadInput(f"{folder}: stage name {meta.name!r} already used by {stages[meta.name].folder}",
+                           "stage names must be unique")
+        stages[meta.name] = meta
+    for meta in stages.values():
+        for dep in meta.inputs:
+            if dep not in stages:
+                raise BadInput(f"{meta.folder}/stage.yaml: inputs: unknown stage {dep!r}",
+                               f"known stages: {', '.join(stages)}")
+    return stages

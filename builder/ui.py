@@ -1,0 +1,36 @@
+"""Console output: one line per stage with its state and duration, and timed steps."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+
+console = Console(stderr=True, highlight=False)
+
+_STYLE = {"cached": "cyan", "building": "yellow", "done": "green", "failed": "bold red", "planned": "dim"}
+
+
+def stage_line(name: str, state: str, seconds: float | None = None, detail: str = "") -> None:
+    """Print `  <name>  <state>  <duration>  <detail>`."""
+    took = f"{seconds:6.1f}s" if seconds is not None else "       "
+    console.print(f"  [bold]{name:<10}[/] [{_STYLE.get(state, 'white')}]{state:<9}[/] {took}  [dim]{detail}[/]")
+
+
+@contextmanager
+def step(title: str) -> Iterator[None]:
+    """A named step that shows a spinner while it runs and logs its duration when done."""
+    start = time.monotonic()
+    with console.status(f"{title} ..."):
+        yield
+    console.print(f"[green]✓[/] {title} [dim]({time.monotonic() - start:.1f}s)[/]")
+
+
+def info(msg: str) -> None:
+    console.print(msg)
+
+
+def error(msg: str) -> None:
+    console.print(f"[bold red]error:[/] {msg}", soft_wrap=True)

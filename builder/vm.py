@@ -1,0 +1,132 @@
+"""QEMU: build the command line for an image, and probe whether KVM really runs a guest."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .arch import Architecture
+from .errors import BadInput
+
+# A 512-byte boot sector that writes "KVMOK" to COM1 and halts: boots in SeaBIOS in milliseconds.
+_PROBE_CODE = bytes.fromhex(
+    "ba f8 03"        # mov dx, 0x3f8
+    "b0 4b ee"        # mov al, 'K'; out dx, al
+    "b0 56 ee"        # 'V'
+    "b0 4d ee"        # 'M'
+    "b0 4f ee"        # 'O'
+    "b0 4b ee"        # 'K'
+    "b0 0a ee"        # '\n'
+    "fa f4"           # cli; hlt
+    "eb fd"           # jmp $-3 (back to hlt)
+)
+
+
+_KVM_ARGS = ["-accel", "kvm", "-cpu", "host"]
+
+
+@functools.cache
+def kvm_usable(timeout: float = 5.0) -> bool:
+    """True only if a KVM guest actually runs here (on some hosts /dev/kvm exists but guests hang)."""
+    if Architecture.host() is not Architecture.amd64 or not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        disk = Path(tmp) / "probe.img"
+        disk.write_bytes(_PROBE_CODE.ljust(510, b"\0") + b"\x55\xaa")
+        # Probe with exactly the accelerator and CPU a real boot would use.
+        cmd = [qemu, *_KVM_ARGS, "-M", "q35", "-m", "32", "-display", "none", "-monitor", "none",
+               "-serial", "stdio", "-drive", f"file={disk},format=raw,if=ide", "-no-reboot"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        return b"KVMOK" in out
+
+
+def accel_args(arch: Architecture, accel: str = "auto") -> list[str]:
+    """`-accel kvm` when asked and it works (auto: when the probe passes), else TCG."""
+    if accel == "kvm" or (accel == "auto" and arch.is_native and kvm_usable()):
+        return list(_KVM_ARGS)
+    return ["-accel", "tcg,thread=multi", "-cpu", arch.qemu_cpu]
+
+
+@dataclass
+class VmConfig:
+    """Everything needed to start one VM."""
+
+    image: Path
+    arch: Architecture
+    memory: str = "1024"
+    uefi: bool = False
+    accel: str = "auto"
+    ssh_port: int | None = None
+    cpus: int = 2
+
+    @classmethod
+    def for_image(cls, image: Path, *, arch: str | None = None, **kw: object) -> VmConfig:
+        """Config for an image file; the arch comes from the flag, else the file name, else the host."""
+        if not image.is_file():
+            raise BadInput(f"{image}: no such image", "build one with `maculaos-sdk build-image`")
+        if arch is None:
+            m = re.search(r"-(amd64|arm64)\.", image.name)
+            arch = m.group(1) if m else Architecture.host().value
+        return cls(image=image, arch=Architecture(arch), **kw)  # type: ignore[arg-type]
+
+    @property
+    def is_iso(self) -> bool:
+        return self.image.suffix == ".iso"
+
+
+def firmware_path(arch: Architecture) -> Path:
+    for candidate in arch.efi_firmware:
+        if candidate.exists():
+            return candidate
+    raise BadInput(f"no UEFI firmware for {arch} found ({', '.join(map(str, arch.efi_firmware))})",
+                   "run `make setup` (installs ovmf / qemu-efi-aarch64)")
+
+
+def qemu_command(cfg: VmConfig, *, interactive: bool = False, extra: list[str] | None = None) -> list[str]:
+    """The qemu-system command line: serial console on stdio, user networking, the image attached."""
+    arch = cfg.arch
+    cmd = [arch.qemu_binary, "-M", arch.qemu_machine, "-m", cfg.memory, "-smp", str(cfg.cpus),
+           *accel_args(arch, cfg.accel), "-no-user-config", "-nodefaults", "-display", "none",
+           "-serial", "mon:stdio" if interactive else "stdio"]
+    if not interactive:
+        cmd += ["-monitor", "none"]
+    if cfg.uefi or arch is Architecture.arm64:
+        cmd += ["-bios", str(firmware_path(arch))]
+    netdev = "user,id=net0" + (f",hostfwd=tcp:127.0.0.1:{cfg.ssh_port}-:22" if cfg.ssh_port else "")
+    cmd += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
+    if cfg.is_iso:
+        if arch is Architecture.amd64:
+            cmd += ["-drive", f"file={cfg.image},media=cdrom,readonly=on,if=ide"]
+        else:
+            cmd += ["-drive", f"file={cfg.image},media=cdrom,readonly=on,if=none,id=cd0",
+                    "-device", "virtio-scsi-pci", "-device", "scsi-cd,drive=cd0"]
+    else:
+        fmt = "qcow2" if cfg.image.suffix == ".qcow2" else "raw"
+        cmd += ["-drive", f"file={cfg.image},format={fmt},if=virtio"]
+    cmd += ["-device", "virtio-rng-pci"]
+    return cmd + (extra or [])
+
+
+def wait_for_file(path: Path, timeout: float) -> bool:
+    """Poll until `path` exists (QEMU creates its sockets asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return True
+        time.sleep(0.05)
+    return False

@@ -1,0 +1,23 @@
+#!/bin/sh
+# Assemble the initramfs: busybox-static + applet links, ordered modules, /init; reproducible cpio.
+set -eu
+sde=$1
+kver=$(cat /kernel/kernel-version)
+root=/initrd
+mkdir -p $root/bin $root/sbin $root/dev $root/proc $root/sys $root/run $root/newroot $root/tmp \
+         $root/lib/modules $root/etc
+cp /bin/busybox $root/bin/busybox
+for applet in $($root/bin/busybox --list); do
+  [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
+done
+while read -r mod; do
+  install -D -m 0644 "/kernel/lib/modules/$kver/$mod" "$root/lib/modules/$mod"
+  echo "$mod" >> $root/lib/modules/order
+done < /kernel/initrd-modules.txt
+install -m 0755 /src/init $root/init
+echo "$kver" > $root/etc/kernel-version
+mkdir -p /out
+cd $root
+find . -exec touch -h -d "@$sde" {} +
+find . | LC_ALL=C sort | cpio -o -H newc --reproducible --quiet | gzip -9 -n > /out/initrd.img
+echo "initrd: $(wc -l < $root/lib/modules/order) modules, $(du -h /out/initrd.img | cut -f1)"

@@ -1,0 +1,63 @@
+"""Fixtures for the QEMU boot tests: build the `test` profile once (cached stages are reused), and
+hand each test fresh Machines whose serial logs are kept in out/test-logs/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from maculaos_sdk.build import BuildOptions, build_image
+from maculaos_sdk.paths import sdk_root
+from maculaos_sdk.profile import load_profile
+from maculaos_sdk.vm import VmConfig
+
+from .machine import Machine
+
+OUT = Path(os.environ.get("MACULAOS_TEST_OUT", sdk_root() / "out"))
+LOGS = OUT / "test-logs"
+
+
+@pytest.fixture(scope="session")
+def test_iso() -> Path:
+    """The test profile's ISO, built through the real docker engine (never skipped)."""
+    profile = load_profile("test")
+    result = build_image(profile, BuildOptions(output=OUT))
+    return result.artifacts[f"{profile.artifact_basename()}.iso"]
+
+
+@pytest.fixture
+def make_machine(request: pytest.FixtureRequest) -> Iterator:
+    """Factory for Machines; all are stopped at the end and their logs saved on failure."""
+    machines: list[Machine] = []
+    workdir = LOGS / request.node.name
+    if workdir.exists():
+        shutil.rmtree(workdir)
+
+    def make(image: Path, name: str = "vm", **kw: object) -> Machine:
+        test_channel = bool(kw.pop("test_channel", True))
+        cfg = VmConfig.for_image(image, **kw)  # type: ignore[arg-type]
+        m = Machine(name, cfg, workdir, test_channel=test_channel)
+        machines.append(m)
+        return m
+
+    start = time.monotonic()
+    yield make
+    for m in machines:
+        m.close()
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    if failed:
+        for m in machines:
+            print(f"\n--- {m.name} serial console (last lines; full log {m.serial_log}) ---\n{m.console_tail(60)}")
+    print(f"[{request.node.name}: {time.monotonic() - start:.1f}s]")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator:
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)

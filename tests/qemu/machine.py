@@ -1,0 +1,210 @@
+"""A QEMU machine driven from Python, after the NixOS test driver.
+
+The serial console is the log: a background thread drains it into `serial.log` and a buffer that
+`wait_for_console_text` searches. Commands go over a separate virtio console (/dev/hvc0, served only by
+the `test` profile), each framed with a token, its exit code and base64 output, so kernel messages
+never tangle with results. Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pexpect
+import pexpect.fdpexpect
+
+from maculaos_sdk.vm import VmConfig, qemu_command, wait_for_file
+
+
+class MachineError(AssertionError):
+    """A wait ran out or a command's exit code was not what the test expected."""
+
+
+class Machine:
+    """One VM: `start`, `wait_for_console_text`, `send_console`, `succeed`, `fail`, `shutdown`, `crash`."""
+
+    def __init__(self, name: str, config: VmConfig, workdir: Path, *, test_channel: bool = True) -> None:
+        self.name = name
+        self.config = config
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.serial_log = workdir / f"{name}.serial.log"
+        self.test_channel = test_channel
+        self.channel_path = workdir / f"{name}.test.sock"
+        self.process: pexpect.spawn | None = None
+        self._console = bytearray()
+        self._console_pos = 0
+        self._lock = threading.Condition()
+        self._reader: threading.Thread | None = None
+        self._channel: pexpect.fdpexpect.fdspawn | None = None
+        self._sock: socket.socket | None = None
+        self.started_at = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start QEMU; the serial console starts logging at once."""
+        extra: list[str] = []
+        if self.test_channel:
+            self.channel_path.unlink(missing_ok=True)
+            extra += ["-chardev", f"socket,id=testch,path={self.channel_path},server=on,wait=off",
+                      "-device", "virtio-serial-pci", "-device", "virtconsole,chardev=testch,name=test"]
+        cmd = qemu_command(self.config, extra=extra)
+        (self.workdir / f"{self.name}.cmdline").write_text(" ".join(cmd) + "\n")
+        self.started_at = time.monotonic()
+        self.process = pexpect.spawn(cmd[0], cmd[1:], timeout=None, echo=False)
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.process is not None
+        with self.serial_log.open("wb") as log:
+            while True:
+                try:
+                    data = self.process.read_nonblocking(65536, timeout=0.2)
+                except pexpect.TIMEOUT:
+                    continue
+                except (pexpect.EOF, OSError, ValueError):
+                    break
+                log.write(data)
+                log.flush()
+                with self._lock:
+                    self._console.extend(data)
+                    self._lock.notify_all()
+        with self._lock:
+            self._lock.notify_all()
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.isalive()
+
+    def crash(self) -> None:
+        """Kill QEMU at once, like pulling the power cord."""
+        if self.process is not None and self.process.isalive():
+            self.process.kill(9)
+            self.process.wait()
+        self._close_channel()
+
+    def shutdown(self, timeout: float = 60) -> None:
+        """Power off from inside the guest and wait for QEMU to exit (kill it past the deadline)."""
+        if not self.is_running():
+            return
+        try:
+            if self._channel is not None:
+                self._send_channel("poweroff >/dev/null 2>&1 &\n")
+            deadline = time.monotonic() + timeout
+            while self.is_running() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            self.crash()
+
+    def close(self) -> None:
+        self.crash()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+
+    # -- serial console ---------------------------------------------------------------------
+    def console_text(self) -> str:
+        with self._lock:
+            return self._console.decode(errors="replace")
+
+    def console_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.console_text().splitlines()[-lines:])
+
+    def wait_for_console_text(self, pattern: str, timeout: float = 120) -> re.Match[str]:
+        """Wait until `pattern` (a regex) appears on the serial console after the last match."""
+        regex = re.compile(pattern.encode())
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                m = regex.search(self._console, self._console_pos)
+                if m:
+                    self._console_pos = m.end()
+                    return re.match(r"(?s).*", m.group(0).decode(errors="replace"))  # type: ignore[return-value]
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.is_running():
+                    why = "QEMU exited" if not self.is_running() else f"{timeout:.0f}s passed"
+                    raise MachineError(f"{self.name}: {why} waiting for /{pattern}/ on the console; "
+                                       f"last lines:\n{self.console_tail()}")
+                self._lock.wait(min(left, 0.5))
+
+    def send_console(self, text: str) -> None:
+        """Type text on the serial console (e.g. a GRUB hotkey or a rescue-shell command)."""
+        assert self.process is not None
+        self.process.send(text.encode())
+
+    # -- test channel -----------------------------------------------------------------------
+    def wait_for_channel(self, timeout: float = 120) -> float:
+        """Wait until the guest's test shell answers; returns seconds since start."""
+        if not wait_for_file(self.channel_path, 10):
+            raise MachineError(f"{self.name}: QEMU did not create {self.channel_path}")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.connect(str(self.channel_path))
+        self._channel = pexpect.fdpexpect.fdspawn(self._sock.fileno(), timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            token = uuid.uuid4().hex[:12]
+            self._send_channel(f'echo "<<<{token} 0 >>>"\n')
+            try:
+                self._channel.expect(re.compile(rb"<<<(\w+) 0 >>>"), timeout=3)
+                return time.monotonic() - self.started_at
+            except pexpect.TIMEOUT:
+                if time.monotonic() > deadline or not self.is_running():
+                    raise MachineError(f"{self.name}: test channel silent after {timeout:.0f}s; last console "
+                                       f"lines:\n{self.console_tail()}") from None
+
+    def _send_channel(self, text: str) -> None:
+        assert self._sock is not None
+        self._sock.sendall(text.encode())
+
+    def _close_channel(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._channel = None
+
+    def execute(self, command: str, timeout: float = 60) -> tuple[int, str]:
+        """Run a shell command in the guest; return (exit code, combined stdout+stderr)."""
+        if self._channel is None:
+            self.wait_for_channel()
+        assert self._channel is not None
+        token = uuid.uuid4().hex[:12]
+        script = base64.b64encode(command.encode()).decode()
+        self._send_channel(
+            f"echo {script} | base64 -d > /tmp/.tc; sh /tmp/.tc > /tmp/.to 2>&1 < /dev/null; rc=$?; "
+            f'echo "<<<{token} $rc $(base64 -w0 < /tmp/.to)>>>"\n')
+        try:
+            self._channel.expect(re.compile(rf"<<<{token} (\d+) ([A-Za-z0-9+/=]*)>>>".encode()), timeout=timeout)
+        except (pexpect.TIMEOUT, pexpect.EOF) as exc:
+            raise MachineError(f"{self.name}: `{command}` gave no result within {timeout:.0f}s; last console "
+                               f"lines:\n{self.console_tail()}") from exc
+        m = self._channel.match
+        return int(m.group(1)), base64.b64decode(m.group(2)).decode(errors="replace")
+
+    def succeed(self, command: str, timeout: float = 60) -> str:
+        """Run a command that must exit 0; return its output."""
+        rc, out = self.execute(command, timeout)
+        if rc != 0:
+            raise MachineError(f"{self.name}: `{command}` exited {rc}:\n{out}")
+        return out
+
+    def fail(self, command: str, timeout: float = 60) -> str:
+        """Run a command that must exit non-zero; return its output."""
+        rc, out = self.execute(command, timeout)
+        if rc == 0:
+            raise MachineError(f"{self.name}: `{command}` unexpectedly succeeded:\n{out}")
+        return out
+
+    def wait_until_succeeds(self, command: str, timeout: float = 60) -> str:
+        """Retry a command until it exits 0 or the deadline passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rc, out = self.execute(command, timeout=max(5.0, deadline - time.monotonic()))
+            if rc == 0:
+                return out
+            if time.monotonic() > deadline:
+                raise MachineError(f"{self.name}: `{command}` still failing after {timeout:.0f}s:\n{out}")
+            time.sleep(1)
