@@ -5,6 +5,29 @@ for svc in "$@"; do
   [ -x "/etc/init.d/$svc" ] || { echo "configure-rootfs: service '$svc' has no /etc/init.d/$svc" >&2; exit 3; }
   rc-update add "$svc" default
 done
+
+# Boot services that do nothing useful on a read-only squashfs root (no fsck of /, no NFS, no swap,
+# no backlight) only cost seconds, mostly visible under emulation.
+for svc in checkroot.sh checkroot-bootclean.sh checkfs.sh mountnfs.sh mountnfs-bootclean.sh brightness \
+           mount-configfs; do
+  rc-update del "$svc" sysinit 2>/dev/null || true
+done
+for svc in bootlogs rmnologin rsync; do rc-update del "$svc" default 2>/dev/null || true; done
+# DHCP must not hold up the consoles: start networking with the default runlevel, not sysinit.
+if rc-update del networking sysinit 2>/dev/null; then rc-update add networking default; fi
+
+# Precompute OpenRC's dependency tree; init.sh copies /lib/rc/cache into /run/openrc at boot.
+mkdir -p /run/openrc /lib/rc/cache
+rc-update -u >/dev/null
+cp -p /run/openrc/deptree /lib/rc/cache/
+# OpenRC regenerates the tree when depconfig is missing or empty; it lists config files to watch.
+[ -s /run/openrc/depconfig ] || echo /etc/rc.conf > /run/openrc/depconfig
+cp -p /run/openrc/depconfig /lib/rc/cache/
+echo sysinit > /lib/rc/cache/softlevel
+
+# Start independent services in parallel (2+ vCPUs at boot are the norm, also under emulation).
+sed -i 's/^#\?rc_parallel=.*/rc_parallel="YES"/' /etc/rc.conf
+
 ln -sf ../usr/lib/os-release /etc/os-release
 rm -f /etc/ssh/ssh_host_*  # generated per machine at first boot, never baked in
 : > /etc/machine-id

@@ -44,6 +44,7 @@ class Machine:
         self._reader: threading.Thread | None = None
         self._channel: pexpect.fdpexpect.fdspawn | None = None
         self._sock: socket.socket | None = None
+        self._ready = False
         self.started_at = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -60,6 +61,13 @@ class Machine:
         self.process = pexpect.spawn(cmd[0], cmd[1:], timeout=None, echo=False)
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()
+        if self.test_channel:
+            # Connect at once, so the guest never sees the host side of its test port closed.
+            if not wait_for_file(self.channel_path, 10):
+                raise MachineError(f"{self.name}: QEMU did not create {self.channel_path}")
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.connect(str(self.channel_path))
+            self._channel = pexpect.fdpexpect.fdspawn(self._sock.fileno(), timeout=60)
 
     def _drain(self) -> None:
         assert self.process is not None
@@ -140,17 +148,16 @@ class Machine:
     # -- test channel -----------------------------------------------------------------------
     def wait_for_channel(self, timeout: float = 120) -> float:
         """Wait until the guest's test shell answers; returns seconds since start."""
-        if not wait_for_file(self.channel_path, 10):
-            raise MachineError(f"{self.name}: QEMU did not create {self.channel_path}")
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.connect(str(self.channel_path))
-        self._channel = pexpect.fdpexpect.fdspawn(self._sock.fileno(), timeout=timeout)
+        if self._channel is None:
+            raise MachineError(f"{self.name}: started without a test channel")
+        self._ready = False
         deadline = time.monotonic() + timeout
         while True:
             token = uuid.uuid4().hex[:12]
             self._send_channel(f'echo "<<<{token} 0 >>>"\n')
             try:
                 self._channel.expect(re.compile(rb"<<<(\w+) 0 >>>"), timeout=3)
+                self._ready = True
                 return time.monotonic() - self.started_at
             except pexpect.TIMEOUT:
                 if time.monotonic() > deadline or not self.is_running():
@@ -165,10 +172,11 @@ class Machine:
         if self._sock is not None:
             self._sock.close()
         self._sock = self._channel = None
+        self._ready = False
 
     def execute(self, command: str, timeout: float = 60) -> tuple[int, str]:
         """Run a shell command in the guest; return (exit code, combined stdout+stderr)."""
-        if self._channel is None:
+        if not self._ready:
             self.wait_for_channel()
         assert self._channel is not None
         token = uuid.uuid4().hex[:12]

@@ -1,11 +1,11 @@
 #!/bin/sh
 # Serve a root shell without echo on the virtio test console; the host frames every command's
-# output and exit code itself (tests/qemu/machine.py).
+# output and exit code itself (tests/qemu/machine.py). stty must act on the open port: settings
+# made through a separate open are reset when that open is closed.
 port=/dev/hvc0
 while :; do
   if [ -c $port ]; then
-    stty -F $port raw -echo 2>/dev/null
-    /bin/sh < $port > $port 2>&1
+    ( exec 0<>$port 1>&0 2>&0; stty raw -echo; PS1='' PS2='' exec /bin/sh )
   fi
   sleep 1
 done
