@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, ui
-from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, SdkError
+from .errors import EXIT_INTERRUPTED, EXIT_OK, SdkError
 
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.config or args.profile or "core", {"arch": args.arch})
     result = build_image(profile, BuildOptions(output=args.output, no_cache=args.no_cache, dry_run=args.dry_run))
-    for name, path in result.artifacts.items():
+    for path in result.artifacts.values():
         ui.info(f"[bold green]→[/] {path}")
     if result.manifest:
         ui.info(f"  manifest: {result.manifest}")

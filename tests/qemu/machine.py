@@ -140,10 +140,13 @@ class Machine:
                                        f"last lines:\n{self.console_tail()}")
                 self._lock.wait(min(left, 0.5))
 
-    def send_console(self, text: str) -> None:
-        """Type text on the serial console (e.g. a GRUB hotkey or a rescue-shell command)."""
+    def send_console(self, text: str, delay: float = 0.02) -> None:
+        """Type text on the serial console (a GRUB hotkey, a rescue-shell command), one key at a time:
+        an emulated UART fed in one burst while the guest is busy can garble input."""
         assert self.process is not None
-        self.process.send(text.encode())
+        for ch in text:
+            self.process.send(ch.encode())
+            time.sleep(delay)
 
     # -- test channel -----------------------------------------------------------------------
     def wait_for_channel(self, timeout: float = 120) -> float:

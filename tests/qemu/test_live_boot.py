@@ -43,9 +43,10 @@ def test_live_boot_bios(test_iso, make_machine, record_property):
     # exit codes and output come back unmangled through the test channel
     assert m.execute("echo out; echo err >&2; exit 3") == (3, "out\nerr\n")
 
-    # OpenRC brought the default runlevel up
-    m.wait_until_succeeds("rc-status default | grep -q maculaos-testchannel", timeout=60)
-    assert "sysvinit" not in m.succeed("cat /proc/1/comm") and m.succeed("cat /proc/1/comm").strip() == "init"
+    # OpenRC brought the default runlevel up: DHCP on eth0 (QEMU user networking) and our service
+    m.wait_until_succeeds("ip -4 -o addr show dev eth0 | grep -q 'inet 10.0.2.15/'", timeout=60)
+    assert "started" in m.succeed("rc-service maculaos-testchannel status")
+    assert m.succeed("cat /proc/1/comm").strip() == "init"
     m.shutdown()
 
 

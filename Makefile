@@ -1,0 +1,38 @@
+# maculaos-sdk developer entry points. `make setup` once, then `make image`, `make run`, `make test`.
+PROFILE ?= core
+ARCH ?= amd64
+VENV := .venv/bin
+VERSION := $(shell sed -n 's/^version: *//p' profiles/$(PROFILE).yaml 2>/dev/null)
+
+.PHONY: setup image run test test-unit test-qemu lint bench doctor clean
+
+setup:            ## install host packages, start dockerd, create .venv
+	bash scripts/setup-host.sh
+
+image:            ## build the ISO for PROFILE/ARCH into out/
+	$(VENV)/maculaos-sdk build-image --profile $(PROFILE) --arch $(ARCH)
+
+run: image        ## boot it with the serial console in this terminal
+	$(VENV)/maculaos-sdk vm start out/maculaos-$(PROFILE)-$(VERSION)-$(ARCH).iso
+
+test:             ## lint + unit tests + real QEMU boot tests (builds the test profile)
+	$(VENV)/ruff check builder tests bench
+	$(VENV)/python -m pytest -v -rA tests
+
+test-unit:
+	$(VENV)/python -m pytest -q tests --ignore=tests/qemu
+
+test-qemu:
+	$(VENV)/python -m pytest -v -rA tests/qemu
+
+lint:
+	$(VENV)/ruff check builder tests bench
+
+bench:            ## cold/warm/overlay rebuild times, ISO size, seconds to shell
+	$(VENV)/python bench/build.py
+
+doctor:
+	$(VENV)/maculaos-sdk doctor
+
+clean:
+	rm -rf out .cache

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Benchmark: cold build, no-change rebuild, one-overlay-file rebuild, ISO size, QEMU start to shell.
+
+Prints one figure per line. Usage: python bench/build.py [--profile core] [--skip-cold] [--boots N]
+The cold build uses --no-cache and drops the bootstrap tarball cache, so nothing is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from maculaos_sdk.paths import cache_dir  # noqa: E402
+from maculaos_sdk.vm import VmConfig  # noqa: E402
+from tests.qemu.machine import Machine  # noqa: E402
+
+CLI = [str(ROOT / ".venv/bin/maculaos-sdk")]
+
+
+def timed_build(args: list[str]) -> float:
+    start = time.monotonic()
+    subprocess.run(CLI + ["build-image", *args], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return time.monotonic() - start
+
+
+def seconds_to_shell(iso: Path) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        m = Machine("bench", VmConfig.for_image(iso), Path(tmp), test_channel=False)
+        m.start()
+        try:
+            m.wait_for_console_text(r"root@maculaos:~# ", timeout=180)
+            return time.monotonic() - m.started_at
+        finally:
+            m.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--profile", default="core")
+    ap.add_argument("--skip-cold", action="store_true")
+    ap.add_argument("--boots", type=int, default=2)
+    args = ap.parse_args()
+    out = ROOT / "out"
+    figures: list[tuple[str, str]] = []
+
+    if not args.skip_cold:
+        shutil.rmtree(cache_dir() / "bootstrap", ignore_errors=True)
+        figures.append(("cold build (s)", f"{timed_build(['-p', args.profile, '--no-cache']):.1f}"))
+    figures.append(("no-change rebuild (s)", f"{timed_build(['-p', args.profile]):.2f}"))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        edited = Path(tmp) / "edited.yaml"
+        edited.write_text(f"name: {args.profile}\nextends: {ROOT / 'profiles' / (args.profile + '.yaml')}\n"
+                          f"overlay:\n  /etc/maculaos-bench: '{time.time()}'\n")
+        figures.append(("one-overlay-file rebuild (s)",
+                        f"{timed_build(['--config', str(edited), '-o', str(Path(tmp) / 'out')]):.1f}"))
+
+    version = next(line.split(":", 1)[1].strip() for line in (ROOT / "profiles" / f"{args.profile}.yaml")
+                   .read_text().splitlines() if line.startswith("version:"))
+    iso = out / f"maculaos-{args.profile}-{version}-amd64.iso"
+    figures.append(("ISO size (MB)", f"{iso.stat().st_size / 1e6:.1f}"))
+    boots = [seconds_to_shell(iso) for _ in range(args.boots)]
+    figures.append(("QEMU start to shell, TCG (s)", f"{statistics.median(boots):.1f} (runs: "
+                    + ", ".join(f"{b:.1f}" for b in boots) + ")"))
+    for name, value in figures:
+        print(f"{name:<32} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

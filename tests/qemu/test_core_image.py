@@ -1,0 +1,101 @@
+"""The README's build command for real: the core ISO, its cache behaviour, a killed build, a boot."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from maculaos_sdk.paths import sdk_root
+
+from .conftest import OUT
+
+pytestmark = pytest.mark.qemu
+CLI = [sys.executable, "-m", "maculaos_sdk.cli"]
+CORE_ISO = OUT / "maculaos-core-0.1.0-amd64.iso"
+
+
+def _build(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, "build-image", *args], cwd=sdk_root(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def core_build() -> subprocess.CompletedProcess[str]:
+    proc = _build("--profile", "core", "--arch", "amd64", "-o", str(OUT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_core_iso_artifacts(core_build):
+    assert CORE_ISO.is_file()
+    assert CORE_ISO.stat().st_size <= 150 * 1024 * 1024
+    digest, name = (OUT / f"{CORE_ISO.name}.sha256").read_text().split()
+    assert name == CORE_ISO.name
+    assert digest == hashlib.sha256(CORE_ISO.read_bytes()).hexdigest()
+    manifest = json.loads((OUT / "maculaos-core-0.1.0-amd64.manifest.json").read_text())
+    assert manifest["profile"] == "core" and manifest["version"] == "0.1.0" and manifest["arch"] == "amd64"
+    assert set(manifest["stages"]) == {"base", "tools", "kernel", "initrd", "rootfs", "squashfs", "iso"}
+    assert manifest["packages"]["openrc"] and manifest["packages"]["htop"]
+    assert manifest["kernel"]["package"].startswith("linux-image-")
+    assert manifest["artifacts"][CORE_ISO.name]["sha256"] == digest
+    for stage in ("00-base", "60-iso"):
+        assert (OUT / "logs" / f"{stage}.log").exists() or manifest["stages"][stage[3:]]["cached"]
+
+
+def test_no_change_rebuild_is_all_cached(core_build):
+    start = time.monotonic()
+    proc = _build("--profile", "core", "-o", str(OUT))
+    took = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr
+    states = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("  ") and len(line.split()) > 1
+              and line.split()[0] in {"base", "tools", "kernel", "initrd", "rootfs", "squashfs", "iso"}]
+    assert states == ["cached"] * 7, proc.stderr
+    print(f"no-change rebuild: {took:.2f}s")
+
+
+def test_killed_build_leaves_cache_usable(core_build, tmp_path):
+    """An overlay edit rebuilds only rootfs and later; killing that build mid-stage loses nothing."""
+    profile = tmp_path / "edited.yaml"
+    profile.write_text(f"name: core\nextends: {sdk_root() / 'profiles' / 'core.yaml'}\n"
+                       f"overlay:\n  /etc/maculaos-kill-test: '{uuid.uuid4()}'\n")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*CLI, "build-image", "--config", str(profile), "-o", str(out)], cwd=sdk_root(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    squashfs_log = out / "logs" / "50-squashfs.log"
+    deadline = time.monotonic() + 600
+    while not (squashfs_log.exists() and "Step 4/" in squashfs_log.read_text()):
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert time.monotonic() < deadline, "squashfs stage never started"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    first = proc.communicate()[0]
+    for stage in ("base", "tools", "kernel", "initrd"):
+        assert any(line.split()[:2] == [stage, "cached"] for line in first.splitlines()), first
+
+    again = _build("--config", str(profile), "-o", str(out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    states = {line.split()[0]: line.split()[1] for line in again.stderr.splitlines()
+              if len(line.split()) > 1 and line.startswith("  ")}
+    assert states["rootfs"] == "cached" and states["squashfs"] == "done" and states["iso"] == "done", again.stderr
+    assert (out / "maculaos-core-0.1.0-amd64.iso").is_file()
+
+
+def test_core_iso_boots_to_serial_shell(core_build, make_machine):
+    """The release image (no test channel) boots under BIOS to an autologin shell on the serial console."""
+    m = make_machine(CORE_ISO, "core-bios", test_channel=False)
+    m.start()
+    m.wait_for_console_text(r"root@maculaos:~# ", timeout=180)
+    m.send_console("grep -E '^(VARIANT_ID|VERSION)=' /etc/os-release\n")
+    m.wait_for_console_text(r'VERSION="0\.1\.0"', timeout=30)
+    m.wait_for_console_text(r'VARIANT_ID="core"', timeout=30)
+    m.send_console("test -e /etc/init.d/maculaos-testchannel && echo channel=yes || echo channel=no\n")
+    m.wait_for_console_text(r"channel=no", timeout=30)  # the test channel never ships outside the test profile

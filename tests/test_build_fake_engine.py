@@ -1,0 +1,156 @@
+"""The orchestrator against a fake docker client: what it asks the engine, caching, interruption."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from maculaos_sdk.build import BuildOptions, build_image
+from maculaos_sdk.engine import Engine
+from maculaos_sdk.errors import BuildFailed
+from maculaos_sdk.profile import load_profile
+
+
+class FakeImages:
+    def __init__(self, client: FakeClient) -> None:
+        self.client = client
+
+    def get(self, ref: str) -> str:
+        if ref not in self.client.tags:
+            raise LookupError(ref)
+        return ref
+
+
+class FakeContainer:
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+
+    def get_archive(self, path: str):
+        name = path.rsplit("/", 1)[-1]
+        data = {"kernel-package.tsv": b"linux-image-6.1.0-1-amd64\t6.1.1-1\n", "kernel-version": b"6.1.0-1\n",
+                "packages.tsv": b"bash\t5.2\nopenrc\t0.45\n"}.get(name, b"ISO9660 image bytes")
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        return iter([buf.getvalue()]), {}
+
+    def remove(self, force: bool = False) -> None:
+        pass
+
+
+class FakeContainers:
+    def create(self, ref: str, command: list[str]) -> FakeContainer:
+        return FakeContainer(ref)
+
+
+class FakeApi:
+    def __init__(self, client: FakeClient) -> None:
+        self.client = client
+
+    def build(self, **kw):
+        self.client.builds.append(kw)
+        dockerfile = (Path(kw["path"]) / "Dockerfile").read_text()
+        stage = kw["labels"]["io.maculaos.stage"]
+        if stage == self.client.interrupt_at:
+            self.client.interrupt_at = None
+            yield {"stream": "Step 1/3\n"}
+            raise KeyboardInterrupt
+        if stage == self.client.fail_at:
+            yield {"stream": "Step 1/3 : RUN false\n"}
+            yield {"error": "The command '/bin/sh -c false' returned a non-zero code: 1"}
+            return
+        assert "FROM" in dockerfile
+        yield {"stream": f"building {stage}\n"}
+        self.client.tags.add(kw["tag"])
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.tags: set[str] = set()
+        self.builds: list[dict] = []
+        self.interrupt_at: str | None = None
+        self.fail_at: str | None = None
+        self.images = FakeImages(self)
+        self.containers = FakeContainers()
+        self.api = FakeApi(self)
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MACULAOS_SDK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    # the base stage bootstraps with mmdebstrap; the fake build does not need the tarball
+    def fake_bootstrap(params, tarball: Path, log) -> None:
+        tarball.parent.mkdir(parents=True, exist_ok=True)
+        tarball.write_bytes(b"tar")
+
+    monkeypatch.setattr("maculaos_sdk.build.bootstrap", fake_bootstrap)
+    return tmp_path
+
+
+def _build(client, out, profile="core"):
+    return build_image(load_profile(profile), BuildOptions(output=out), engine=Engine(client))
+
+
+def test_cold_build_builds_every_stage_in_order_and_exports(env):
+    client = FakeClient()
+    result = _build(client, env / "out")
+    stages = [b["labels"]["io.maculaos.stage"] for b in client.builds]
+    assert stages == ["base", "tools", "kernel", "initrd", "rootfs", "squashfs", "iso"]
+    assert all(b["pull"] is False and b["platform"] is None for b in client.builds)
+    assert all(b["tag"].startswith(f"maculaos-sdk/{s}:") for b, s in zip(client.builds, stages, strict=True))
+    iso = env / "out" / "maculaos-core-0.1.0-amd64.iso"
+    assert result.artifacts[iso.name] == iso and iso.read_bytes() == b"ISO9660 image bytes"
+    sha = (env / "out" / f"{iso.name}.sha256").read_text()
+    assert sha.endswith(f"  {iso.name}\n") and len(sha.split()[0]) == 64
+    manifest = json.loads((env / "out" / "manifest.json").read_text())
+    assert manifest["packages"] == {"bash": "5.2", "openrc": "0.45"}
+    assert manifest["kernel"]["release"] == "6.1.0-1"
+    assert manifest["source_date_epoch"] == 1735689600
+    assert set(manifest["stages"]) == set(stages)
+    assert (env / "out" / "logs" / "30-rootfs.log").read_text().startswith("# stage rootfs")
+
+
+def test_second_build_is_all_cached(env):
+    client = FakeClient()
+    _build(client, env / "out")
+    client.builds.clear()
+    result = _build(client, env / "out")
+    assert client.builds == []
+    assert all(s.cached for s in result.stages)
+
+
+def test_interrupted_build_resumes_at_the_interrupted_stage(env):
+    client = FakeClient()
+    client.interrupt_at = "rootfs"
+    with pytest.raises(KeyboardInterrupt):
+        _build(client, env / "out")
+    built_before = [b["labels"]["io.maculaos.stage"] for b in client.builds]
+    client.builds.clear()
+    _build(client, env / "out")
+    rebuilt = [b["labels"]["io.maculaos.stage"] for b in client.builds]
+    assert built_before[-1] == "rootfs"
+    assert rebuilt == ["rootfs", "squashfs", "iso"]
+
+
+def test_failed_stage_reports_engine_error(env):
+    client = FakeClient()
+    client.fail_at = "kernel"
+    with pytest.raises(BuildFailed, match="returned a non-zero code") as exc:
+        _build(client, env / "out")
+    assert "30-rootfs" not in str(exc.value)
+    assert "Step 1/3 : RUN false" in exc.value.message
+
+
+def test_dry_run_writes_dockerfiles_without_engine(env):
+    out = env / "dry"
+    result = build_image(load_profile("core"), BuildOptions(output=env / "out", dry_run=out), engine=None)
+    assert result.stages == []
+    assert (out / "60-iso" / "Dockerfile").read_text().startswith("# iso")
+    assert len((out / "30-rootfs" / "STAGE_ID").read_text().strip()) == 64

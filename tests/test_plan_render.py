@@ -1,0 +1,87 @@
+"""Plan resolution, template rendering (StrictUndefined) and content-addressed stage ids."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from maculaos_sdk.build import render_plan
+from maculaos_sdk.errors import BadInput
+from maculaos_sdk.plan import make_plan
+from maculaos_sdk.profile import load_profile
+from maculaos_sdk.render import tree_digest
+from maculaos_sdk.stages import load_stages
+
+SDE = 1735689600
+
+
+def test_plan_orders_dependencies_first():
+    plan = make_plan(load_profile("core"))
+    names = plan.names()
+    assert names[0] == "base" and names[-1] == "iso"
+    for stage in plan.stages:
+        for dep in stage.inputs:
+            assert names.index(dep) < names.index(stage.name)
+
+
+def test_every_stage_renders_for_both_arches(tmp_path):
+    for arch in ("amd64", "arm64"):
+        plan = make_plan(load_profile("core", {"arch": arch}))
+        rendered = render_plan(plan, SDE, tmp_path / arch)
+        assert {r.meta.name for r in rendered} == set(load_stages())
+        for r in rendered:
+            assert (r.context / "Dockerfile").is_file()
+            for dep in r.meta.inputs:
+                assert f"maculaos-sdk/{dep}:" in r.dockerfile
+    iso_cfg = (tmp_path / "arm64" / "iso" / "grub.cfg").read_text()
+    assert "console=ttyAMA0" in iso_cfg and "serial --unit=0" not in iso_cfg
+
+
+def test_strict_undefined_is_an_error(tmp_path, monkeypatch):
+    stages = tmp_path / "stages"
+    shutil.copytree(Path(__file__).parents[1] / "stages", stages)
+    (stages / "10-tools" / "Dockerfile.j2").write_text("FROM {{ inputs.base }}\nRUN echo {{ profile.nosuch }}\n")
+    plan = make_plan(load_profile("core"), load_stages(stages))
+    with pytest.raises(BadInput, match="undefined value"):
+        render_plan(plan, SDE, tmp_path / "ctx")
+
+
+def _ids(tmp_path, profile, sde=SDE):
+    return {r.meta.name: r.stage_id for r in render_plan(make_plan(profile), sde, tmp_path)}
+
+
+def test_ids_are_stable(tmp_path):
+    assert _ids(tmp_path / "a", load_profile("core")) == _ids(tmp_path / "b", load_profile("core"))
+
+
+def test_overlay_change_invalidates_only_downstream_of_rootfs(tmp_path, write_profile):
+    base = _ids(tmp_path / "a", load_profile("core"))
+    child = write_profile("name: core\nextends: core.yaml\noverlay:\n  /etc/motd: hello\n", "x.yaml")
+    shutil.copy(Path(__file__).parents[1] / "profiles" / "core.yaml", child.parent / "core.yaml")
+    changed = _ids(tmp_path / "b", load_profile(str(child)))
+    same = {n for n in base if base[n] == changed[n]}
+    assert same == {"base", "tools", "kernel", "initrd"}
+    assert {"rootfs", "squashfs", "iso"}.isdisjoint(same)
+
+
+def test_sde_and_arch_are_part_of_every_id(tmp_path):
+    base = _ids(tmp_path / "a", load_profile("core"))
+    other_sde = _ids(tmp_path / "b", load_profile("core"), sde=SDE + 1)
+    other_arch = _ids(tmp_path / "c", load_profile("core", {"arch": "arm64"}))
+    assert all(base[n] != other_sde[n] for n in base)
+    assert all(base[n] != other_arch[n] for n in base)
+
+
+def test_tree_digest_sees_mode_and_content_not_mtime(tmp_path):
+    (tmp_path / "f").write_text("a")
+    d1 = tree_digest(tmp_path)
+    import os
+    os.utime(tmp_path / "f", (0, 0))
+    assert tree_digest(tmp_path) == d1
+    (tmp_path / "f").chmod(0o755)
+    d2 = tree_digest(tmp_path)
+    assert d2 != d1
+    (tmp_path / "f").write_text("b")
+    assert tree_digest(tmp_path) != d2

@@ -1,0 +1,107 @@
+"""Profile loading: extends, merging, validation messages (file, line, key path, hint)."""
+
+from __future__ import annotations
+
+import pytest
+
+from maculaos_sdk.cli import main
+from maculaos_sdk.errors import BadInput, BadInputs
+from maculaos_sdk.profile import load_profile
+
+
+def test_core_profile_resolves():
+    p = load_profile("core")
+    assert p.name == "core" and p.arch.value == "amd64"
+    assert "htop" in p.get("packages")
+    assert p.get("squashfs.compression") == "zstd"
+    assert p.artifact_basename() == "maculaos-core-0.1.0-amd64"
+
+
+def test_test_profile_extends_core_and_merges_lists():
+    p = load_profile("test")
+    core = load_profile("core")
+    assert p.get("packages") == core.get("packages")
+    assert p.get("services") == ["maculaos-testchannel"]
+    assert "/etc/init.d/maculaos-testchannel" in p.get("overlay")
+    assert p.origins["services"][0].endswith("test.yaml")
+    assert p.origins["packages"][0].endswith("core.yaml")
+
+
+def test_list_removal_and_map_merge(write_profile):
+    path = write_profile("name: child\nextends: core\npackages: [-git, strace]\nkernel: {args: [quiet]}\n")
+    p = load_profile(str(path))
+    assert "git" not in p.get("packages") and "strace" in p.get("packages")
+    assert p.get("kernel.args")[-1] == "quiet"
+    assert p.get("kernel.prune")  # inherited from core, untouched
+
+
+def test_unknown_key_names_file_line_and_suggests(write_profile):
+    path = write_profile("name: x\nversion: '1'\npackges: [htop]\n")
+    with pytest.raises(BadInputs) as exc:
+        load_profile(str(path))
+    text = exc.value.render()
+    assert f"{path}:3: packges: unknown key" in text
+    assert "did you mean `packages`?" in text
+
+
+def test_all_errors_reported_at_once(write_profile):
+    path = write_profile("name: x\narch: amd46\nkernel:\n  argz: []\nsquashfs:\n  level: high\n")
+    with pytest.raises(BadInputs) as exc:
+        load_profile(str(path))
+    lines = exc.value.render().splitlines()
+    assert len(lines) == 3, lines
+    assert any(":2: arch: unknown value 'amd46'" in line and "amd64" in line for line in lines)
+    assert any(":4: kernel.argz: unknown key" in line and "kernel.args" in line for line in lines)
+    assert any(":6: squashfs.level: expected a integer" in line for line in lines)
+
+
+def test_wrong_type_version_hint_says_quote(write_profile):
+    path = write_profile("name: x\nversion: 1.2\n")
+    with pytest.raises(BadInput) as exc:
+        load_profile(str(path))
+    assert "quote it" in exc.value.render()
+
+
+def test_missing_overlay_source(write_profile):
+    path = write_profile("name: x\noverlay:\n  /etc/a: {source: nothere.txt}\n")
+    with pytest.raises(BadInputs) as exc:
+        load_profile(str(path))
+    assert "overlay./etc/a.source: missing file 'nothere.txt'" in exc.value.render()
+
+
+def test_rpi4_needs_arm64(write_profile):
+    path = write_profile("name: x\nboard: rpi4\n")
+    with pytest.raises(BadInput, match="rpi4 needs arch arm64"):
+        load_profile(str(path))
+
+
+def test_extends_cycle(write_profile):
+    write_profile("name: a\nextends: b.yaml\n", "a.yaml")
+    b = write_profile("name: b\nextends: a.yaml\n", "b.yaml")
+    with pytest.raises(BadInput, match="cycle"):
+        load_profile(str(b))
+
+
+def test_invalid_yaml_reports_line(write_profile):
+    path = write_profile("name: x\npackages: [htop\n")
+    with pytest.raises(BadInput, match=r"p\.yaml:\d+: invalid YAML"):
+        load_profile(str(path))
+
+
+def test_cli_bad_profile_exit_2_one_line_no_traceback(write_profile, capsys):
+    path = write_profile("name: x\nbord: rpi4\n")
+    assert main(["build-image", "--config", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"{path}:2: bord: unknown key" in err and "did you mean `board`?" in err
+
+
+def test_cli_unknown_profile_exit_2(capsys):
+    assert main(["build-image", "--profile", "coer", "--dry-run"]) == 2
+    assert "did you mean `core`?" in capsys.readouterr().err
+
+
+def test_cli_debug_shows_traceback(write_profile):
+    path = write_profile("name: x\nbord: rpi4\n")
+    with pytest.raises(BadInput):
+        main(["--debug", "build-image", "--config", str(path), "--dry-run"])
