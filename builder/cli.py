@@ -82,7 +82,14 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     s.add_argument("name")
     s.set_defaults(func=_cmd_profile_show)
     k = psub.add_parser("keys", help="print every profile key with its default (markdown)")
-    k.set_defaults(func=lambda a: print(__import__("maculaos_sdk.settings").settings.reference_markdown()) or 0)
+    k.set_defaults(func=_cmd_profile_keys)
+
+
+def _cmd_profile_keys(args: argparse.Namespace) -> int:
+    from .settings import reference_markdown
+
+    print(reference_markdown(), end="")
+    return EXIT_OK
 
 
 def _cmd_profile_show(args: argparse.Namespace) -> int:

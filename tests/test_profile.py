@@ -105,3 +105,19 @@ def test_cli_debug_shows_traceback(write_profile):
     path = write_profile("name: x\nbord: rpi4\n")
     with pytest.raises(BadInput):
         main(["--debug", "build-image", "--config", str(path), "--dry-run"])
+
+
+def test_docs_profile_reference_is_generated_from_settings(capsys):
+    from pathlib import Path
+
+    assert main(["profile", "keys"]) == 0
+    table = capsys.readouterr().out
+    doc = (Path(__file__).parents[1] / "docs" / "profile-reference.md").read_text()
+    assert doc.endswith(table), "regenerate: maculaos-sdk profile keys > docs/profile-reference.md (keep header)"
+
+
+def test_profile_show_prints_origins(capsys):
+    assert main(["profile", "show", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "name: test" in out
+    assert "#   services: " in out and "test.yaml" in out
