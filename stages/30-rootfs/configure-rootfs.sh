@@ -16,14 +16,7 @@ for svc in bootlogs rmnologin rsync; do rc-update del "$svc" default 2>/dev/null
 # DHCP must not hold up the consoles: start networking with the default runlevel, not sysinit.
 if rc-update del networking sysinit 2>/dev/null; then rc-update add networking default; fi
 
-# Precompute OpenRC's dependency tree; init.sh copies /lib/rc/cache into /run/openrc at boot.
-mkdir -p /run/openrc /lib/rc/cache
-rc-update -u >/dev/null
-cp -p /run/openrc/deptree /lib/rc/cache/
-# OpenRC regenerates the tree when depconfig is missing or empty; it lists config files to watch.
-[ -s /run/openrc/depconfig ] || echo /etc/rc.conf > /run/openrc/depconfig
-cp -p /run/openrc/depconfig /lib/rc/cache/
-echo sysinit > /lib/rc/cache/softlevel
+# No prebuilt OpenRC deptree: rc-update -u here would bake in rc_sys()=DOCKER keyword exclusions.
 
 # Start independent services in parallel (2+ vCPUs at boot are the norm, also under emulation).
 sed -i 's/^#\?rc_parallel=.*/rc_parallel="YES"/' /etc/rc.conf
