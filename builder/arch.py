@@ -54,6 +54,15 @@ class Architecture(enum.Enum):
         return {"amd64": ["grub-pc-bin", "grub-efi-amd64-bin"], "arm64": ["grub-efi-arm64-bin"]}[self.value]
 
     @property
+    def grub_efi_target(self) -> str:
+        return {"amd64": "x86_64-efi", "arm64": "arm64-efi"}[self.value]
+
+    @property
+    def efi_boot_file(self) -> str:
+        """Removable-media EFI loader path name the firmware looks for."""
+        return {"amd64": "BOOTX64.EFI", "arm64": "BOOTAA64.EFI"}[self.value]
+
+    @property
     def efi_firmware(self) -> list[Path]:
         """Candidate UEFI firmware images for QEMU, first existing one wins."""
         return {

@@ -6,12 +6,13 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, ui
+from . import __version__, keys, ui
 from .bootstrap import bootstrap
 from .engine import LABEL_STAGE_ID, Engine, connect, read_text_from_image
 from .errors import BuildFailed
@@ -28,6 +29,7 @@ class BuildOptions:
     output: Path = Path("out")
     no_cache: bool = False
     dry_run: Path | None = None
+    signing_key: Path | None = None
 
 
 @dataclass
@@ -57,12 +59,12 @@ def source_date_epoch(profile: Profile) -> int:
     return int(profile.get("source_date_epoch"))
 
 
-def render_plan(plan: Plan, sde: int, workdir: Path) -> list[RenderedStage]:
+def render_plan(plan: Plan, sde: int, workdir: Path, update_public_key: str = "") -> list[RenderedStage]:
     """Render every stage in plan order; each id folds in its inputs' ids."""
     done: dict[str, RenderedStage] = {}
     for meta in plan.stages:
         inputs = {name: done[name] for name in meta.inputs}
-        done[meta.name] = render_stage(meta, plan.profile, inputs, sde, workdir)
+        done[meta.name] = render_stage(meta, plan.profile, inputs, sde, workdir, update_public_key)
     return list(done.values())
 
 
@@ -108,7 +110,8 @@ def build_image(profile: Profile, options: BuildOptions, engine: Engine | None =
     plan = make_plan(profile)
     sde = source_date_epoch(profile)
     workdir = cache_dir() / "contexts" / f"{profile.name}-{profile.arch}"
-    rendered = render_plan(plan, sde, workdir)
+    secret = keys.signing_key(profile.get("update.signing_key"), options.signing_key)
+    rendered = render_plan(plan, sde, workdir, keys.public_key_path(secret).read_text())
     result = BuildResult(plan=plan)
     basename = profile.artifact_basename()
     ui.info(f"[bold]MaculaOS[/] {profile.name} {profile.version} ({profile.arch}), "
@@ -149,19 +152,19 @@ def build_image(profile: Profile, options: BuildOptions, engine: Engine | None =
     artifacts: dict[str, Any] = {}
     for r in rendered:
         for src, pattern in sorted(r.meta.exports.items()):
-            dest = out / pattern.format(basename=basename)
+            dest = out / pattern.format(basename=basename).rstrip("/")
             old = previous.get("artifacts", {}).get(dest.name, {})
-            sha_file = dest.with_name(dest.name + ".sha256")
-            if (old.get("stage_id") == r.stage_id and dest.exists() and dest.stat().st_size == old.get("size")
-                    and sha_file.exists()):
-                digest = old["sha256"]
-            else:
-                with ui.step(f"export {dest}"):
+            if old.get("stage_id") == r.stage_id and _artifact_intact(dest, old):
+                artifacts.update({k: v for k, v in previous["artifacts"].items()
+                                  if k == dest.name or v.get("derived_from") == dest.name})
+                result.artifacts[dest.name] = dest
+                continue
+            with ui.step(f"export {dest}"):
+                if src.endswith("/"):
+                    engine.export_tree(r.image, f"/out/{src}", dest)
+                else:
                     engine.export(r.image, f"/out/{src}", dest)
-                    digest = _sha256(dest)
-                    sha_file.write_text(f"{digest}  {dest.name}\n")
-            artifacts[dest.name] = {"stage": r.meta.name, "stage_id": r.stage_id, "size": dest.stat().st_size,
-                                    "sha256": digest}
+            artifacts.update(_finish_artifact(dest, r, profile, secret))
             result.artifacts[dest.name] = dest
             limit = profile.get("size.iso_max_mb")
             if dest.suffix == ".iso" and limit and dest.stat().st_size > limit * 1024 * 1024:
@@ -189,6 +192,44 @@ def build_image(profile: Profile, options: BuildOptions, engine: Engine | None =
     (out / "manifest.json").write_text(text)
     result.manifest = manifest_path
     return result
+
+
+def _artifact_intact(dest: Path, recorded: dict[str, Any]) -> bool:
+    """True when an exported artifact is still what the manifest says (cheap checks only)."""
+    if dest.is_dir():
+        return (dest / "manifest.json.minisig").is_file() and recorded.get("size") == _size(dest)
+    return dest.is_file() and dest.stat().st_size == recorded.get("size") and \
+        dest.with_name(dest.name + ".sha256").is_file()
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _write_sha256(path: Path) -> str:
+    digest = _sha256(path)
+    path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
+    return digest
+
+
+def _finish_artifact(dest: Path, r: RenderedStage, profile: Profile, secret: Path) -> dict[str, Any]:
+    """Checksums (and signature, raw conversion) for a freshly exported artifact; its manifest entries."""
+    entry: dict[str, Any] = {"stage": r.meta.name, "stage_id": r.stage_id}
+    if dest.is_dir():  # an update bundle: sign its manifest
+        keys.sign(dest / "manifest.json", secret,
+                  f"maculaos {profile.name} {profile.version} {profile.arch} key:{keys.public_key_path(secret).name}")
+        entry.update(size=_size(dest), sha256=_sha256(dest / "manifest.json"))
+        return {dest.name: entry}
+    entry.update(size=dest.stat().st_size, sha256=_write_sha256(dest))
+    entries = {dest.name: entry}
+    if dest.suffix == ".qcow2":  # also the raw image, for dd to a disk
+        raw = dest.with_suffix(".img")
+        if shutil.which("qemu-img") is None:
+            raise BuildFailed("qemu-img is not installed", "run `make setup` (apt-get install qemu-utils)")
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(dest), str(raw)], check=True)
+        entries[raw.name] = {"stage": r.meta.name, "stage_id": r.stage_id, "derived_from": dest.name,
+                             "size": raw.stat().st_size, "sha256": _write_sha256(raw)}
+    return entries
 
 
 def _kernel_info(engine: Engine, r: RenderedStage | None, previous: dict[str, Any]) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tarfile
 import tempfile
 from collections import deque
@@ -69,6 +70,35 @@ class Engine:
             log.flush()
         if not self.has_image(tag):
             raise BuildFailed(f"docker build finished but {tag} is missing", "see the stage log")
+
+    def export_tree(self, ref: str, src: str, dest: Path) -> None:
+        """Copy a folder out of an image to `dest` (replaced atomically: built aside, then renamed)."""
+        container = self.client.containers.create(ref, command=["/nonexistent"])
+        partial = dest.with_name(f".{dest.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            bits, _ = container.get_archive(src.rstrip("/"))
+            with tempfile.TemporaryFile(dir=dest.parent) as spool:
+                for chunk in bits:
+                    spool.write(chunk)
+                spool.seek(0)
+                with tarfile.open(fileobj=spool, mode="r:") as tar:
+                    top = src.rstrip("/").rsplit("/", 1)[-1]
+                    for member in tar.getmembers():
+                        rel = Path(member.name).relative_to(top) if member.name != top else Path(".")
+                        if member.isdir():
+                            (partial / rel).mkdir(parents=True, exist_ok=True)
+                        elif member.isfile():
+                            (partial / rel).parent.mkdir(parents=True, exist_ok=True)
+                            extracted = tar.extractfile(member)
+                            assert extracted is not None
+                            with (partial / rel).open("wb") as out:
+                                shutil.copyfileobj(extracted, out, 1 << 20)
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(partial, dest)
+        finally:
+            container.remove(force=True)
 
     def export(self, ref: str, src: str, dest: Path) -> None:
         """Copy one file out of an image (also FROM-scratch images) atomically to `dest`."""

@@ -135,7 +135,7 @@ def bootstrap_params(profile: Profile, sde: int) -> dict[str, Any]:
 
 
 def render_stage(meta: StageMeta, profile: Profile, inputs: dict[str, RenderedStage], sde: int,
-                 workdir: Path) -> RenderedStage:
+                 workdir: Path, update_public_key: str = "") -> RenderedStage:
     """Render the stage into `workdir/<name>` (recreated) and compute its id."""
     context = workdir / meta.name
     if context.exists():
@@ -156,6 +156,10 @@ def render_stage(meta: StageMeta, profile: Profile, inputs: dict[str, RenderedSt
     for source in meta.context:
         if source == "profile-overlay":
             _write_profile_overlay(profile, context / "overlay")
+            if update_public_key:  # the key `maculaos upgrade` checks bundle signatures against
+                pub = context / "overlay" / "etc" / "maculaos" / "update.pub"
+                pub.parent.mkdir(parents=True, exist_ok=True)
+                pub.write_text(update_public_key)
         else:
             shutil.copytree(sdk_root() / source, context / source, symlinks=True, dirs_exist_ok=True)
     if meta.bootstrap and not profile.get("base_image"):

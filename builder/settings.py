@@ -29,7 +29,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("extends", STR, None, "Another profile (name in profiles/ or path) this one builds on."),
     Setting("arch", STR, "amd64", "Target architecture.", choices=("amd64", "arm64")),
     Setting("board", STR, "generic", "Target board.", choices=("generic", "rpi4")),
-    Setting("outputs", LIST, ["iso"], "Artifacts to produce.", choices=("iso",)),
+    Setting("outputs", LIST, ["iso"], "Artifacts to produce: iso (live/installer ISO), disk (A/B disk image, raw and "
+            "qcow2), bundle (signed update bundle).", choices=("iso", "disk", "bundle")),
     Setting("source_date_epoch", INT, 1735689600,
             "Timestamp for every file in the image (env SOURCE_DATE_EPOCH wins); part of every stage id."),
     Setting("base_image", STR, None, "Use this existing local docker image as the base instead of bootstrapping."),
@@ -47,6 +48,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("squashfs.level", INT, 15, "Compression level (zstd 1-22, ignored for xz/gzip)."),
     Setting("iso.volume_id", STR, "MACULAOS", "ISO 9660 volume id.", pattern=r"^[A-Z0-9_]{1,32}$"),
     Setting("iso.timeout", INT, 3, "Seconds the GRUB menu waits before booting the default entry."),
+    Setting("disk.esp_mb", INT, 64, "Size of the FAT boot partition (GRUB, its env, one kernel+initrd per slot)."),
+    Setting("disk.slot_mb", INT, 0, "Size of each rootfs slot; 0 = twice the squashfs, rounded up to 64 MiB, min 256."),
+    Setting("disk.data_mb", INT, 256, "Size of the data partition in the disk image (an installer grows it)."),
+    Setting("disk.size_mb", INT, 0, "Total disk image size; the build fails early if two slots do not fit (0 = auto)."),
+    Setting("update.min_version", STR, "0.0.0", "Oldest running version allowed to apply this image's bundle."),
+    Setting("update.signing_key", STR, "", "minisign secret key signing bundles (default: a per-checkout dev key)."),
     Setting("size.iso_max_mb", INT, 0, "Fail the build if the ISO is larger than this (0: no limit)."),
 )
 

@@ -23,11 +23,26 @@ LOGS = OUT / "test-logs"
 
 
 @pytest.fixture(scope="session")
-def test_iso() -> Path:
-    """The test profile's ISO, built through the real docker engine (never skipped)."""
-    profile = load_profile("test")
-    result = build_image(profile, BuildOptions(output=OUT))
-    return result.artifacts[f"{profile.artifact_basename()}.iso"]
+def test_build() -> dict[str, Path]:
+    """The test profile (ISO, A/B disk, bundle), built through the real docker engine (never skipped)."""
+    return build_image(load_profile("test"), BuildOptions(output=OUT)).artifacts
+
+
+@pytest.fixture(scope="session")
+def test_iso(test_build) -> Path:
+    return test_build["maculaos-test-0.1.0-amd64.iso"]
+
+
+@pytest.fixture(scope="session")
+def test_disk(test_build) -> Path:
+    return test_build["maculaos-test-0.1.0-amd64.qcow2"]
+
+
+@pytest.fixture(scope="session")
+def update_bundle() -> Path:
+    """A signed 0.2.0 bundle of the test profile (same signing key as the 0.1.0 disk)."""
+    profile = load_profile(str(Path(__file__).parent / "profiles" / "test-update.yaml"))
+    return build_image(profile, BuildOptions(output=OUT / "update")).artifacts["maculaos-test-0.2.0-amd64.bundle"]
 
 
 @pytest.fixture

@@ -209,6 +209,23 @@ class Machine:
             raise MachineError(f"{self.name}: `{command}` unexpectedly succeeded:\n{out}")
         return out
 
+    def send_channel_nowait(self, command: str) -> None:
+        """Fire a command whose shell will not live to answer (reboot, poweroff)."""
+        self._send_channel(command + "\n")
+        self._ready = False
+
+    def wait_for_boot(self, timeout: float = 240) -> str:
+        """Wait for the initrd of the next (re)boot to report its slot, then for the test channel."""
+        m = self.wait_for_console_text(r"maculaos-init: slot [AB]", timeout=timeout)
+        self._ready = False
+        self.wait_for_channel(timeout=timeout)
+        return m.group(0)[-1]
+
+    def reboot(self, timeout: float = 240) -> str:
+        """Reboot the guest and wait until it is back; returns the slot it booted."""
+        self.send_channel_nowait("reboot")
+        return self.wait_for_boot(timeout)
+
     def wait_until_succeeds(self, command: str, timeout: float = 60) -> str:
         """Retry a command until it exits 0 or the deadline passes."""
         deadline = time.monotonic() + timeout

@@ -1,0 +1,150 @@
+"""A/B updates on the installed disk image, proven in QEMU (UEFI, TCG): every assertion reads
+`maculaos upgrade --status`, the machine-readable state, not banners."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from maculaos_sdk.keys import signing_key
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture(scope="module")
+def bundle_server(update_bundle: Path, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """Serve a folder of bundles over HTTP on the host (the guest reaches it as 10.0.2.2)."""
+    root = tmp_path_factory.mktemp("bundles")
+    shutil.copytree(update_bundle, root / "good")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://10.0.2.2:{server.server_address[1]}", root
+    server.shutdown()
+
+
+@pytest.fixture
+def disk_machine(test_disk: Path, make_machine, tmp_path):
+    """A fresh copy-on-write disk over the built A/B image, booted under UEFI up to its test channel."""
+
+    def start(name: str = "disk"):
+        disk = tmp_path / f"{name}-amd64.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(test_disk.resolve()),
+                        str(disk)], check=True)
+        m = make_machine(disk, name, uefi=True)
+        m.start()
+        assert m.wait_for_boot() == "A"
+        return m
+
+    return start
+
+
+def status(m) -> dict:
+    return json.loads(m.succeed("maculaos upgrade --status"))
+
+
+def test_installed_disk_boots_slot_a_with_persistent_data(disk_machine):
+    m = disk_machine()
+    s = status(m)
+    assert (s["mode"], s["booted"], s["active"], s["trial"], s["tries"], s["rolledback"]) == \
+        ("disk", "A", "A", None, 0, None)
+    assert s["slots"] == {"A": {"version": "0.1.0"}, "B": {"version": None}}
+    mounts = m.succeed("cat /proc/mounts")
+    assert " /var/lib/maculaos ext4 " in mounts and " /etc overlay " in mounts
+    m.succeed("echo kept > /var/lib/maculaos/marker && echo etc-kept > /etc/maculaos/marker && sync")
+    assert m.reboot() == "A"
+    assert m.succeed("cat /var/lib/maculaos/marker /etc/maculaos/marker") == "kept\netc-kept\n"
+    # normal boots never write the env
+    assert status(m)["tries"] == 0
+
+
+def test_good_update_boots_b_and_is_confirmed_then_manual_rollback(disk_machine, bundle_server):
+    url, _ = bundle_server
+    m = disk_machine()
+    m.succeed("echo survives > /var/lib/maculaos/marker && sync")
+    assert json.loads(m.succeed(f"maculaos upgrade --check {url}/good"))["update"] is True
+    m.succeed(f"maculaos upgrade --apply {url}/good --no-reboot", timeout=300)
+    s = status(m)
+    assert (s["active"], s["trial"], s["tries"]) == ("A", "B", 0)
+    assert s["slots"]["B"]["version"] == "0.2.0"
+    # a second apply while a trial is pending is refused
+    assert "pending" in m.fail(f"maculaos upgrade --apply {url}/good --no-reboot")
+    # corrupt the primary env: GRUB must fall back to the backup copy
+    m.succeed("dd if=/dev/urandom of=/run/maculaos/esp/grub/grubenv bs=1024 count=1 conv=notrunc && sync")
+
+    assert m.reboot() == "B"
+    m.wait_until_succeeds("maculaos upgrade --status | jq -e '.active == \"B\"'", timeout=120)
+    s = status(m)
+    assert (s["booted"], s["active"], s["trial"], s["tries"], s["version"]) == ("B", "B", None, 0, "0.2.0")
+    assert m.succeed("cat /var/lib/maculaos/marker") == "survives\n"
+    # the confirm rewrote both env copies
+    m.succeed("head -c 24 /run/maculaos/esp/grub/grubenv | grep -q 'GRUB Environment Block'")
+
+    m.succeed("maculaos upgrade --rollback --no-reboot")
+    assert m.reboot() == "A"
+    s = status(m)
+    assert (s["booted"], s["active"], s["trial"], s["rolledback"], s["version"]) == ("A", "A", None, "B", "0.1.0")
+
+
+def test_unconfirmed_update_rolls_back_after_three_tries(disk_machine, bundle_server):
+    url, _ = bundle_server
+    m = disk_machine()
+    m.succeed("mkdir -p /var/lib/maculaos/health.d && printf '#!/bin/sh\\nexit 1\\n' > /var/lib/maculaos/health.d/fail"
+              " && chmod +x /var/lib/maculaos/health.d/fail && sync")
+    m.succeed(f"maculaos upgrade --apply {url}/good --no-reboot", timeout=300)
+    m.send_channel_nowait("reboot")
+    booted = [m.wait_for_console_text(r"maculaos-init: slot [AB]", timeout=240).group(0)[-1] for _ in range(4)]
+    assert booted == ["B", "B", "B", "A"]
+    m.wait_for_channel(timeout=240)
+    s = status(m)
+    assert (s["booted"], s["active"], s["trial"], s["rolledback"], s["version"]) == ("A", "A", None, "B", "0.1.0")
+    # and A stays put: the failing hook only matters for a trial
+    assert m.reboot() == "A"
+
+
+def test_tampered_bundles_are_refused_with_nothing_written(disk_machine, bundle_server):
+    url, root = bundle_server
+    good = root / "good"
+    bad_sig = root / "bad-sig"
+    shutil.copytree(good, bad_sig)
+    manifest = json.loads((bad_sig / "manifest.json").read_text())
+    manifest["min_version"] = "0.0.1"
+    (bad_sig / "manifest.json").write_text(json.dumps(manifest))
+    bad_sha = root / "bad-sha"
+    shutil.copytree(good, bad_sha)
+    with (bad_sha / "rootfs.squashfs").open("r+b") as f:
+        f.seek(4096)
+        f.write(b"tampered")
+    wrong_arch = root / "wrong-arch"
+    shutil.copytree(good, wrong_arch)
+    manifest = json.loads((wrong_arch / "manifest.json").read_text())
+    manifest["arch"] = "arm64"
+    (wrong_arch / "manifest.json").write_text(json.dumps(manifest))
+    subprocess.run(["minisign", "-S", "-s", str(signing_key("")), "-m", str(wrong_arch / "manifest.json")],
+                   check=True, capture_output=True)
+
+    m = disk_machine()
+    before = status(m)
+    slot_b = ("dev=$(grep -l PARTNAME=rootfs-B /sys/class/block/*/uevent); dev=${dev%/uevent}; "
+              "head -c 1048576 /dev/${dev##*/} | sha256sum")
+    b_hash = m.succeed(slot_b)
+    env_hash = m.succeed("cat /run/maculaos/esp/grub/grubenv /run/maculaos/esp/grub/grubenv.bak | sha256sum")
+
+    assert "signature" in m.fail(f"maculaos upgrade --apply {url}/bad-sig --no-reboot")
+    assert "is for arm64" in m.fail(f"maculaos upgrade --apply {url}/wrong-arch --no-reboot")
+    assert m.succeed(slot_b) == b_hash  # refused before a byte reached the standby slot
+    assert "sha256" in m.fail(f"maculaos upgrade --apply {url}/bad-sha --no-reboot", timeout=300)
+    assert m.succeed("test ! -e /run/maculaos/esp/B/vmlinuz && echo no-kernel") == "no-kernel\n"
+    assert m.succeed("cat /run/maculaos/esp/grub/grubenv /run/maculaos/esp/grub/grubenv.bak | sha256sum") == env_hash
+    after = status(m)
+    assert after == before
+    assert m.reboot() == "A"
