@@ -4,7 +4,7 @@ ARCH ?= amd64
 VENV := .venv/bin
 VERSION := $(shell sed -n 's/^version: *//p' profiles/$(PROFILE).yaml 2>/dev/null)
 
-.PHONY: setup image run test test-unit test-qemu lint bench doctor clean
+.PHONY: setup image run test test-unit test-qemu lint bench doctor docs clean
 
 setup:            ## install host packages, start dockerd, create .venv
 	bash scripts/setup-host.sh
@@ -33,6 +33,10 @@ bench:            ## cold/warm/overlay rebuild times, ISO size, seconds to shell
 
 doctor:
 	$(VENV)/maculaos-sdk doctor
+
+docs:             ## regenerate docs/profile-reference.md from builder/settings.py
+	{ sed -n '1,5p' docs/profile-reference.md; $(VENV)/maculaos-sdk profile keys; } > docs/profile-reference.tmp
+	mv docs/profile-reference.tmp docs/profile-reference.md
 
 clean:
 	rm -rf out .cache

@@ -18,6 +18,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", choices=["amd64", "arm64"], help="override the profile's architecture")
     p.add_argument("--output", "-o", type=Path, default=Path("out"), help="output folder (default: out)")
     p.add_argument("--no-cache", action="store_true", help="rebuild every stage")
+    p.add_argument("--signing-key", type=Path, help="minisign secret key for update bundles (its .pub goes into the "
+                   "image; default: profile update.signing_key, else a per-checkout development key)")
     p.add_argument("--dry-run", nargs="?", const=Path("out/dry-run"), type=Path, metavar="DIR",
                    help="print the plan and write rendered Dockerfiles to DIR (default out/dry-run); no build")
     p.set_defaults(func=_cmd_build)
@@ -28,7 +30,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .profile import load_profile
 
     profile = load_profile(args.config or args.profile or "core", {"arch": args.arch})
-    result = build_image(profile, BuildOptions(output=args.output, no_cache=args.no_cache, dry_run=args.dry_run))
+    options = BuildOptions(output=args.output, no_cache=args.no_cache, dry_run=args.dry_run,
+                           signing_key=args.signing_key)
+    result = build_image(profile, options)
     for path in result.artifacts.values():
         ui.info(f"[bold green]→[/] {path}")
     if result.manifest:
@@ -106,6 +110,24 @@ def _cmd_profile_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_keys(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keys", help="update-bundle signing keys")
+    ksub = p.add_subparsers(dest="keys_cmd", required=True)
+    g = ksub.add_parser("generate", help="create a minisign (ed25519) key pair: NAME.key + NAME.pub")
+    g.add_argument("--out", type=Path, default=Path("keys/maculaos.key"), help="secret key path (default: %(default)s)")
+    g.add_argument("--force", action="store_true", help="replace an existing key")
+    g.set_defaults(func=_cmd_keys_generate)
+
+
+def _cmd_keys_generate(args: argparse.Namespace) -> int:
+    from .keys import generate
+
+    public = generate(args.out, force=args.force)
+    ui.info(f"secret key {args.out} (keep it off build machines you do not trust), public key {public}")
+    ui.info(f"build with: maculaos-sdk build-image --signing-key {args.out} ...")
+    return EXIT_OK
+
+
 def _add_test(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("test", help="run the test suites (unit, and QEMU boot tests with --target qemu)")
     p.add_argument("--target", choices=["unit", "qemu", "all"], default="all")
@@ -129,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"maculaos-sdk {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_build, _add_vm, _add_doctor, _add_profile, _add_test):
+    for add in (_add_build, _add_vm, _add_doctor, _add_profile, _add_keys, _add_test):
         add(sub)
     return parser
 

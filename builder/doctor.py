@@ -92,6 +92,8 @@ def run_checks() -> list[Check]:
         _docker(),
         _buildkit(),
         _tool("mmdebstrap", "mmdebstrap"),
+        _tool("minisign", "minisign"),
+        _tool("qemu-img", "qemu-utils"),
         _tool("qemu-system-x86_64", "qemu-system-x86"),
         _tool("qemu-system-aarch64", "qemu-system-arm", required=False),
         _firmware(Architecture.amd64),

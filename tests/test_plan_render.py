@@ -28,8 +28,8 @@ def test_plan_orders_dependencies_first():
 
 def test_every_stage_renders_for_both_arches(tmp_path):
     for arch in ("amd64", "arm64"):
-        plan = make_plan(load_profile("core", {"arch": arch}))
-        rendered = render_plan(plan, SDE, tmp_path / arch)
+        plan = make_plan(load_profile("test", {"arch": arch}))  # test asks for every output
+        rendered = render_plan(plan, SDE, tmp_path / arch, "PUB\n")
         assert {r.meta.name for r in rendered} == set(load_stages())
         for r in rendered:
             assert (r.context / "Dockerfile").is_file()
@@ -37,6 +37,10 @@ def test_every_stage_renders_for_both_arches(tmp_path):
                 assert f"maculaos-sdk/{dep}:" in r.dockerfile
     iso_cfg = (tmp_path / "arm64" / "iso" / "grub.cfg").read_text()
     assert "console=ttyAMA0" in iso_cfg and "serial --unit=0" not in iso_cfg
+    boot = (tmp_path / "arm64" / "bootloader" / "Dockerfile").read_text()
+    assert "arm64-efi" in boot and "BOOTAA64.EFI" in boot
+    assert (tmp_path / "amd64" / "rootfs" / "overlay" / "etc" / "maculaos" / "update.pub").read_text() == "PUB\n"
+
 
 
 def test_strict_undefined_is_an_error(tmp_path, monkeypatch):

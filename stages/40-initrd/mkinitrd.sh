@@ -4,7 +4,7 @@ set -eu
 sde=$1
 kver=$(cat /kernel/kernel-version)
 root=/initrd
-mkdir -p $root/bin $root/sbin $root/dev $root/proc $root/sys $root/run $root/newroot $root/tmp \
+mkdir -p $root/bin $root/sbin $root/dev $root/proc $root/sys $root/run $root/newroot $root/tmp $root/mnt \
          $root/lib/modules $root/etc
 cp /bin/busybox $root/bin/busybox
 for applet in $($root/bin/busybox --list); do

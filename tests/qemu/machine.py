@@ -22,6 +22,14 @@ import pexpect.fdpexpect
 from maculaos_sdk.vm import VmConfig, qemu_command, wait_for_file
 
 
+def _reap(process: pexpect.spawn) -> None:
+    """Wait for QEMU to exit; two threads may race to reap it, which is fine."""
+    try:
+        process.wait()
+    except (ChildProcessError, pexpect.ExceptionPexpect):
+        pass
+
+
 class MachineError(AssertionError):
     """A wait ran out or a command's exit code was not what the test expected."""
 
@@ -45,67 +53,92 @@ class Machine:
         self._channel: pexpect.fdpexpect.fdspawn | None = None
         self._sock: socket.socket | None = None
         self._ready = False
+        self._stopping = False
+        self.boots = 0
         self.started_at = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        """Start QEMU; the serial console starts logging at once."""
-        extra: list[str] = []
+        """Start QEMU; the serial console starts logging at once.
+
+        QEMU runs with -no-reboot: when the guest reboots, QEMU exits and a fresh QEMU is started on the
+        same disk, like a power cycle. (Warm resets of OVMF under TCG were seen to hang.)"""
+        self._stopping = False
+        self.started_at = time.monotonic()
+        self._spawn()
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _spawn(self) -> None:
+        extra: list[str] = ["-no-reboot"]
         if self.test_channel:
             self.channel_path.unlink(missing_ok=True)
             extra += ["-chardev", f"socket,id=testch,path={self.channel_path},server=on,wait=off",
                       "-device", "virtio-serial-pci", "-device", "virtconsole,chardev=testch,name=test"]
         cmd = qemu_command(self.config, extra=extra)
         (self.workdir / f"{self.name}.cmdline").write_text(" ".join(cmd) + "\n")
-        self.started_at = time.monotonic()
-        self.process = pexpect.spawn(cmd[0], cmd[1:], timeout=None, echo=False)
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
+        process = pexpect.spawn(cmd[0], cmd[1:], timeout=None, echo=False)
         if self.test_channel:
             # Connect at once, so the guest never sees the host side of its test port closed.
             if not wait_for_file(self.channel_path, 10):
                 raise MachineError(f"{self.name}: QEMU did not create {self.channel_path}")
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._sock.connect(str(self.channel_path))
-            self._channel = pexpect.fdpexpect.fdspawn(self._sock.fileno(), timeout=60)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(self.channel_path))
+            self._close_channel()
+            self._sock = sock
+            self._channel = pexpect.fdpexpect.fdspawn(sock.fileno(), timeout=60)
+        self.process = process
+        self.boots += 1
 
     def _drain(self) -> None:
-        assert self.process is not None
         with self.serial_log.open("wb") as log:
             while True:
-                try:
-                    data = self.process.read_nonblocking(65536, timeout=0.2)
-                except pexpect.TIMEOUT:
-                    continue
-                except (pexpect.EOF, OSError, ValueError):
+                process = self.process
+                assert process is not None
+                while True:
+                    try:
+                        data = process.read_nonblocking(65536, timeout=0.2)
+                    except pexpect.TIMEOUT:
+                        continue
+                    except (pexpect.EOF, OSError, ValueError):
+                        break
+                    log.write(data)
+                    log.flush()
+                    with self._lock:
+                        self._console.extend(data)
+                        self._lock.notify_all()
+                _reap(process)
+                if self._stopping or process.exitstatus != 0:
                     break
-                log.write(data)
-                log.flush()
-                with self._lock:
-                    self._console.extend(data)
-                    self._lock.notify_all()
+                log.write(b"\n[machine.py: guest rebooted; starting QEMU again]\n")
+                self._spawn()
         with self._lock:
             self._lock.notify_all()
 
     def is_running(self) -> bool:
-        return self.process is not None and self.process.isalive()
+        """True while the machine is up, including the moment between a guest reboot and the new QEMU."""
+        return self._reader is not None and self._reader.is_alive()
 
     def crash(self) -> None:
-        """Kill QEMU at once, like pulling the power cord."""
+        """Kill QEMU at once, like pulling the power cord (no restart follows)."""
+        self._stopping = True
         if self.process is not None and self.process.isalive():
             self.process.kill(9)
-            self.process.wait()
+            _reap(self.process)
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=10)
         self._close_channel()
 
     def shutdown(self, timeout: float = 60) -> None:
         """Power off from inside the guest and wait for QEMU to exit (kill it past the deadline)."""
         if not self.is_running():
             return
+        self._stopping = True
         try:
             if self._channel is not None:
                 self._send_channel("poweroff >/dev/null 2>&1 &\n")
             deadline = time.monotonic() + timeout
-            while self.is_running() and time.monotonic() < deadline:
+            while self.process is not None and self.process.isalive() and time.monotonic() < deadline:
                 time.sleep(0.2)
         finally:
             self.crash()

@@ -43,6 +43,7 @@ def disk_machine(test_disk: Path, make_machine, tmp_path):
         m = make_machine(disk, name, uefi=True)
         m.start()
         assert m.wait_for_boot() == "A"
+        m.wait_until_succeeds("ip -4 -o addr show dev eth0 | grep -q inet", timeout=90)
         return m
 
     return start
@@ -148,3 +149,33 @@ def test_tampered_bundles_are_refused_with_nothing_written(disk_machine, bundle_
     after = status(m)
     assert after == before
     assert m.reboot() == "A"
+
+
+def test_factory_reset_wipes_node_state_and_keeps_os_and_user_data(disk_machine):
+    m = disk_machine()
+    m.succeed("mkdir -p /var/lib/rancher/k3s /etc/maculaos && echo a > /var/lib/maculaos/config.yaml"
+              " && echo b > /var/lib/rancher/k3s/state && echo c > /var/lib/data/user-file"
+              " && echo d > /etc/maculaos/local.conf && sync")
+    assert "--confirm" in m.fail("maculaos factory-reset")  # refuses without --confirm
+    m.send_channel_nowait("maculaos factory-reset --confirm --keep-data")
+    assert m.wait_for_boot() == "A"
+    m.wait_for_console_text(r"factory reset: wiping node state", timeout=30)
+    m.succeed("test ! -e /var/lib/maculaos/config.yaml && test ! -e /var/lib/rancher/k3s/state"
+              " && test ! -e /etc/maculaos/local.conf")
+    assert m.succeed("cat /var/lib/data/user-file") == "c\n"
+    s = status(m)
+    assert (s["booted"], s["active"], s["version"]) == ("A", "A", "0.1.0")
+
+
+def test_recovery_from_installed_disk_menu(test_disk, make_machine, tmp_path):
+    disk = tmp_path / "rec-amd64.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(test_disk.resolve()),
+                    str(disk)], check=True)
+    m = make_machine(disk, "recovery-disk", uefi=True, test_channel=False)
+    m.start()
+    m.wait_for_console_text(r"Recovery", timeout=120)
+    m.send_console("r")
+    m.wait_for_console_text(r"The data partition is /dev/vda4", timeout=120)
+    m.wait_for_console_text(r"\(recovery\) # ", timeout=30)
+    m.send_console("mount -t ext4 /dev/vda4 /mnt && ls /mnt\n")
+    m.wait_for_console_text(r"maculaos", timeout=30)

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Benchmark: `maculaos upgrade --apply` vs. a raw copy of the same squashfs into the standby slot.
+
+Boots the test profile's A/B disk image under QEMU, serves the 0.2.0 bundle over HTTP from the host and
+times, inside the guest: (1) curl of rootfs.squashfs straight into the rootfs-B partition, (2) the full
+apply (signature, checks, streamed write with hashing, re-read + re-hash, kernel/initrd, env).
+Needs `make test` (or the test fixtures) to have built out/maculaos-test-0.1.0-amd64.qcow2 and
+out/update/maculaos-test-0.2.0-amd64.bundle. Usage: python bench/update.py [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from maculaos_sdk.vm import VmConfig  # noqa: E402
+from tests.qemu.machine import Machine  # noqa: E402
+
+DISK = ROOT / "out" / "maculaos-test-0.1.0-amd64.qcow2"
+BUNDLE = ROOT / "out" / "update" / "maculaos-test-0.2.0-amd64.bundle"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    for path in (DISK, BUNDLE):
+        if not path.exists():
+            print(f"missing {path}: run `make test` first", file=sys.stderr)
+            return 2
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(BUNDLE.parent))
+    handler.log_message = lambda *a: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://10.0.2.2:{server.server_address[1]}/{BUNDLE.name}"
+    raw, apply = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        disk = Path(tmp) / "bench-amd64.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(DISK), str(disk)],
+                       check=True)
+        m = Machine("bench-update", VmConfig.for_image(disk, uefi=True), Path(tmp))
+        m.start()
+        try:
+            m.wait_for_boot()
+            m.wait_until_succeeds("ip -4 -o addr show dev eth0 | grep -q inet", timeout=90)
+            dev = "$(d=$(grep -l PARTNAME=rootfs-B /sys/class/block/*/uevent); d=${d%/uevent}; echo /dev/${d##*/})"
+            for _ in range(args.runs):
+                out = m.succeed(f"s=$(date +%s.%N); curl -fsS {url}/rootfs.squashfs > {dev}; sync; "
+                                "e=$(date +%s.%N); awk \"BEGIN{print $e-$s}\"",
+                                timeout=600)
+                raw.append(float(out.strip().splitlines()[-1]))
+                out = m.succeed(f"s=$(date +%s.%N); maculaos upgrade --apply {url} --no-reboot >/dev/null 2>&1; "
+                                "e=$(date +%s.%N); awk \"BEGIN{print $e-$s}\"; maculaos upgrade --status", timeout=600)
+                apply.append(float(out.strip().splitlines()[0]))
+                # drop the pending trial (same length; '#' is no valid slot) so the next apply is allowed
+                env = "/run/maculaos/esp/grub/grubenv"
+                m.succeed(f"sed -i 's/^trial=B$/trial=#/' {env} {env}.bak")
+        finally:
+            m.close()
+            server.shutdown()
+    size_mb = (BUNDLE / "rootfs.squashfs").stat().st_size / 1e6
+    r, a = statistics.median(raw), statistics.median(apply)
+    print(f"{'squashfs size (MB)':<34} {size_mb:.1f}")
+    print(f"{'raw copy into slot, TCG (s)':<34} {r:.2f}  (runs: {', '.join(f'{x:.2f}' for x in raw)})")
+    print(f"{'upgrade --apply, TCG (s)':<34} {a:.2f}  (runs: {', '.join(f'{x:.2f}' for x in apply)})")
+    print(f"{'apply / raw copy':<34} {a / r:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
