@@ -47,7 +47,8 @@ def _add_vm(sub: argparse._SubParsersAction) -> None:
     s.add_argument("image", type=Path)
     s.add_argument("--arch", choices=["amd64", "arm64"], help="default: from the file name, else host")
     s.add_argument("--memory", default="1024", help="MiB of RAM (default 1024)")
-    s.add_argument("--uefi", action="store_true", help="boot with UEFI firmware (OVMF) instead of BIOS")
+    s.add_argument("--uefi", action="store_true", help="boot an ISO with UEFI firmware (OVMF) instead of BIOS; "
+                   "disk images always boot UEFI")
     s.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
     s.add_argument("--ssh-port", type=int, default=2222, help="host port forwarded to the guest's 22")
     s.set_defaults(func=_cmd_vm_start)

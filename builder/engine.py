@@ -8,6 +8,8 @@ import shutil
 import tarfile
 import tempfile
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -71,57 +73,53 @@ class Engine:
         if not self.has_image(tag):
             raise BuildFailed(f"docker build finished but {tag} is missing", "see the stage log")
 
-    def export_tree(self, ref: str, src: str, dest: Path) -> None:
-        """Copy a folder out of an image to `dest` (replaced atomically: built aside, then renamed)."""
+    @contextmanager
+    def _archive(self, ref: str, src: str, spool_dir: Path) -> Iterator[tarfile.TarFile]:
+        """A path inside an image as a tar archive (spooled to disk; works for FROM-scratch images too)."""
         container = self.client.containers.create(ref, command=["/nonexistent"])
-        partial = dest.with_name(f".{dest.name}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
         try:
             bits, _ = container.get_archive(src.rstrip("/"))
-            with tempfile.TemporaryFile(dir=dest.parent) as spool:
+            with tempfile.TemporaryFile(dir=spool_dir) as spool:
                 for chunk in bits:
                     spool.write(chunk)
                 spool.seek(0)
                 with tarfile.open(fileobj=spool, mode="r:") as tar:
-                    top = src.rstrip("/").rsplit("/", 1)[-1]
-                    for member in tar.getmembers():
-                        rel = Path(member.name).relative_to(top) if member.name != top else Path(".")
-                        if member.isdir():
-                            (partial / rel).mkdir(parents=True, exist_ok=True)
-                        elif member.isfile():
-                            (partial / rel).parent.mkdir(parents=True, exist_ok=True)
-                            extracted = tar.extractfile(member)
-                            assert extracted is not None
-                            with (partial / rel).open("wb") as out:
-                                shutil.copyfileobj(extracted, out, 1 << 20)
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(partial, dest)
+                    yield tar
         finally:
             container.remove(force=True)
 
     def export(self, ref: str, src: str, dest: Path) -> None:
-        """Copy one file out of an image (also FROM-scratch images) atomically to `dest`."""
-        container = self.client.containers.create(ref, command=["/nonexistent"])
-        try:
-            bits, _ = container.get_archive(src)
-            with tempfile.TemporaryFile(dir=dest.parent) as spool:
-                for chunk in bits:
-                    spool.write(chunk)
-                spool.seek(0)
-                with tarfile.open(fileobj=spool, mode="r:") as tar:
-                    member = tar.next()
-                    if member is None or not member.isfile():
-                        raise BuildFailed(f"{ref}:{src} is not a regular file")
-                    extracted = tar.extractfile(member)
-                    assert extracted is not None
-                    tmp = dest.with_name(f".{dest.name}.partial")
-                    with tmp.open("wb") as out:
-                        while block := extracted.read(1 << 20):
-                            out.write(block)
-                    os.replace(tmp, dest)
-        finally:
-            container.remove(force=True)
+        """Copy one file out of an image to `dest`, atomically (tmp + rename)."""
+        with self._archive(ref, src, dest.parent) as tar:
+            member = tar.next()
+            if member is None or not member.isfile():
+                raise BuildFailed(f"{ref}:{src} is not a regular file")
+            _extract_to(tar, member, dest.with_name(f".{dest.name}.partial"))
+            os.replace(dest.with_name(f".{dest.name}.partial"), dest)
+
+    def export_tree(self, ref: str, src: str, dest: Path) -> None:
+        """Copy a folder out of an image to `dest`, replaced as a whole (built aside, then renamed)."""
+        partial = dest.with_name(f".{dest.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        top = src.rstrip("/").rsplit("/", 1)[-1]
+        with self._archive(ref, src, dest.parent) as tar:
+            for member in tar.getmembers():
+                rel = Path(member.name).relative_to(top)
+                if member.isdir():
+                    (partial / rel).mkdir(parents=True, exist_ok=True)
+                elif member.isfile():
+                    _extract_to(tar, member, partial / rel)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(partial, dest)
+
+
+def _extract_to(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+    extracted = tar.extractfile(member)
+    assert extracted is not None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as out:
+        shutil.copyfileobj(extracted, out, 1 << 20)
 
 
 def read_text_from_image(engine: Engine, ref: str, src: str) -> str:

@@ -82,6 +82,8 @@ class VmConfig:
         if arch is None:
             m = re.search(r"-(amd64|arm64)\.", image.name)
             arch = m.group(1) if m else Architecture.host().value
+        if image.suffix != ".iso":
+            kw["uefi"] = True  # installed A/B disks boot only through UEFI
         return cls(image=image, arch=Architecture(arch), **kw)  # type: ignore[arg-type]
 
     @property

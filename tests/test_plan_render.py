@@ -89,3 +89,17 @@ def test_tree_digest_sees_mode_and_content_not_mtime(tmp_path):
     assert d2 != d1
     (tmp_path / "f").write_text("b")
     assert tree_digest(tmp_path) != d2
+
+
+def test_vm_command_for_iso_and_disk(tmp_path):
+    from maculaos_sdk.vm import VmConfig, qemu_command
+
+    iso = tmp_path / "maculaos-core-0.1.0-amd64.iso"
+    disk = tmp_path / "maculaos-test-0.1.0-amd64.qcow2"
+    iso.write_bytes(b"")
+    disk.write_bytes(b"")
+    cmd = qemu_command(VmConfig.for_image(iso, accel="tcg"))
+    assert cmd[0] == "qemu-system-x86_64" and "-bios" not in cmd and f"file={iso},media=cdrom,readonly=on,if=ide" in cmd
+    cmd = qemu_command(VmConfig.for_image(disk, accel="tcg"))
+    assert "-bios" in cmd and f"file={disk},format=qcow2,if=virtio" in cmd
+    assert cmd[cmd.index("-accel") + 1].startswith("tcg")
