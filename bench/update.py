@@ -30,6 +30,13 @@ DISK = ROOT / "out" / "maculaos-test-0.1.0-amd64.qcow2"
 BUNDLE = ROOT / "out" / "update" / "maculaos-test-0.2.0-amd64.bundle"
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files without a log line per request."""
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=3)
@@ -38,8 +45,7 @@ def main() -> int:
         if not path.exists():
             print(f"missing {path}: run `make test` first", file=sys.stderr)
             return 2
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(BUNDLE.parent))
-    handler.log_message = lambda *a: None  # type: ignore[method-assign]
+    handler = functools.partial(QuietHandler, directory=str(BUNDLE.parent))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://10.0.2.2:{server.server_address[1]}/{BUNDLE.name}"

@@ -19,13 +19,19 @@ from maculaos_sdk.keys import signing_key
 pytestmark = pytest.mark.qemu
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files without a log line per request."""
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
 @pytest.fixture(scope="module")
 def bundle_server(update_bundle: Path, tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """Serve a folder of bundles over HTTP on the host (the guest reaches it as 10.0.2.2)."""
     root = tmp_path_factory.mktemp("bundles")
     shutil.copytree(update_bundle, root / "good")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None  # type: ignore[method-assign]
+    handler = functools.partial(QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://10.0.2.2:{server.server_address[1]}", root
