@@ -14,7 +14,6 @@ import argparse
 import functools
 import http.server
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from maculaos_sdk.vm import VmConfig  # noqa: E402
-from tests.qemu.machine import Machine  # noqa: E402
+from tests.qemu.machine import Machine, cow_disk  # noqa: E402
 
 DISK = ROOT / "out" / "maculaos-test-0.1.0-amd64.qcow2"
 BUNDLE = ROOT / "out" / "update" / "maculaos-test-0.2.0-amd64.bundle"
@@ -51,10 +50,8 @@ def main() -> int:
     url = f"http://10.0.2.2:{server.server_address[1]}/{BUNDLE.name}"
     raw, apply = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        disk = Path(tmp) / "bench-amd64.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(DISK), str(disk)],
-                       check=True)
-        m = Machine("bench-update", VmConfig.for_image(disk, uefi=True), Path(tmp))
+        disk = cow_disk(DISK, Path(tmp) / "bench-amd64.qcow2")
+        m = Machine("bench-update", VmConfig.for_image(disk), Path(tmp))
         m.start()
         try:
             m.wait_for_boot()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import re
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -20,6 +21,13 @@ import pexpect
 import pexpect.fdpexpect
 
 from maculaos_sdk.vm import VmConfig, qemu_command, wait_for_file
+
+
+def cow_disk(base: Path, dest: Path) -> Path:
+    """A copy-on-write qcow2 over `base`, so every VM starts from the pristine built image."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base.resolve()), str(dest)],
+                   check=True)
+    return dest
 
 
 def _reap(process: pexpect.spawn) -> None:
@@ -241,6 +249,13 @@ class Machine:
         if rc == 0:
             raise MachineError(f"{self.name}: `{command}` unexpectedly succeeded:\n{out}")
         return out
+
+    def enter_recovery_from_menu(self, timeout: float = 120) -> None:
+        """Pick Recovery in the GRUB menu by its hotkey and wait for the rescue shell's prompt."""
+        self.wait_for_console_text(r"Recovery", timeout=timeout)
+        self.send_console("r")
+        self.wait_for_console_text(r"MaculaOS recovery shell", timeout=timeout)
+        self.wait_for_console_text(r"\(recovery\) # ", timeout=30)
 
     def send_channel_nowait(self, command: str) -> None:
         """Fire a command whose shell will not live to answer (reboot, poweroff)."""

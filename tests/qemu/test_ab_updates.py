@@ -16,6 +16,8 @@ import pytest
 
 from maculaos_sdk.keys import signing_key
 
+from .machine import cow_disk
+
 pytestmark = pytest.mark.qemu
 
 
@@ -43,10 +45,7 @@ def disk_machine(test_disk: Path, make_machine, tmp_path):
     """A fresh copy-on-write disk over the built A/B image, booted under UEFI up to its test channel."""
 
     def start(name: str = "disk"):
-        disk = tmp_path / f"{name}-amd64.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(test_disk.resolve()),
-                        str(disk)], check=True)
-        m = make_machine(disk, name, uefi=True)
+        m = make_machine(cow_disk(test_disk, tmp_path / f"{name}-amd64.qcow2"), name)
         m.start()
         assert m.wait_for_boot() == "A"
         m.wait_until_succeeds("ip -4 -o addr show dev eth0 | grep -q inet", timeout=90)
@@ -174,14 +173,9 @@ def test_factory_reset_wipes_node_state_and_keeps_os_and_user_data(disk_machine)
 
 
 def test_recovery_from_installed_disk_menu(test_disk, make_machine, tmp_path):
-    disk = tmp_path / "rec-amd64.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(test_disk.resolve()),
-                    str(disk)], check=True)
-    m = make_machine(disk, "recovery-disk", uefi=True, test_channel=False)
+    m = make_machine(cow_disk(test_disk, tmp_path / "rec-amd64.qcow2"), "recovery-disk", test_channel=False)
     m.start()
-    m.wait_for_console_text(r"Recovery", timeout=120)
-    m.send_console("r")
-    m.wait_for_console_text(r"The data partition is /dev/vda4", timeout=120)
-    m.wait_for_console_text(r"\(recovery\) # ", timeout=30)
+    m.enter_recovery_from_menu()
+    assert "The data partition is /dev/vda4" in m.console_text()
     m.send_console("mount -t ext4 /dev/vda4 /mnt && ls /mnt\n")
     m.wait_for_console_text(r"maculaos", timeout=30)

@@ -54,10 +54,7 @@ def test_recovery_from_boot_menu_uefi(test_iso, make_machine):
     """UEFI boot, pick Recovery in the GRUB menu by its hotkey: a busybox shell, no root mounted."""
     m = make_machine(test_iso, "recovery-uefi", uefi=True, test_channel=False)
     m.start()
-    m.wait_for_console_text(r"Recovery", timeout=120)
-    m.send_console("r")
-    m.wait_for_console_text(r"MaculaOS recovery shell", timeout=120)
-    m.wait_for_console_text(r"\(recovery\) # ", timeout=30)
+    m.enter_recovery_from_menu()
     m.send_console("echo mode=$(cat /run/maculaos/mode) mounts=$(grep -c -e squashfs -e overlay /proc/mounts)\n")
     m.wait_for_console_text(r"mode=recovery mounts=0", timeout=30)
     m.send_console("echo $((6 * 7))\n")
