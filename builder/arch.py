@@ -36,11 +36,6 @@ class Architecture(enum.Enum):
         return {"amd64": "max", "arm64": "cortex-a72"}[self.value]
 
     @property
-    def qemu_user_binary(self) -> str:
-        """The qemu-user emulator binfmt needs to run this arch's binaries on another host."""
-        return {"amd64": "qemu-x86_64", "arm64": "qemu-aarch64"}[self.value]
-
-    @property
     def binfmt_name(self) -> str:
         return {"amd64": "qemu-x86_64", "arm64": "qemu-aarch64"}[self.value]
 
