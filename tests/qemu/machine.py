@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import re
 import socket
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -52,7 +54,9 @@ class Machine:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.serial_log = workdir / f"{name}.serial.log"
         self.test_channel = test_channel
-        self.channel_path = workdir / f"{name}.test.sock"
+        # AF_UNIX paths are limited to 108 bytes, and a checkout's test-log folder can be deeper than that.
+        self._sock_dir = Path(tempfile.mkdtemp(prefix="mq-"))
+        self.channel_path = self._sock_dir / "test.sock"
         self.process: pexpect.spawn | None = None
         self._console = bytearray()
         self._console_pos = 0
@@ -155,6 +159,7 @@ class Machine:
         self.crash()
         if self._reader is not None:
             self._reader.join(timeout=5)
+        shutil.rmtree(self._sock_dir, ignore_errors=True)
 
     # -- serial console ---------------------------------------------------------------------
     def console_text(self) -> str:
