@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, ui
-from .errors import EXIT_INTERRUPTED, EXIT_OK, SdkError
+from .errors import EXIT_INTERRUPTED, EXIT_OK, BadInput, SdkError
 
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
@@ -51,16 +51,26 @@ def _add_vm(sub: argparse._SubParsersAction) -> None:
                    "disk images always boot UEFI")
     s.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
     s.add_argument("--ssh-port", type=int, default=2222, help="host port forwarded to the guest's 22")
+    s.add_argument("--disk", type=Path, action="append", default=[],
+                   help="attach a disk (an install target); a missing .qcow2 is created with --disk-size")
+    s.add_argument("--disk-size", default="8G", help="size of disks --disk creates (default 8G)")
     s.set_defaults(func=_cmd_vm_start)
 
 
 def _cmd_vm_start(args: argparse.Namespace) -> int:
     import os
+    import subprocess
 
     from .vm import VmConfig, qemu_command
 
+    for disk in args.disk:
+        if not disk.exists():
+            if disk.suffix != ".qcow2":
+                raise BadInput(f"{disk}: no such disk", "name a .qcow2 file to have it created")
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), args.disk_size], check=True)
+            ui.info(f"created {disk} ({args.disk_size})")
     cfg = VmConfig.for_image(args.image, arch=args.arch, memory=args.memory, uefi=args.uefi, accel=args.accel,
-                             ssh_port=args.ssh_port)
+                             ssh_port=args.ssh_port, disks=tuple(args.disk))
     cmd = qemu_command(cfg, interactive=True)
     ui.info(f"[dim]{' '.join(cmd)}[/]\n[bold]Ctrl-A X[/] quits QEMU.")
     os.execvp(cmd[0], cmd)

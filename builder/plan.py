@@ -20,7 +20,9 @@ INITRD_MODULES: dict[str, list[str]] = {
 
 # Packages the boot path itself needs, whatever the profile asks for.
 BOOT_PACKAGES = ["sysvinit-core", "openrc", "udev", "kmod", "iproute2", "ifupdown", "udhcpc", "procps",
-                 "util-linux", "ca-certificates"]
+                 "util-linux", "ca-certificates",
+                 # `maculaos install`: partition, format, verify
+                 "fdisk", "dosfstools", "e2fsprogs"]
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,7 @@ class VmConfig:
     accel: str = "auto"
     ssh_port: int | None = None
     cpus: int = 2
+    disks: tuple[Path, ...] = ()  # more virtio disks (an install target, say)
 
     @classmethod
     def for_image(cls, image: Path, *, arch: str | None = None, **kw: object) -> VmConfig:
@@ -120,6 +121,8 @@ def qemu_command(cfg: VmConfig, *, interactive: bool = False, extra: list[str] |
     else:
         fmt = "qcow2" if cfg.image.suffix == ".qcow2" else "raw"
         cmd += ["-drive", f"file={cfg.image},format={fmt},if=virtio"]
+    for disk in cfg.disks:
+        cmd += ["-drive", f"file={disk},format={'qcow2' if disk.suffix == '.qcow2' else 'raw'},if=virtio"]
     cmd += ["-device", "virtio-rng-pci"]
     return cmd + (extra or [])
 

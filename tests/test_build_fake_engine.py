@@ -102,7 +102,7 @@ def test_cold_build_builds_every_stage_in_order_and_exports(env):
     client = FakeClient()
     result = _build(client, env / "out")
     stages = [b["labels"]["io.maculaos.stage"] for b in client.builds]
-    assert stages == ["base", "tools", "kernel", "initrd", "rootfs", "squashfs", "iso"]
+    assert stages == ["base", "tools", "kernel", "initrd", "rootfs", "squashfs", "bootloader", "iso"]
     assert all(b["pull"] is False and b["platform"] is None for b in client.builds)
     assert all(b["tag"].startswith(f"maculaos-sdk/{s}:") for b, s in zip(client.builds, stages, strict=True))
     iso = env / "out" / "maculaos-core-0.1.0-amd64.iso"
@@ -136,7 +136,7 @@ def test_interrupted_build_resumes_at_the_interrupted_stage(env):
     _build(client, env / "out")
     rebuilt = [b["labels"]["io.maculaos.stage"] for b in client.builds]
     assert built_before[-1] == "rootfs"
-    assert rebuilt == ["rootfs", "squashfs", "iso"]
+    assert rebuilt == ["rootfs", "squashfs", "bootloader", "iso"]
 
 
 def test_failed_stage_reports_engine_error(env):

@@ -66,7 +66,7 @@ def test_overlay_change_invalidates_only_downstream_of_rootfs(tmp_path, write_pr
     shutil.copy(Path(__file__).parents[1] / "profiles" / "core.yaml", child.parent / "core.yaml")
     changed = _ids(tmp_path / "b", load_profile(str(child)))
     same = {n for n in base if base[n] == changed[n]}
-    assert same == {"base", "tools", "kernel", "initrd"}
+    assert same == {"base", "tools", "kernel", "initrd", "bootloader"}
     assert {"rootfs", "squashfs", "iso"}.isdisjoint(same)
 
 

@@ -9,9 +9,10 @@ never tangle with results. Every wait has a deadline.
 from __future__ import annotations
 
 import base64
+import json
 import re
-import socket
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -103,7 +104,7 @@ class Machine:
         self.boots += 1
 
     def _drain(self) -> None:
-        with self.serial_log.open("wb") as log:
+        with self.serial_log.open("ab") as log:
             while True:
                 process = self.process
                 assert process is not None
@@ -120,7 +121,7 @@ class Machine:
                         self._console.extend(data)
                         self._lock.notify_all()
                 _reap(process)
-                if self._stopping or process.exitstatus != 0:
+                if self._stopping or process.exitstatus != 0 or self._powered_off():
                     break
                 log.write(b"\n[machine.py: guest rebooted; starting QEMU again]\n")
                 self._spawn()
@@ -130,6 +131,20 @@ class Machine:
     def is_running(self) -> bool:
         """True while the machine is up, including the moment between a guest reboot and the new QEMU."""
         return self._reader is not None and self._reader.is_alive()
+
+    def _powered_off(self) -> bool:
+        """The guest powered off (as opposed to rebooting): the kernel's last words say which."""
+        with self._lock:
+            tail = bytes(self._console[-4096:])
+        return tail.rfind(b"reboot: Power down") > tail.rfind(b"reboot: Restarting system")
+
+    def wait_for_poweroff(self, timeout: float = 120) -> None:
+        """Wait until the guest powers itself off and QEMU exits."""
+        if self._reader is not None:
+            self._reader.join(timeout)
+        if self.is_running():
+            raise MachineError(f"{self.name}: still running after {timeout:.0f}s; last lines:\n{self.console_tail()}")
+        self._close_channel()
 
     def crash(self) -> None:
         """Kill QEMU at once, like pulling the power cord (no restart follows)."""
@@ -278,6 +293,10 @@ class Machine:
         """Reboot the guest and wait until it is back; returns the slot it booted."""
         self.send_channel_nowait("reboot")
         return self.wait_for_boot(timeout)
+
+    def upgrade_status(self) -> dict:
+        """`maculaos upgrade --status`, parsed: the machine-readable A/B state every scenario asserts on."""
+        return json.loads(self.succeed("maculaos upgrade --status"))
 
     def wait_until_succeeds(self, command: str, timeout: float = 60) -> str:
         """Retry a command until it exits 0 or the deadline passes."""

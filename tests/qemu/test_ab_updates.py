@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +42,33 @@ def bundle_server(update_bundle: Path, tmp_path_factory) -> Iterator[tuple[str, 
 
 
 @pytest.fixture
+def stalling_server(update_bundle: Path, tmp_path) -> Iterator[tuple[str, threading.Event]]:
+    """Serves the good bundle, but sends only the first half of rootfs.squashfs and then hangs: the guest
+    is caught mid-way through writing its standby slot. The event is set once that half is out."""
+    half_sent, release = threading.Event(), threading.Event()
+    shutil.copytree(update_bundle, tmp_path / "stall")
+
+    class Stalling(QuietHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            if not self.path.endswith("/rootfs.squashfs"):
+                return super().do_GET()
+            data = (tmp_path / "stall" / "rootfs.squashfs").read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            half_sent.set()
+            release.wait(600)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Stalling, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://10.0.2.2:{server.server_address[1]}/stall", half_sent
+    release.set()
+    server.shutdown()
+
+
+@pytest.fixture
 def disk_machine(test_disk: Path, make_machine, tmp_path):
     """A fresh copy-on-write disk over the built A/B image, booted under UEFI up to its test channel."""
 
@@ -55,7 +83,7 @@ def disk_machine(test_disk: Path, make_machine, tmp_path):
 
 
 def status(m) -> dict:
-    return json.loads(m.succeed("maculaos upgrade --status"))
+    return m.upgrade_status()
 
 
 def test_installed_disk_boots_slot_a_with_persistent_data(disk_machine):
@@ -115,6 +143,43 @@ def test_unconfirmed_update_rolls_back_after_three_tries(disk_machine, bundle_se
     assert (s["booted"], s["active"], s["trial"], s["rolledback"], s["version"]) == ("A", "A", None, "B", "0.1.0")
     # and A stays put: the failing hook only matters for a trial
     assert m.reboot() == "A"
+
+
+def test_power_cut_while_writing_the_slot_or_the_env_boots_the_committed_slot(disk_machine, bundle_server,
+                                                                              stalling_server):
+    url, _ = bundle_server
+    stall_url, half_sent = stalling_server
+    m = disk_machine()
+    m.succeed("echo survives > /var/lib/maculaos/marker && sync")
+
+    # 1. power cut while the standby slot is being written
+    m.succeed(f"(maculaos upgrade --apply {stall_url} --no-reboot > /tmp/apply.log 2>&1 &)")
+    assert half_sent.wait(300), "the guest never fetched rootfs.squashfs"
+    m.wait_until_succeeds("grep -q 'writing 0.2.0 to slot B' /tmp/apply.log", timeout=30)
+    time.sleep(2)  # let the half that arrived reach the slot
+    m.crash()
+    m.start()
+    assert m.wait_for_boot() == "A"
+    s = status(m)
+    assert (s["booted"], s["active"], s["trial"], s["tries"], s["rolledback"]) == ("A", "A", None, 0, None)
+    assert m.succeed("cat /var/lib/maculaos/marker") == "survives\n"
+
+    # 2. power cut between the two env writes: the backup says "trial B", the primary still "A"
+    m.succeed(f"(MACULAOS_FAULT_PAUSE=env-backup-written maculaos upgrade --apply {url}/good --no-reboot"
+              " > /tmp/apply.log 2>&1 &)")
+    m.wait_until_succeeds("grep -q 'paused at env-backup-written' /tmp/apply.log", timeout=300)
+    assert "trial=B" in m.succeed("cat /run/maculaos/esp/grub/grubenv.bak")
+    m.crash()
+    m.start()
+    assert m.wait_for_boot() == "A"
+    s = status(m)
+    assert (s["booted"], s["active"], s["trial"], s["tries"]) == ("A", "A", None, 0)
+    # the boot-time repair made the backup agree with the primary again
+    m.wait_until_succeeds("cmp /run/maculaos/esp/grub/grubenv /run/maculaos/esp/grub/grubenv.bak", timeout=120)
+    assert "trial=\n" in m.succeed("cat /run/maculaos/esp/grub/grubenv.bak")
+    # and an update still goes through afterwards
+    m.succeed(f"maculaos upgrade --apply {url}/good --no-reboot", timeout=300)
+    assert (status(m)["trial"], status(m)["slots"]["B"]["version"]) == ("B", "0.2.0")
 
 
 def test_tampered_bundles_are_refused_with_nothing_written(disk_machine, bundle_server):

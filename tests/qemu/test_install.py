@@ -1,0 +1,32 @@
+"""Install from the ISO to a blank disk, unattended (the ISO's Install entry), then boot the installed disk."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.qemu
+
+
+def test_install_from_iso_menu_to_blank_disk_then_boot_it(test_iso, make_machine, tmp_path):
+    target = tmp_path / "target-amd64.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), "2G"], check=True)
+
+    installer = make_machine(test_iso, "installer", uefi=True, disks=(target,))
+    installer.start()
+    installer.wait_for_console_text(r"Install MaculaOS", timeout=120)
+    installer.send_console("i")
+    installer.wait_for_console_text(r"maculaos: installed MaculaOS 0.1.0 to /dev/vda", timeout=300)
+    installer.wait_for_poweroff(timeout=120)
+
+    m = make_machine(target, "installed")
+    m.start()
+    assert m.wait_for_boot() == "A"
+    s = m.upgrade_status()
+    assert (s["mode"], s["booted"], s["active"], s["trial"], s["tries"], s["rolledback"]) == \
+        ("disk", "A", "A", None, 0, None)
+    assert s["slots"] == {"A": {"version": "0.1.0"}, "B": {"version": None}}
+    names = m.succeed("for p in /sys/class/block/vda[0-9]*; do grep ^PARTNAME= $p/uevent; done")
+    assert names.split() == ["PARTNAME=esp", "PARTNAME=rootfs-A", "PARTNAME=rootfs-B", "PARTNAME=data"]
+    m.succeed("grep -q ' /var/lib/maculaos ext4 ' /proc/mounts")
