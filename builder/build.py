@@ -59,12 +59,13 @@ def source_date_epoch(profile: Profile) -> int:
     return int(profile.get("source_date_epoch"))
 
 
-def render_plan(plan: Plan, sde: int, workdir: Path, update_public_key: str = "") -> list[RenderedStage]:
+def render_plan(plan: Plan, sde: int, workdir: Path, update_public_key: str = "",
+                extra_files: dict[str, Path] | None = None) -> list[RenderedStage]:
     """Render every stage in plan order; each id folds in its inputs' ids."""
     done: dict[str, RenderedStage] = {}
     for meta in plan.stages:
         inputs = {name: done[name] for name in meta.inputs}
-        done[meta.name] = render_stage(meta, plan.profile, inputs, sde, workdir, update_public_key)
+        done[meta.name] = render_stage(meta, plan.profile, inputs, sde, workdir, update_public_key, extra_files)
     return list(done.values())
 
 

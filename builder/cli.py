@@ -139,6 +139,27 @@ def _cmd_keys_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_publish(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("publish", help="copy signed bundles to an update-server folder; point a channel at them")
+    p.add_argument("bundles", type=Path, nargs="+", help="bundle folders (out/maculaos-*.bundle)")
+    p.add_argument("--to", type=Path, required=True, dest="dest", help="the folder your update server serves")
+    p.add_argument("--channel", default="stable", help="channel to point at the bundles (default stable)")
+    p.add_argument("--public-key", type=Path, help="verify each bundle's signature with this key first "
+                   "(default: the .pub of --signing-key, else the development key)")
+    p.add_argument("--signing-key", type=Path, help="the secret key the bundles were signed with")
+    p.set_defaults(func=_cmd_publish)
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from .keys import public_key_path, signing_key
+    from .publish import publish
+
+    public = args.public_key or public_key_path(signing_key("", args.signing_key))
+    for item in publish(args.bundles, args.dest, args.channel, public):
+        ui.info(f"[green]✓[/] {args.channel}: {item.pointer.relative_to(args.dest)} -> {item.bundle.name}")
+    return EXIT_OK
+
+
 def _add_test(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("test", help="run the test suites (unit, and QEMU boot tests with --target qemu)")
     p.add_argument("--target", choices=["unit", "qemu", "all"], default="all")
@@ -162,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"maculaos-sdk {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_build, _add_vm, _add_doctor, _add_profile, _add_keys, _add_test):
+    for add in (_add_build, _add_vm, _add_doctor, _add_profile, _add_keys, _add_publish, _add_test):
         add(sub)
     return parser
 

@@ -11,7 +11,7 @@ from .errors import BadInput, BuildFailed
 from .paths import cache_dir
 
 
-def _minisign() -> str:
+def minisign_binary() -> str:
     path = shutil.which("minisign")
     if path is None:
         raise BuildFailed("minisign is not installed", "run `make setup` (apt-get install minisign)")
@@ -29,7 +29,7 @@ def generate(secret: Path, force: bool = False) -> Path:
     if secret.exists() and not force:
         raise BadInput(f"{secret} already exists", "pass --force to replace it (old bundles stop verifying)")
     secret.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([_minisign(), "-G", "-W", "-f", "-p", str(public), "-s", str(secret)],
+    proc = subprocess.run([minisign_binary(), "-G", "-W", "-f", "-p", str(public), "-s", str(secret)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise BuildFailed(f"minisign -G failed: {proc.stderr.strip()}")
@@ -56,7 +56,7 @@ def signing_key(configured: str, override: Path | None = None) -> Path:
 
 def sign(file: Path, secret: Path, comment: str) -> Path:
     """Write `file.minisig`, a detached ed25519 signature with a signed trusted comment."""
-    proc = subprocess.run([_minisign(), "-S", "-s", str(secret), "-m", str(file), "-t", comment],
+    proc = subprocess.run([minisign_binary(), "-S", "-s", str(secret), "-m", str(file), "-t", comment],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise BuildFailed(f"signing {file} failed: {proc.stderr.strip()}")

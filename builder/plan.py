@@ -12,17 +12,21 @@ from .stages import StageMeta, load_stages
 INITRD_MODULES: dict[str, list[str]] = {
     "amd64": ["loop", "squashfs", "overlay", "isofs", "sr_mod", "ata_piix", "ahci", "sd_mod",
               "virtio_pci", "virtio_blk", "virtio_scsi", "virtio_console", "nvme", "usb_storage", "uas",
-              "xhci_pci", "ehci_pci", "ext4", "vfat", "nls_cp437", "nls_iso8859_1"],
+              "xhci_pci", "ehci_pci", "ext4", "vfat", "nls_cp437", "nls_iso8859_1",
+              # recovery network
+              "virtio_net", "e1000", "e1000e"],
     "arm64": ["loop", "squashfs", "overlay", "isofs", "sr_mod", "sd_mod", "virtio_pci", "virtio_mmio",
               "virtio_blk", "virtio_scsi", "virtio_console", "nvme", "usb_storage", "uas", "xhci_pci",
-              "ext4", "vfat", "nls_cp437", "nls_iso8859_1"],
+              "ext4", "vfat", "nls_cp437", "nls_iso8859_1", "virtio_net"],
 }
 
 # Packages the boot path itself needs, whatever the profile asks for.
 BOOT_PACKAGES = ["sysvinit-core", "openrc", "udev", "kmod", "iproute2", "ifupdown", "udhcpc", "procps",
                  "util-linux", "ca-certificates",
                  # `maculaos install`: partition, format, verify
-                 "fdisk", "dosfstools", "e2fsprogs"]
+                 "fdisk", "dosfstools", "e2fsprogs",
+                 # node config (config.yaml, the schema shared with the host), firewall, ssh
+                 "python3-yaml", "nftables", "openssh-server"]
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from . import nodeconfig
 from .arch import Architecture
 from .errors import BadInput, BadInputs
 from .paths import profiles_dir
@@ -154,6 +155,9 @@ def validate_layer(path: Path, data: dict[str, Any], lines: dict[str, int]) -> l
             err(key, f"invalid value {value!r}", f"must match {setting.pattern}")
         if key == "overlay":
             errors.extend(_validate_overlay(path, value, lines))
+        if key == "config":
+            errors.extend(BadInput(f"{p.where}:{p.line}: {p.key}: {p.message}", p.hint)
+                          for p in nodeconfig.check(value, str(path), lines, prefix="config."))
     return errors
 
 
@@ -230,10 +234,20 @@ def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
         parent = data.get("extends")
         if parent is not None and not isinstance(parent, str):
             raise BadInput(f"{path}:{lines.get('extends', 1)}: extends: expected a profile name", "e.g. core")
+        base = data.get("base")
+        if isinstance(base, str) and base:
+            if parent:
+                raise BadInput(f"{path}:{lines.get('base', 1)}: base: a file has either `base` or `extends`",
+                               "keep one of them")
+            parent, _, base_version = base.partition(":")
+            if base_version and "version" not in data:
+                data["version"] = base_version
+                lines.setdefault("version", lines.get("base", 1))
         try:
             path = resolve_profile_path(parent, path.parent) if parent else None
         except BadInput as exc:
-            raise BadInput(f"{chain[-1][0]}:{lines.get('extends', 1)}: extends: {exc.message}", exc.hint) from None
+            key = "base" if "base" in data else "extends"
+            raise BadInput(f"{chain[-1][0]}:{lines.get(key, 1)}: {key}: {exc.message}", exc.hint) from None
 
     errors: list[BadInput] = []
     for p, data, lines in chain:
@@ -266,9 +280,17 @@ def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
             raise BadInput(f"command line: --{leaf}: unknown value {value!r}",
                            f"one of: {', '.join(setting.choices)}")
     merged.pop("extends", None)
+    merged.pop("base", None)
     top = chain[0][0]
-    if not merged.get("name"):
-        raise BadInput(f"{top}:1: name: missing", "add `name: <profile-name>`")
+    if "name" not in chain[0][1]:
+        # A custom image file names its image: maculaos-custom.yaml -> maculaos-custom-<version>-<arch>.iso
+        derived = re.sub(r"^maculaos-", "", top.stem.lower())
+        if chain[0][1].get("base") or not merged.get("name"):
+            if not re.match(r"^[a-z0-9][a-z0-9-]*$", derived):
+                raise BadInput(f"{top}:1: name: missing, and the file name {top.name!r} is not a valid name",
+                               "add `name: <image-name>`")
+            merged["name"] = derived
+            origins["name"] = (str(top), 0)
     if merged["board"] == "rpi4" and merged["arch"] != "arm64":
         line = origins.get("board", (str(top), 1))
         raise BadInput(f"{line[0]}:{line[1]}: board: rpi4 needs arch arm64, got {merged['arch']}",

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import yaml
 
+from . import nodeconfig
 from .errors import BadInput
 from .paths import sdk_root
 from .plan import BOOT_PACKAGES, INITRD_MODULES
@@ -79,6 +81,30 @@ def _render_file(env: jinja2.Environment, rel: str, variables: dict[str, Any], w
         raise BadInput(f"{where}: template error: {exc}", "fix the template") from None
 
 
+def _write_node_files(profile: Profile, dest_root: Path, extra_files: dict[str, Path]) -> None:
+    """What the device needs besides the overlay: the shared config schema, the profile's default
+    config.yaml, its first-boot commands, and pinned artifacts / preloaded images (hard-linked)."""
+    lib = dest_root / "usr/lib/maculaos"
+    lib.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(nodeconfig.__file__), lib / "nodeconfig.py")
+    (lib / "nodeconfig.py").chmod(0o644)
+    share = dest_root / "usr/share/maculaos"
+    share.mkdir(parents=True, exist_ok=True)
+    config = profile.get("config")
+    if config:
+        (share / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
+    firstboot = profile.get("firstboot")
+    if firstboot:
+        (share / "firstboot").write_text("".join(f"{c}\n" for c in firstboot))
+    for dest, source in sorted(extra_files.items()):
+        target = dest_root / dest.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+
+
 def _write_profile_overlay(profile: Profile, dest_root: Path) -> None:
     dest_root.mkdir(parents=True, exist_ok=True)
     for dest, spec in sorted(profile.get("overlay").items()):
@@ -135,7 +161,8 @@ def bootstrap_params(profile: Profile, sde: int) -> dict[str, Any]:
 
 
 def render_stage(meta: StageMeta, profile: Profile, inputs: dict[str, RenderedStage], sde: int,
-                 workdir: Path, update_public_key: str = "") -> RenderedStage:
+                 workdir: Path, update_public_key: str = "",
+                 extra_files: dict[str, Path] | None = None) -> RenderedStage:
     """Render the stage into `workdir/<name>` (recreated) and compute its id."""
     context = workdir / meta.name
     if context.exists():
@@ -156,6 +183,7 @@ def render_stage(meta: StageMeta, profile: Profile, inputs: dict[str, RenderedSt
     for source in meta.context:
         if source == "profile-overlay":
             _write_profile_overlay(profile, context / "overlay")
+            _write_node_files(profile, context / "overlay", extra_files or {})
             if update_public_key:  # the key `maculaos upgrade` checks bundle signatures against
                 pub = context / "overlay" / "etc" / "maculaos" / "update.pub"
                 pub.parent.mkdir(parents=True, exist_ok=True)

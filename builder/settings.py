@@ -27,6 +27,9 @@ SETTINGS: tuple[Setting, ...] = (
             pattern=r"^[0-9A-Za-z][0-9A-Za-z.+~-]*$"),
     Setting("description", STR, "", "Free text shown by `profile show`."),
     Setting("extends", STR, None, "Another profile (name in profiles/ or path) this one builds on."),
+    Setting("base", STR, None, "Custom images: `profile:version` to build on, e.g. `maculaos:1.2.0`. Like `extends`; "
+            "the version becomes this image's version unless `version` is set.",
+            pattern=r"^[a-z0-9][a-z0-9-]*(:[0-9A-Za-z][0-9A-Za-z.+~-]*)?$"),
     Setting("arch", STR, "amd64", "Target architecture.", choices=("amd64", "arm64")),
     Setting("board", STR, "generic", "Target board.", choices=("generic", "rpi4")),
     Setting("outputs", LIST, ["iso"], "Artifacts to produce: iso (live/installer ISO), disk (A/B disk image, raw and "
@@ -39,7 +42,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("debian.components", LIST, ["main"], "Archive components (add non-free-firmware for RPi)."),
     Setting("packages", LIST, [], "Debian packages installed into the root filesystem."),
     Setting("services", LIST, [], "OpenRC services added to the default runlevel."),
-    Setting("overlay", MAP, {}, "Files laid over the rootfs: /path -> inline text, or {source: file, mode: '0755'}."),
+    Setting("overlay", MAP, {}, "Files laid over the rootfs: /path -> inline text, or {source: file-or-folder, "
+            "mode: '0755'} with the source relative to the YAML file."),
+    Setting("images", LIST, [], "Container images preloaded into /var/lib/rancher/k3s/agent/images/: a registry "
+            "reference (pulled when reachable), an image in the local engine, or a `docker save` tarball path."),
+    Setting("firstboot", LIST, [], "Commands (scripts put in place by `overlay`) run once, on a node's first boot."),
+    Setting("config", MAP, {}, "Default node config.yaml baked into the image (docs/config-reference.md); a node's "
+            "own /var/lib/maculaos/config.yaml is merged over it."),
+    Setting("artifacts", LIST, [], "Pinned downloads from artifacts.lock.yaml this image ships (e.g. k3s)."),
     Setting("kernel.package", STR, "auto", "Debian kernel package; `auto` means linux-image-<arch>."),
     Setting("kernel.args", LIST, [], "Extra kernel command line arguments."),
     Setting("kernel.modules", LIST, [], "Extra kernel modules loaded by the initrd."),

@@ -15,6 +15,16 @@ while read -r mod; do
   echo "$mod" >> $root/lib/modules/order
 done < /kernel/initrd-modules.txt
 install -m 0755 /src/init $root/init
+install -m 0755 /src/udhcpc.script $root/etc/udhcpc.script
+# Recovery sshd: dropbear and the shared libraries it links (found by ldd, copied to the same paths).
+install -D -m 0755 /usr/sbin/dropbear $root/sbin/dropbear
+for lib in $(ldd /usr/sbin/dropbear | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
+  install -D -m 0755 "$lib" "$root$lib"
+done
+mkdir -p $root/etc/dropbear $root/root
+echo 'root:x:0:0:root:/root:/bin/sh' > $root/etc/passwd
+echo 'root:x:0:' > $root/etc/group
+echo /bin/sh > $root/etc/shells
 echo "$kver" > $root/etc/kernel-version
 mkdir -p /out
 cd $root

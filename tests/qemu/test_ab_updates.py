@@ -7,6 +7,7 @@ import functools
 import http.server
 import json
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -72,8 +73,8 @@ def stalling_server(update_bundle: Path, tmp_path) -> Iterator[tuple[str, thread
 def disk_machine(test_disk: Path, make_machine, tmp_path):
     """A fresh copy-on-write disk over the built A/B image, booted under UEFI up to its test channel."""
 
-    def start(name: str = "disk"):
-        m = make_machine(cow_disk(test_disk, tmp_path / f"{name}-amd64.qcow2"), name)
+    def start(name: str = "disk", **kw: object):
+        m = make_machine(cow_disk(test_disk, tmp_path / f"{name}-amd64.qcow2"), name, **kw)
         m.start()
         assert m.wait_for_boot() == "A"
         m.wait_until_succeeds("ip -4 -o addr show dev eth0 | grep -q inet", timeout=90)
@@ -86,8 +87,15 @@ def status(m) -> dict:
     return m.upgrade_status()
 
 
-def test_installed_disk_boots_slot_a_with_persistent_data(disk_machine):
-    m = disk_machine()
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_installed_disk_boots_slot_a_with_persistent_data_and_recovery(disk_machine, tmp_path):
+    port = free_port()
+    m = disk_machine(ssh_port=port)
     s = status(m)
     assert (s["mode"], s["booted"], s["active"], s["trial"], s["tries"], s["rolledback"]) == \
         ("disk", "A", "A", None, 0, None)
@@ -99,6 +107,26 @@ def test_installed_disk_boots_slot_a_with_persistent_data(disk_machine):
     assert m.succeed("cat /var/lib/maculaos/marker /etc/maculaos/marker") == "kept\netc-kept\n"
     # normal boots never write the env
     assert status(m)["tries"] == 0
+
+    # Recovery from the boot menu: busybox shell, data partition available, DHCP, and sshd because the data
+    # partition holds an authorized key.
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    pub = key.with_suffix(".pub").read_text().strip()
+    m.succeed(f"mkdir -p /var/lib/maculaos/ssh && echo '{pub}' > /var/lib/maculaos/ssh/authorized_keys && sync")
+    m.send_channel_nowait("reboot")
+    m.enter_recovery_from_menu()
+    assert "The data partition is /dev/vda4" in m.console_text()
+    m.wait_for_console_text(r"recovery network eth0 10\.0\.2\.15", timeout=60)
+    m.wait_for_console_text(r"recovery sshd on port 22", timeout=60)
+    m.send_console("mount -t ext4 /dev/vda4 /mnt && cat /mnt/maculaos/marker\n")
+    m.wait_for_console_text(r"\nkept", timeout=30)
+    ssh = subprocess.run(["ssh", "-i", str(key), "-p", str(port), "-o", "StrictHostKeyChecking=no",
+                          "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30",
+                          "root@127.0.0.1", "cat /proc/cmdline; ls /mnt/maculaos"],
+                         capture_output=True, text=True, timeout=120)
+    assert ssh.returncode == 0, ssh.stderr
+    assert "macula.mode=recovery" in ssh.stdout and "marker" in ssh.stdout
 
 
 def test_good_update_boots_b_and_is_confirmed_then_manual_rollback(disk_machine, bundle_server):
@@ -235,12 +263,3 @@ def test_factory_reset_wipes_node_state_and_keeps_os_and_user_data(disk_machine)
     assert m.succeed("cat /var/lib/data/user-file") == "c\n"
     s = status(m)
     assert (s["booted"], s["active"], s["version"]) == ("A", "A", "0.1.0")
-
-
-def test_recovery_from_installed_disk_menu(test_disk, make_machine, tmp_path):
-    m = make_machine(cow_disk(test_disk, tmp_path / "rec-amd64.qcow2"), "recovery-disk", test_channel=False)
-    m.start()
-    m.enter_recovery_from_menu()
-    assert "The data partition is /dev/vda4" in m.console_text()
-    m.send_console("mount -t ext4 /dev/vda4 /mnt && ls /mnt\n")
-    m.wait_for_console_text(r"maculaos", timeout=30)

@@ -1,0 +1,335 @@
+"""MaculaOS node configuration (`config.yaml`): one schema for the host and the device.
+
+The same file is `maculaos_sdk.nodeconfig` on the host (`maculaos-sdk config validate`) and
+`/usr/lib/maculaos/nodeconfig.py` on the device (`maculaos config validate|show|apply`), so both check a
+config the same way. It needs only the standard library and PyYAML.
+
+Sources, merged in this order (later wins; maps merge, lists replace):
+  1. /usr/share/maculaos/config.yaml        the profile's default (`config:` in the profile)
+  2. /var/lib/maculaos/config.yaml          the node's own config (installer `--config`, or edited)
+  3. /var/lib/maculaos/config.d/*.yaml      drop-ins, in name order
+  4. macula.<key.path>=<value> on the kernel command line (e.g. macula.maculaos.hostname=edge-1)
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STR, BOOL, LIST, MAP = "string", "boolean", "list of strings", "mapping of strings"
+
+
+@dataclass(frozen=True)
+class Field:
+    """One config key: dotted path, kind, default and meaning."""
+
+    key: str
+    kind: str
+    default: Any
+    help: str
+    choices: tuple[str, ...] = field(default=())
+    pattern: str | None = None
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("maculaos.hostname", STR, "macula-${MAC_SUFFIX}",
+          "Hostname. `${MAC_SUFFIX}` (alias `${RANDOM_SUFFIX}`) is the last 4 hex digits of the first network "
+          "card's MAC address, `${ARCH}` the architecture.", pattern=r"^[A-Za-z0-9${}_-]{1,63}$"),
+    Field("maculaos.dns_nameservers", LIST, [], "DNS servers for /etc/resolv.conf (empty: whatever DHCP gives)."),
+    Field("maculaos.labels", MAP, {}, "k3s node labels; values may use `${ARCH}`."),
+    Field("maculaos.modules", LIST, [], "Kernel modules loaded at boot."),
+    Field("maculaos.mesh.roles.bootstrap", BOOL, False,
+          "DHT bootstrap registry: starts macula-bootstrap, opens 443/tcp."),
+    Field("maculaos.mesh.roles.gateway", BOOL, False, "NAT relay / API ingress: starts macula-gateway, opens 443/tcp "
+          "and 80/tcp."),
+    Field("maculaos.mesh.bootstrap_peers", LIST, [], "Bootstrap peers to join (URLs)."),
+    Field("maculaos.mesh.realm", STR, "io.macula", "Realm, in reverse domain notation.",
+          pattern=r"^[a-z0-9-]+(\.[a-z0-9-]+)+$"),
+    Field("maculaos.mesh.tls_mode", STR, "development", "TLS mode.", choices=("development", "production")),
+    Field("k3s.args", LIST, ["server", "--disable=traefik", "--disable=servicelb", "--write-kubeconfig-mode=644",
+                             "--data-dir=/var/lib/rancher/k3s"], "k3s command line."),
+    Field("k3s.airgap", BOOL, True, "Import the preloaded images from /var/lib/rancher/k3s/agent/images."),
+    Field("network.dhcp", BOOL, True, "Configure eth0 by DHCP."),
+    Field("ssh_authorized_keys", LIST, [], "Public keys allowed to log in as root (also used by recovery's sshd)."),
+    Field("run_cmd", LIST, [], "Shell commands run at every boot, after the config is applied."),
+    Field("upgrade.url", STR, "", "Update server (`maculaos-sdk publish` layout) for `maculaos upgrade --check`."),
+    Field("upgrade.channel", STR, "stable", "Update channel on that server.", pattern=r"^[A-Za-z0-9._-]+$"),
+)
+FIELDS_BY_KEY = {f.key: f for f in FIELDS}
+# Mapping keys that are a section (hold further keys), as opposed to free-form MAP values.
+SECTIONS = frozenset(".".join(f.key.split(".")[:i]) for f in FIELDS for i in range(1, f.key.count(".") + 1))
+
+# What each mesh role turns on (spec 4.4). Peer is always on.
+ROLES: dict[str, dict[str, list[str]]] = {
+    "peer": {"services": ["macula-mesh"], "ports": []},
+    "bootstrap": {"services": ["macula-bootstrap"], "ports": ["443/tcp"]},
+    "gateway": {"services": ["macula-gateway"], "ports": ["443/tcp", "80/tcp"]},
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One mistake in a config: where, which key, what, and a hint."""
+
+    where: str
+    line: int
+    key: str
+    message: str
+    hint: str
+
+    def __str__(self) -> str:
+        return f"{self.where}:{self.line}: {self.key}: {self.message} (hint: {self.hint})"
+
+
+class ConfigError(Exception):
+    """Every problem found in one config, each as `file:line: key: problem (hint: ...)`."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(map(str, problems)))
+        self.problems = problems
+
+
+def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            path = f"{prefix}.{k.value}" if prefix else str(k.value)
+            lines[path] = k.start_mark.line + 1
+            lines.update(_key_lines(v, path))
+    return lines
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f"did you mean `{close[0]}`?" if close else "see the config reference (docs/config-reference.md)"
+
+
+def _kind_ok(kind: str, value: Any) -> bool:
+    if kind == STR:
+        return isinstance(value, str)
+    if kind == BOOL:
+        return isinstance(value, bool)
+    if kind == LIST:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, dict) and all(isinstance(v, str | int | float | bool) for v in value.values())
+
+
+def check(data: Any, where: str, lines: dict[str, int] | None = None, prefix: str = "") -> list[Problem]:
+    """Every problem in one config mapping (empty list: valid). `prefix` names where the config sits
+    inside a bigger file (a profile's `config:`), for key paths and line numbers."""
+    lines = lines or {}
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        return [Problem(where, lines.get(prefix.rstrip("."), 1), prefix.rstrip(".") or "config",
+                        "a config must be a YAML mapping", "start with `maculaos:`")]
+    problems: list[Problem] = []
+
+    def walk(node: dict[str, Any], parent: str) -> None:
+        for k, v in node.items():
+            key = f"{parent}.{k}" if parent else str(k)
+            line = lines.get(prefix + key, 1)
+
+            def add(message: str, hint: str, key: str = key, line: int = line) -> None:
+                problems.append(Problem(where, line, prefix + key, message, hint))
+
+            spec = FIELDS_BY_KEY.get(key)
+            if spec is None:
+                if key in SECTIONS and isinstance(v, dict):
+                    walk(v, key)
+                elif key in SECTIONS:
+                    add("must be a mapping", f"put keys below `{k}:`")
+                else:
+                    add("unknown key", _suggest(key, list(FIELDS_BY_KEY) + sorted(SECTIONS)))
+                continue
+            if v is None:
+                continue
+            if not _kind_ok(spec.kind, v):
+                add(f"expected a {spec.kind}, got {type(v).__name__} {v!r}", f"e.g. {json.dumps(spec.default)}")
+                continue
+            if spec.choices and v not in spec.choices:
+                add(f"unknown value {v!r}", f"one of {', '.join(spec.choices)}")
+            if spec.pattern and not re.match(spec.pattern, v):
+                add(f"invalid value {v!r}", f"must match {spec.pattern}")
+            if key == "ssh_authorized_keys":
+                for i, entry in enumerate(v):
+                    if not re.match(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-\S+|sk-\S+) [A-Za-z0-9+/=]+", entry):
+                        add("not an SSH public key", "paste a whole line of id_ed25519.pub", key=f"{key}[{i}]")
+
+    walk(data, "")
+    return problems
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """Read and check one config file; raises ConfigError listing every problem."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), 1, "config", f"cannot read: {exc.strerror}", "check the path")]) from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([Problem(str(path), mark.line + 1 if mark else 1, "config", f"invalid YAML: {problem}",
+                                   "fix the YAML syntax")]) from None
+    problems = check(data, str(path), _key_lines(node))
+    if problems:
+        raise ConfigError(problems)
+    return data or {}
+
+
+def defaults() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in FIELDS:
+        set_key(out, f.key, json.loads(json.dumps(f.default)))
+    return out
+
+
+def set_key(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for p in parents:
+        data = data.setdefault(p, {})
+    data[leaf] = value
+
+
+def get_key(data: dict[str, Any], key: str) -> Any:
+    for p in key.split("."):
+        data = data[p]
+    return data
+
+
+def merge(base: Any, over: Any) -> Any:
+    """Maps merge deeply; anything else (lists included) is replaced; null resets to the default."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge(out.get(k), v) if v is not None else base.get(k)
+        return out
+    return over
+
+
+def cmdline_overrides(cmdline: str) -> dict[str, Any]:
+    """`macula.<key>=<value>` arguments for config keys (lists are comma separated)."""
+    out: dict[str, Any] = {}
+    for arg in cmdline.split():
+        m = re.match(r"^macula\.([a-z_.]+)=(.*)$", arg)
+        if not m or m.group(1) not in FIELDS_BY_KEY:
+            continue
+        spec, raw = FIELDS_BY_KEY[m.group(1)], m.group(2)
+        value: Any = raw
+        if spec.kind == BOOL:
+            value = raw.lower() in ("1", "true", "yes", "on")
+        elif spec.kind == LIST:
+            value = [v for v in raw.split(",") if v]
+        elif spec.kind == MAP:
+            continue
+        set_key(out, spec.key, value)
+    return out
+
+
+def sources(root: Path = Path("/")) -> list[Path]:
+    """The config files of a node, in merge order."""
+    files = [root / "usr/share/maculaos/config.yaml", root / "var/lib/maculaos/config.yaml"]
+    files += sorted((root / "var/lib/maculaos/config.d").glob("*.yaml"))
+    return [f for f in files if f.is_file()]
+
+
+def resolve(files: list[Path], cmdline: str = "") -> dict[str, Any]:
+    """Defaults, then each file, then the command line; raises ConfigError with every problem of every file."""
+    merged = defaults()
+    problems: list[Problem] = []
+    for f in files:
+        try:
+            merged = merge(merged, load_file(f))
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    return merge(merged, cmdline_overrides(cmdline))
+
+
+def expand(value: str, facts: dict[str, str]) -> str:
+    """Replace ${MAC_SUFFIX}, ${RANDOM_SUFFIX} and ${ARCH}."""
+    for name, fact in facts.items():
+        value = value.replace("${" + name + "}", fact)
+    return value
+
+
+def plan(config: dict[str, Any], facts: dict[str, str]) -> dict[str, Any]:
+    """What applying a resolved config does, as data: the device applies exactly this."""
+    mesh = config["maculaos"]["mesh"]
+    roles = ["peer"] + [r for r in ("bootstrap", "gateway") if mesh["roles"][r]]
+    return {
+        "hostname": expand(config["maculaos"]["hostname"], facts),
+        "dns_nameservers": config["maculaos"]["dns_nameservers"],
+        "modules": config["maculaos"]["modules"],
+        "labels": {k: expand(str(v), facts) for k, v in sorted(config["maculaos"]["labels"].items())},
+        "ssh_authorized_keys": config["ssh_authorized_keys"],
+        "run_cmd": config["run_cmd"],
+        "k3s_args": config["k3s"]["args"],
+        "mesh": {"roles": roles, "realm": mesh["realm"], "tls_mode": mesh["tls_mode"],
+                 "bootstrap_peers": mesh["bootstrap_peers"],
+                 "services": [s for r in roles for s in ROLES[r]["services"]],
+                 "ports": sorted({p for r in roles for p in ROLES[r]["ports"]})},
+        "upgrade": config["upgrade"],
+    }
+
+
+def reference_markdown() -> str:
+    """The config.yaml reference, generated from FIELDS so it cannot drift."""
+    rows = ["| key | kind | default | meaning |", "| --- | --- | --- | --- |"]
+    for f in FIELDS:
+        extra = f" One of: {', '.join(f.choices)}." if f.choices else ""
+        rows.append(f"| `{f.key}` | {f.kind} | `{json.dumps(f.default)}` | {f.help}{extra} |")
+    roles = ["| role | services | ports opened |", "| --- | --- | --- |"]
+    for name, what in ROLES.items():
+        roles.append(f"| {name} | {', '.join(what['services'])} | {', '.join(what['ports']) or 'outbound only'} |")
+    return "\n".join(rows) + "\n\nMesh roles (`peer` is always on):\n\n" + "\n".join(roles) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    """Device CLI: `validate FILE...` | `show` | `plan` (JSON of what apply does). Exit 2 on a bad config."""
+    if not argv or argv[0] not in ("validate", "show", "plan"):
+        print("usage: maculaos config validate FILE... | show | plan", file=sys.stderr)
+        return 2
+    try:
+        if argv[0] == "validate":
+            if len(argv) < 2:
+                print("usage: maculaos config validate FILE...", file=sys.stderr)
+                return 2
+            problems = []
+            for f in argv[1:]:
+                try:
+                    load_file(Path(f))
+                except ConfigError as exc:
+                    problems += exc.problems
+            if problems:
+                raise ConfigError(problems)
+            print(f"{', '.join(argv[1:])}: valid")
+            return 0
+        cmdline = Path("/proc/cmdline").read_text() if Path("/proc/cmdline").exists() else ""
+        config = resolve(sources(Path(os.environ.get("MACULAOS_ROOT", "/"))), cmdline)
+        if argv[0] == "show":
+            print(yaml.safe_dump(config, sort_keys=True), end="")
+        else:
+            facts = dict(a.split("=", 1) for a in argv[1:] if "=" in a)
+            print(json.dumps(plan(config, facts), sort_keys=True))
+        return 0
+    except ConfigError as exc:
+        for p in exc.problems:
+            print(f"maculaos config: {p}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

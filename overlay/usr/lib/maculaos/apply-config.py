@@ -1,0 +1,166 @@
+#!/usr/bin/python3
+"""Apply the node's config.yaml at boot (the maculaos-config service), then run first-boot scripts once.
+
+A config that does not validate is reported on the console and in /var/log/maculaos-config.log, and the
+last config that did validate is applied instead (saved in /var/lib/maculaos/config.last-good.json), so a
+typo never takes a node off the network."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, "/usr/lib/maculaos")
+import nodeconfig  # noqa: E402
+
+STATE = Path("/var/lib/maculaos")
+LAST_GOOD = STATE / "config.last-good.json"
+FIRSTBOOT_LIST = Path("/usr/share/maculaos/firstboot")
+FIRSTBOOT_DONE = STATE / "firstboot.done"
+LOG = Path("/var/log/maculaos-config.log")
+
+
+def say(msg: str) -> None:
+    line = f"maculaos-config: {msg}"
+    print(line, flush=True)
+    with LOG.open("a") as f:
+        f.write(line + "\n")
+
+
+def run(cmd: list[str] | str, **kw) -> int:
+    return subprocess.run(cmd, shell=isinstance(cmd, str), stdin=subprocess.DEVNULL, **kw).returncode
+
+
+def facts() -> dict[str, str]:
+    mac = ""
+    for nic in sorted(Path("/sys/class/net").iterdir()):
+        if nic.name != "lo" and (nic / "address").exists():
+            mac = (nic / "address").read_text().strip()
+            break
+    suffix = mac.replace(":", "")[-4:] or "0000"
+    arch = ""
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("MACULAOS_ARCH="):
+            arch = line.split("=", 1)[1].strip('"')
+    return {"MAC_SUFFIX": suffix, "RANDOM_SUFFIX": suffix, "ARCH": arch}
+
+
+def resolved_config() -> dict:
+    cmdline = Path("/proc/cmdline").read_text()
+    try:
+        config = nodeconfig.resolve(nodeconfig.sources(), cmdline)
+    except nodeconfig.ConfigError as exc:
+        for problem in exc.problems:
+            say(f"invalid config: {problem}")
+        if LAST_GOOD.is_file():
+            say(f"keeping the last good config ({LAST_GOOD})")
+            return json.loads(LAST_GOOD.read_text())
+        say("no earlier good config: using the defaults")
+        return nodeconfig.merge(nodeconfig.defaults(), nodeconfig.cmdline_overrides(cmdline))
+    if STATE.is_dir() and os.path.ismount(STATE):
+        tmp = LAST_GOOD.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config, sort_keys=True))
+        os.replace(tmp, LAST_GOOD)
+    return config
+
+
+def write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(mode)
+    os.replace(tmp, path)
+
+
+def firewall(ports: list[str]) -> str:
+    """nftables ruleset: inbound closed except replies, SSH, and the ports the mesh roles need."""
+    tcp = sorted({int(p.split("/")[0]) for p in ports if p.endswith("/tcp")} | {22})
+    udp = sorted({int(p.split("/")[0]) for p in ports if p.endswith("/udp")})
+    rules = [
+        "table inet maculaos {",
+        "  chain input {",
+        "    type filter hook input priority 0; policy drop;",
+        "    ct state established,related accept",
+        "    iif lo accept",
+        "    meta l4proto { icmp, ipv6-icmp } accept",
+        "    udp dport 68 accept",
+        f"    tcp dport {{ {', '.join(map(str, tcp))} }} accept",
+    ]
+    if udp:
+        rules.append(f"    udp dport {{ {', '.join(map(str, udp))} }} accept")
+    return "\n".join([*rules, "  }", "}", ""])
+
+
+def apply(plan: dict) -> None:
+    host = plan["hostname"]
+    write(Path("/etc/hostname"), host + "\n")
+    run(["hostname", host])
+    hosts = [line for line in Path("/etc/hosts").read_text().splitlines() if not line.startswith("127.0.1.1")]
+    write(Path("/etc/hosts"), "\n".join([*hosts, f"127.0.1.1\t{host}"]) + "\n")
+    if plan["dns_nameservers"]:
+        write(Path("/etc/resolv.conf"), "".join(f"nameserver {d}\n" for d in plan["dns_nameservers"]))
+    for module in plan["modules"]:
+        if run(["modprobe", module], stderr=subprocess.DEVNULL) != 0:
+            say(f"cannot load kernel module {module}")
+    keys = "".join(k.strip() + "\n" for k in plan["ssh_authorized_keys"])
+    write(Path("/root/.ssh/authorized_keys"), keys, 0o600)
+    Path("/root/.ssh").chmod(0o700)
+    if os.path.ismount(STATE):
+        write(STATE / "ssh" / "authorized_keys", keys, 0o600)  # recovery's sshd reads these
+    if Path("/usr/sbin/sshd").exists() and not Path("/etc/ssh/ssh_host_ed25519_key").exists():
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", "/etc/ssh/ssh_host_ed25519_key"])
+    labels = [f"{k}={v}" for k, v in plan["labels"].items()]
+    write(Path("/etc/rancher/k3s/config.yaml"), json.dumps({"node-label": labels}, indent=2) + "\n")
+    write(Path("/etc/default/k3s"), "K3S_ARGS='" + " ".join(a.replace("'", "") for a in plan["k3s_args"]) + "'\n")
+    mesh = plan["mesh"]
+    write(Path("/run/maculaos/mesh.json"), json.dumps(mesh, sort_keys=True) + "\n")
+    ruleset = firewall(mesh["ports"])
+    write(Path("/run/maculaos/firewall.nft"), ruleset)
+    if Path("/usr/sbin/nft").exists():
+        run(["nft", "delete", "table", "inet", "maculaos"], stderr=subprocess.DEVNULL)
+        if run(["nft", "-f", "/run/maculaos/firewall.nft"]) != 0:
+            say("cannot load the firewall rules")
+    for service in mesh["services"]:
+        if Path(f"/etc/init.d/{service}").exists():
+            run(["rc-service", service, "start"])
+        else:
+            say(f"mesh role service {service} is not installed in this image")
+    say(f"applied: hostname {host}, roles {'+'.join(mesh['roles'])}, open {', '.join(mesh['ports']) or 'ssh only'}")
+
+
+def firstboot() -> None:
+    """Run each first-boot command once per node (recorded on the data partition when it succeeds)."""
+    if not FIRSTBOOT_LIST.is_file():
+        return
+    done = set(FIRSTBOOT_DONE.read_text().split()) if FIRSTBOOT_DONE.is_file() else set()
+    for command in filter(None, (c.strip() for c in FIRSTBOOT_LIST.read_text().splitlines())):
+        key = hashlib.sha256(command.encode()).hexdigest()[:16]
+        if key in done:
+            continue
+        say(f"first boot: running {command}")
+        rc = run(command)
+        if rc != 0:
+            say(f"first boot: {command} failed ({rc}); it runs again at the next boot")
+            continue
+        with FIRSTBOOT_DONE.open("a") as f:
+            f.write(key + "\n")
+
+
+def main() -> int:
+    config = resolved_config()
+    plan = nodeconfig.plan(config, facts())
+    apply(plan)
+    firstboot()
+    for command in plan["run_cmd"]:
+        rc = run(command)
+        if rc != 0:
+            say(f"run_cmd: {command} failed ({rc})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""`maculaos-sdk publish`: bundles copied to a server folder, channel pointers, signatures checked first."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from maculaos_sdk import keys
+from maculaos_sdk.cli import main
+from maculaos_sdk.errors import BadInput
+from maculaos_sdk.publish import publish
+
+
+def make_bundle(root, version, secret):
+    b = root / f"maculaos-test-{version}-amd64.bundle"
+    b.mkdir(parents=True)
+    for name in ("rootfs.squashfs", "vmlinuz", "initrd.img"):
+        (b / name).write_bytes(name.encode())
+    (b / "manifest.json").write_text(json.dumps({"profile": "test", "version": version, "arch": "amd64"}))
+    keys.sign(b / "manifest.json", secret, f"test {version}")
+    return b
+
+
+def test_publish_copies_bundles_and_points_the_channel_at_the_latest(tmp_path):
+    secret = tmp_path / "k.key"
+    public = keys.generate(secret)
+    server = tmp_path / "srv"
+    publish([make_bundle(tmp_path / "out", "0.2.0", secret)], server, "stable", public)
+    pointer = server / "channels" / "stable" / "test-amd64.json"
+    assert json.loads(pointer.read_text()) == {"version": "0.2.0", "bundle": "maculaos-test-0.2.0-amd64.bundle"}
+    assert (server / "maculaos-test-0.2.0-amd64.bundle" / "manifest.json.minisig").is_file()
+    publish([make_bundle(tmp_path / "out", "0.3.0", secret)], server, "stable", public)
+    assert json.loads(pointer.read_text())["version"] == "0.3.0"
+    assert (server / "maculaos-test-0.2.0-amd64.bundle").is_dir()  # older bundles stay for rollbacks
+
+
+def test_publish_refuses_a_bundle_signed_with_another_key(tmp_path):
+    other = tmp_path / "other.key"
+    keys.generate(other)
+    public = keys.generate(tmp_path / "mine.key")
+    bundle = make_bundle(tmp_path / "out", "0.2.0", other)
+    with pytest.raises(BadInput, match="signature does not verify"):
+        publish([bundle], tmp_path / "srv", "stable", public)
+    assert not (tmp_path / "srv").exists()
+
+
+def test_publish_cli_incomplete_bundle_is_exit_2(tmp_path, capsys):
+    bundle = tmp_path / "maculaos-test-0.2.0-amd64.bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+    assert main(["publish", str(bundle), "--to", str(tmp_path / "srv"), "--public-key", str(tmp_path / "x.pub")]) == 2
+    err = capsys.readouterr().err
+    assert "incomplete bundle" in err and "Traceback" not in err
