@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, keys, ui
+from . import __version__, artifacts, images, keys, ui
 from .bootstrap import bootstrap
+from .debian_index import check_packages
 from .engine import LABEL_STAGE_ID, Engine, connect, read_text_from_image
 from .errors import BuildFailed
 from .paths import cache_dir
@@ -30,6 +31,8 @@ class BuildOptions:
     no_cache: bool = False
     dry_run: Path | None = None
     signing_key: Path | None = None
+    offline: bool = False  # pinned artifacts and preloaded images from the local caches only
+    check_packages: bool = True  # look the package names up in Debian's index before building
 
 
 @dataclass
@@ -112,11 +115,26 @@ def build_image(profile: Profile, options: BuildOptions, engine: Engine | None =
     sde = source_date_epoch(profile)
     workdir = cache_dir() / "contexts" / f"{profile.name}-{profile.arch}"
     secret = keys.signing_key(profile.get("update.signing_key"), options.signing_key)
-    rendered = render_plan(plan, sde, workdir, keys.public_key_path(secret).read_text())
+    ui.info(f"[bold]MaculaOS[/] {profile.name} {profile.version} ({profile.arch}), "
+            f"{len(plan.stages)} stages, SOURCE_DATE_EPOCH={sde}")
+    # Everything that can fail for want of an input fails here, before the first stage.
+    if options.check_packages and options.dry_run is None:
+        with ui.step("check package names against Debian's index"):
+            check_packages(profile, offline=options.offline)
+    where = str(profile.files[0])
+    extra_files = artifacts.files_for(profile.get("artifacts"), profile.arch.value, where,
+                                      offline=options.offline or options.dry_run is not None,
+                                      progress_factory=ui.download_progress)
+    image_records: list[dict[str, Any]] = []
+    if profile.get("images") and options.dry_run is None:
+        engine = engine or Engine(connect())
+        with ui.step(f"preload {len(profile.get('images'))} container image(s)"):
+            image_files, image_records = images.preload(profile.get("images"), profile.files[0].parent,
+                                                        engine.client, offline=options.offline, where=where)
+        extra_files.update(image_files)
+    rendered = render_plan(plan, sde, workdir, keys.public_key_path(secret).read_text(), extra_files)
     result = BuildResult(plan=plan)
     basename = profile.artifact_basename()
-    ui.info(f"[bold]MaculaOS[/] {profile.name} {profile.version} ({profile.arch}), "
-            f"{len(rendered)} stages, SOURCE_DATE_EPOCH={sde}")
 
     if options.dry_run is not None:
         write_dry_run(rendered, options.dry_run)
@@ -150,13 +168,13 @@ def build_image(profile: Profile, options: BuildOptions, engine: Engine | None =
 
     manifest_path = out / f"{basename}.manifest.json"
     previous = _previous_manifest(manifest_path)
-    artifacts: dict[str, Any] = {}
+    exported: dict[str, Any] = {}
     for r in rendered:
         for src, pattern in sorted(r.meta.exports.items()):
             dest = out / pattern.format(basename=basename).rstrip("/")
             old = previous.get("artifacts", {}).get(dest.name, {})
             if old.get("stage_id") == r.stage_id and _artifact_intact(dest, old):
-                artifacts.update({k: v for k, v in previous["artifacts"].items()
+                exported.update({k: v for k, v in previous["artifacts"].items()
                                   if k == dest.name or v.get("derived_from") == dest.name})
                 result.artifacts[dest.name] = dest
                 continue
@@ -165,7 +183,7 @@ def build_image(profile: Profile, options: BuildOptions, engine: Engine | None =
                     engine.export_tree(r.image, f"/out/{src}", dest)
                 else:
                     engine.export(r.image, f"/out/{src}", dest)
-            artifacts.update(_finish_artifact(dest, r, profile, secret))
+            exported.update(_finish_artifact(dest, r, profile, secret))
             result.artifacts[dest.name] = dest
             limit = profile.get("size.iso_max_mb")
             if dest.suffix == ".iso" and limit and dest.stat().st_size > limit * 1024 * 1024:
@@ -183,7 +201,10 @@ def build_image(profile: Profile, options: BuildOptions, engine: Engine | None =
         "profile_files": [str(p) for p in profile.files],
         "stages": {s.stage.meta.name: {"id": s.stage.stage_id, "image": s.stage.image, "cached": s.cached,
                                        "seconds": round(s.seconds, 1)} for s in result.stages},
-        "artifacts": artifacts,
+        "artifacts": exported,
+        "pinned_artifacts": {a: {"sha256": p.name} for a, p in sorted(extra_files.items())
+                             if a not in {f"{images.IMAGES_DIR}/{r['file']}" for r in image_records}},
+        "images": image_records,
         "kernel": _kernel_info(engine, by_name.get("kernel"), previous),
         "packages": _packages(engine, by_name.get("rootfs"), previous),
         "build_seconds": round(time.monotonic() - started, 1),

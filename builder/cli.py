@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, ui
-from .errors import EXIT_INTERRUPTED, EXIT_OK, BadInput, SdkError
+from .errors import EXIT_INTERRUPTED, EXIT_OK, BadInput, BadInputs, SdkError
 
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +22,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
                    "image; default: profile update.signing_key, else a per-checkout development key)")
     p.add_argument("--dry-run", nargs="?", const=Path("out/dry-run"), type=Path, metavar="DIR",
                    help="print the plan and write rendered Dockerfiles to DIR (default out/dry-run); no build")
+    p.add_argument("--offline", action="store_true",
+                   help="use only cached artifacts, images and package index; fail before building if one is missing")
     p.set_defaults(func=_cmd_build)
 
 
@@ -31,7 +33,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.config or args.profile or "core", {"arch": args.arch})
     options = BuildOptions(output=args.output, no_cache=args.no_cache, dry_run=args.dry_run,
-                           signing_key=args.signing_key)
+                           signing_key=args.signing_key, offline=args.offline)
     result = build_image(profile, options)
     for path in result.artifacts.values():
         ui.info(f"[bold green]→[/] {path}")
@@ -160,6 +162,90 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_artifacts(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("artifacts", help="pinned downloads (artifacts.lock.yaml): fetch, list, import")
+    asub = p.add_subparsers(dest="artifacts_cmd", required=True)
+    f = asub.add_parser("fetch", help="download and verify artifacts into the cache")
+    f.add_argument("names", nargs="*", help="artifact names (default: all)")
+    f.add_argument("--arch", action="append", choices=["amd64", "arm64"], help="default: every pinned arch")
+    f.set_defaults(func=_cmd_artifacts_fetch)
+    ls = asub.add_parser("list", help="every pinned artifact, per arch, and whether it is cached")
+    ls.set_defaults(func=_cmd_artifacts_list)
+    i = asub.add_parser("import", help="add files from a folder (USB stick, ...) whose sha256 matches the lock")
+    i.add_argument("folder", type=Path)
+    i.set_defaults(func=_cmd_artifacts_import)
+
+
+def _cmd_artifacts_fetch(args: argparse.Namespace) -> int:
+    from . import artifacts
+
+    lock = artifacts.load_lock()
+    for name in args.names or sorted(lock):
+        if name not in lock:
+            raise BadInput(f"artifacts fetch: {name!r} is not in {artifacts.lock_path().name}",
+                           f"known: {', '.join(sorted(lock))}")
+        for a in sorted(lock[name].values(), key=lambda a: a.arch):
+            if args.arch and a.arch not in args.arch:
+                continue
+            path = artifacts.fetch(a, progress=ui.download_progress(a))
+            ui.info(f"[green]✓[/] {a.name} {a.version} {a.arch}: {path}")
+    return EXIT_OK
+
+
+def _cmd_artifacts_list(args: argparse.Namespace) -> int:
+    from . import artifacts
+
+    for name, arches in sorted(artifacts.load_lock().items()):
+        for arch, a in sorted(arches.items()):
+            state = "[green]cached[/]" if a.is_cached() else "[yellow]missing[/]"
+            print_line = f"{name:<20} {a.version:<16} {arch:<6} {state}  {a.install}  {a.url}"
+            ui.info(print_line)
+    return EXIT_OK
+
+
+def _cmd_artifacts_import(args: argparse.Namespace) -> int:
+    from . import artifacts
+
+    imported = artifacts.import_dir(args.folder, artifacts.load_lock())
+    for a in imported:
+        ui.info(f"[green]✓[/] imported {a.name} {a.version} {a.arch}")
+    if not imported:
+        ui.info(f"nothing new in {args.folder} matches a sha256 in {artifacts.lock_path().name}")
+    return EXIT_OK
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="node config.yaml: validate (same schema as `maculaos config` on the device)")
+    csub = p.add_subparsers(dest="config_cmd", required=True)
+    v = csub.add_parser("validate", help="check config files; every problem on its own line, exit 2 if any")
+    v.add_argument("files", type=Path, nargs="+")
+    v.set_defaults(func=_cmd_config_validate)
+    r = csub.add_parser("reference", help="print the config.yaml reference (markdown)")
+    r.set_defaults(func=_cmd_config_reference)
+
+
+def _cmd_config_validate(args: argparse.Namespace) -> int:
+    from . import nodeconfig
+
+    problems = []
+    for f in args.files:
+        try:
+            nodeconfig.load_file(f)
+        except nodeconfig.ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise BadInputs([BadInput(f"{p.where}:{p.line}: {p.key}: {p.message}", p.hint) for p in problems])
+    ui.info(f"[green]✓[/] {', '.join(map(str, args.files))}: valid")
+    return EXIT_OK
+
+
+def _cmd_config_reference(args: argparse.Namespace) -> int:
+    from . import nodeconfig
+
+    print(nodeconfig.reference_markdown(), end="")
+    return EXIT_OK
+
+
 def _add_test(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("test", help="run the test suites (unit, and QEMU boot tests with --target qemu)")
     p.add_argument("--target", choices=["unit", "qemu", "all"], default="all")
@@ -183,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"maculaos-sdk {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_build, _add_vm, _add_doctor, _add_profile, _add_keys, _add_publish, _add_test):
+    for add in (_add_build, _add_vm, _add_doctor, _add_profile, _add_keys, _add_publish, _add_artifacts, _add_config,
+                _add_test):
         add(sub)
     return parser
 

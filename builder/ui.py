@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -34,3 +34,19 @@ def info(msg: str) -> None:
 
 def error(msg: str) -> None:
     console.print(f"[bold red]error:[/] {msg}", soft_wrap=True)
+
+
+def download_progress(artifact: object) -> Callable[[int, int | None], None]:
+    """A progress callback for one download: a line at most every 2 s, and one at the end."""
+    name = getattr(artifact, "name", str(artifact))
+    last = [0.0]
+
+    def report(done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - last[0] < 2 and done != total:
+            return
+        last[0] = now
+        of = f" of {total / 2**20:.1f}" if total else ""
+        console.print(f"  [dim]fetching {name}: {done / 2**20:.1f}{of} MiB[/]")
+
+    return report
