@@ -86,7 +86,7 @@ def firewall(ports: list[str]) -> str:
         "    type filter hook input priority 0; policy drop;",
         "    ct state established,related accept",
         "    iif lo accept",
-        "    meta l4proto { icmp, ipv6-icmp } accept",
+        "    meta l4proto { 1, 58 } accept",  # icmp, ipv6-icmp (numbers: no /etc/protocols needed)
         "    udp dport 68 accept",
         f"    tcp dport {{ {', '.join(map(str, tcp))} }} accept",
     ]

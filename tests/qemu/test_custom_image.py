@@ -1,0 +1,118 @@
+"""A custom image built from one YAML file (spec 4.14.3: base, packages, images, overlay, firstboot, config)
+and an on-device config.yaml, checked on the booted A/B disk: each part took effect, the first-boot
+script ran exactly once across boots, and a bad config.yaml is reported while the node keeps the last
+good one."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import subprocess
+import tarfile
+from pathlib import Path
+
+import docker
+import pytest
+
+from maculaos_sdk.build import BuildOptions, build_image
+from maculaos_sdk.profile import load_profile
+
+from .conftest import OUT
+from .machine import cow_disk
+
+pytestmark = pytest.mark.qemu
+
+PROFILE = Path(__file__).parent / "profiles" / "maculaos-custom.yaml"
+
+
+def _hello_image_tarball(dest: Path) -> str:
+    """A tiny real container image, built by the engine and `docker save`d to `dest`; returns its id."""
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        for name, data in {"Dockerfile": b"FROM scratch\nCOPY hello /hello\n", "hello": b"hello from k3s\n"}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    context.seek(0)
+    client = docker.from_env()
+    image, _ = client.images.build(fileobj=context, custom_context=True, tag="maculaos-test/hello:1", rm=True)
+    with dest.open("wb") as f:
+        for chunk in image.save(named="maculaos-test/hello:1"):
+            f.write(chunk)
+    return image.id
+
+
+@pytest.fixture(scope="module")
+def custom_build(tmp_path_factory) -> tuple[dict[str, Path], str]:
+    folder = tmp_path_factory.mktemp("custom")
+    shutil.copy(PROFILE, folder / PROFILE.name)
+    image_id = _hello_image_tarball(folder / "hello.tar")
+    result = build_image(load_profile(str(folder / PROFILE.name)), BuildOptions(output=OUT / "custom"))
+    return result.artifacts, image_id
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_custom_image_and_node_config_take_effect(custom_build, make_machine, tmp_path):
+    artifacts, image_id = custom_build
+    assert {"maculaos-custom-1.2.0-amd64.iso", "maculaos-custom-1.2.0-amd64.qcow2"} <= set(artifacts)
+    manifest = json.loads((OUT / "custom" / "maculaos-custom-1.2.0-amd64.manifest.json").read_text())
+    assert manifest["version"] == "1.2.0" and "tree" in manifest["packages"]
+    assert [(i["file"], i["ids"]) for i in manifest["images"]] == [("hello.tar", [image_id])]
+
+    port = free_port()
+    m = make_machine(cow_disk(artifacts["maculaos-custom-1.2.0-amd64.qcow2"], tmp_path / "custom-amd64.qcow2"),
+                     "custom", ssh_port=port)
+    m.start()
+    assert m.wait_for_boot() == "A"
+    # the image: extra package, overlay file, preloaded image, version, default config from the profile
+    m.succeed("command -v tree")
+    assert m.succeed("cat /etc/myapp/config.yaml") == "setting: value\n"
+    m.succeed("test -s /var/lib/rancher/k3s/agent/images/hello.tar")
+    assert 'VERSION_ID="1.2.0"' in m.succeed("cat /etc/os-release")
+    mac = m.succeed("cat /sys/class/net/eth0/address").strip().replace(":", "")
+    m.wait_until_succeeds("test -e /run/maculaos/mesh.json", timeout=60)
+    assert m.succeed("hostname").strip() == f"custom-{mac[-4:]}"
+    assert m.succeed("cat /var/lib/maculaos/setup-runs") == "setup ran\n"
+
+    # the node's own config.yaml: hostname, SSH key, a mesh role; checked with the device's validator first
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    pub = key.with_suffix(".pub").read_text().strip()
+    config = (f"maculaos:\n  hostname: edge-${{ARCH}}-1\n  mesh:\n    roles:\n      gateway: true\n"
+              f"ssh_authorized_keys:\n  - {pub}\n")
+    m.succeed(f"cat > /var/lib/maculaos/config.yaml <<'EOF'\n{config}EOF\n"
+              "maculaos config validate /var/lib/maculaos/config.yaml && sync")
+    assert m.reboot() == "A"
+    m.wait_until_succeeds("hostname | grep -qx edge-amd64-1", timeout=60)
+    mesh = json.loads(m.succeed("cat /run/maculaos/mesh.json"))
+    assert mesh["roles"] == ["peer", "gateway"] and mesh["ports"] == ["443/tcp", "80/tcp"]
+    rules = m.succeed("nft list table inet maculaos")
+    assert "policy drop" in rules and "80" in rules and "443" in rules
+    assert m.succeed("cat /var/lib/maculaos/setup-runs") == "setup ran\n"  # first boot ran once, not twice
+    ssh = ["ssh", "-i", str(key), "-p", str(port), "-o", "StrictHostKeyChecking=no", "-o",
+           "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "root@127.0.0.1",
+           "hostname"]
+    out = subprocess.run(ssh, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "edge-amd64-1", out.stderr
+
+    # a bad config: refused by the validator, reported at boot, and the node keeps its last good config
+    m.succeed("printf 'maculaos:\\n  hostnme: typo\\n' > /var/lib/maculaos/config.d.yaml")
+    bad = m.fail("mkdir -p /var/lib/maculaos/config.d && mv /var/lib/maculaos/config.d.yaml "
+                 "/var/lib/maculaos/config.d/50-bad.yaml && sync && "
+                 "maculaos config validate /var/lib/maculaos/config.d/50-bad.yaml")
+    assert "50-bad.yaml:2: maculaos.hostnme: unknown key" in bad and "did you mean `maculaos.hostname`" in bad
+    assert m.reboot() == "A"
+    m.wait_for_console_text(r"maculaos-config: invalid config: .*50-bad\.yaml:2: maculaos\.hostnme", timeout=60)
+    m.wait_until_succeeds("test -e /run/maculaos/mesh.json", timeout=60)
+    assert m.succeed("hostname").strip() == "edge-amd64-1"
+    assert json.loads(m.succeed("cat /run/maculaos/mesh.json"))["roles"] == ["peer", "gateway"]
+    assert m.succeed("cat /var/lib/maculaos/setup-runs") == "setup ran\n"
+    out = subprocess.run(ssh, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
