@@ -34,9 +34,11 @@ bench:            ## cold/warm/overlay rebuild times, ISO size, seconds to shell
 doctor:
 	$(VENV)/maculaos-sdk doctor
 
-docs:             ## regenerate docs/profile-reference.md from builder/settings.py
+docs:             ## regenerate docs/profile-reference.md and docs/config-reference.md from their schemas
 	{ sed -n '1,5p' docs/profile-reference.md; $(VENV)/maculaos-sdk profile keys; } > docs/profile-reference.tmp
 	mv docs/profile-reference.tmp docs/profile-reference.md
+	{ sed -n '1,/^<!-- generated/p' docs/config-reference.md; $(VENV)/maculaos-sdk config reference; } > docs/config-reference.tmp
+	mv docs/config-reference.tmp docs/config-reference.md
 
 clean:
 	rm -rf out .cache

@@ -146,7 +146,7 @@ def validate_layer(path: Path, data: dict[str, Any], lines: dict[str, int]) -> l
             err(key, f"expected a {setting.kind}, got {type(value).__name__} {value!r}", hint)
             continue
         if setting.choices:
-            values = value if isinstance(value, list) else [value]
+            values = [v[1:] if v.startswith("-") else v for v in value] if isinstance(value, list) else [value]
             for v in values:
                 if v not in setting.choices:
                     err(key, f"unknown value {v!r}",

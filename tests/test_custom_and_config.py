@@ -1,0 +1,105 @@
+"""Custom-image files (base: name:version, name from the file), the node config schema shared by host and
+device (validation messages, merge order, cmdline overrides, mesh roles), and the Debian package check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from maculaos_sdk import debian_index, nodeconfig
+from maculaos_sdk.cli import main
+from maculaos_sdk.errors import BadInput, BadInputs
+from maculaos_sdk.profile import load_profile
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "maculaos-custom.yaml"
+
+
+def test_seed_example_resolves_to_custom_1_2_0_on_the_maculaos_base():
+    p = load_profile(str(EXAMPLE))
+    assert p.artifact_basename() == "maculaos-custom-1.2.0-amd64"
+    assert p.origins["version"][0] == str(EXAMPLE.resolve())
+    assert {"python3", "python3-pip", "python3-opencv", "htop"} <= set(p.get("packages"))
+    assert p.get("artifacts") == ["k3s", "k3s-airgap-images"]  # from the maculaos base
+    assert p.get("firstboot") == ["/opt/myapp/setup.sh"]
+    assert p.get("config")["maculaos"]["labels"]["macula.io/arch"] == "${ARCH}"
+
+
+def test_explicit_version_wins_over_base_and_base_excludes_extends(write_profile):
+    p = load_profile(str(write_profile("base: core:1.2.0\nversion: 2.0.0\n", "maculaos-edge.yaml")))
+    assert (p.name, p.version) == ("edge", "2.0.0")
+    bad = write_profile("base: core\nextends: core\n", "x.yaml")
+    with pytest.raises(BadInput, match="either `base` or `extends`"):
+        load_profile(str(bad))
+
+
+def test_profile_config_is_validated_with_the_node_schema(write_profile):
+    path = write_profile("base: core:1.0.0\nconfig:\n  maculaos:\n    hostnme: x\n    mesh:\n      roles:\n"
+                         "        gateway: 'yes'\n")
+    with pytest.raises(BadInputs) as exc:
+        load_profile(str(path))
+    text = exc.value.render()
+    assert f"{path}:4: config.maculaos.hostnme: unknown key (hint: did you mean `maculaos.hostname`?)" in text
+    assert f"{path}:7: config.maculaos.mesh.roles.gateway: expected a boolean" in text
+
+
+def test_config_validate_cli_reports_every_problem_with_line_and_hint(tmp_path, capsys):
+    f = tmp_path / "config.yaml"
+    f.write_text("maculaos:\n  dns_nameservers: 1.1.1.1\n  mesh:\n    tls_mode: prod\nssh_authorized_keys: [hello]\n"
+                 "k3z: {}\n")
+    assert main(["config", "validate", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert f"{f}:2: maculaos.dns_nameservers: expected a list of strings" in err
+    assert f"{f}:4: maculaos.mesh.tls_mode: unknown value 'prod' (hint: one of development, production)" in err
+    assert "ssh_authorized_keys[0]: not an SSH public key" in err
+    assert f"{f}:6: k3z: unknown key (hint: did you mean `k3s`?)" in err
+    assert "Traceback" not in err
+    good = tmp_path / "good.yaml"
+    good.write_text("maculaos:\n  hostname: edge-1\n")
+    assert main(["config", "validate", str(good)]) == 0
+
+
+def test_merge_order_default_node_dropins_cmdline(tmp_path):
+    root = tmp_path
+    (root / "usr/share/maculaos").mkdir(parents=True)
+    (root / "var/lib/maculaos/config.d").mkdir(parents=True)
+    (root / "usr/share/maculaos/config.yaml").write_text("maculaos:\n  hostname: img\n  labels: {a: '1'}\n")
+    (root / "var/lib/maculaos/config.yaml").write_text("maculaos:\n  hostname: node\n  labels: {b: '2'}\n")
+    (root / "var/lib/maculaos/config.d/10-x.yaml").write_text("maculaos:\n  modules: [wireguard]\n")
+    files = nodeconfig.sources(root)
+    assert [f.name for f in files] == ["config.yaml", "config.yaml", "10-x.yaml"]
+    config = nodeconfig.resolve(files, "quiet macula.maculaos.hostname=cmd macula.maculaos.mesh.roles.gateway=true")
+    assert config["maculaos"]["hostname"] == "cmd"
+    assert config["maculaos"]["labels"] == {"a": "1", "b": "2"}
+    assert config["maculaos"]["modules"] == ["wireguard"]
+    plan = nodeconfig.plan(config, {"MAC_SUFFIX": "beef", "RANDOM_SUFFIX": "beef", "ARCH": "arm64"})
+    assert plan["mesh"]["roles"] == ["peer", "gateway"]
+    assert plan["mesh"]["services"] == ["macula-mesh", "macula-gateway"]
+    assert plan["mesh"]["ports"] == ["443/tcp", "80/tcp"]
+
+
+def test_hostname_and_labels_expand_facts():
+    config = nodeconfig.merge(nodeconfig.defaults(), {"maculaos": {"labels": {"arch": "${ARCH}"}}})
+    plan = nodeconfig.plan(config, {"MAC_SUFFIX": "12ab", "RANDOM_SUFFIX": "12ab", "ARCH": "amd64"})
+    assert plan["hostname"] == "macula-12ab" and plan["labels"] == {"arch": "amd64"}
+    assert plan["k3s_args"][:3] == ["server", "--disable=traefik", "--disable=servicelb"]
+
+
+def test_config_reference_doc_is_generated_from_the_schema():
+    doc = (Path(__file__).parents[1] / "docs" / "config-reference.md").read_text()
+    assert nodeconfig.reference_markdown() in doc, "run `make docs`"
+
+
+def test_unknown_debian_packages_are_reported_before_building(write_profile, tmp_path, monkeypatch):
+    monkeypatch.setenv("MACULAOS_SDK_CACHE", str(tmp_path / "cache"))
+    index = debian_index._index_file("http://deb.debian.org/debian", "bookworm", "main", "amd64")
+    index.parent.mkdir(parents=True)
+    from maculaos_sdk.plan import BOOT_PACKAGES
+
+    index.write_text("\n".join([*BOOT_PACKAGES, "htop", "python3-opencv", "tree"]) + "\n")
+    path = write_profile("name: x\npackages:\n  - htop\n  - opencv\n  - tre\n")
+    with pytest.raises(BadInputs) as exc:
+        debian_index.check_packages(load_profile(str(path)), offline=True)
+    lines = exc.value.render().splitlines()
+    assert lines[0].startswith(f"{path}:4: packages: 'opencv' is not a package in Debian bookworm")
+    assert lines[1].startswith(f"{path}:5: packages: 'tre'") and "did you mean `tree`?" in lines[1]
