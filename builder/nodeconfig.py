@@ -298,9 +298,10 @@ def reference_markdown() -> str:
 
 
 def main(argv: list[str]) -> int:
-    """Device CLI: `validate FILE...` | `show` | `plan` (JSON of what apply does). Exit 2 on a bad config."""
-    if not argv or argv[0] not in ("validate", "show", "plan"):
-        print("usage: maculaos config validate FILE... | show | plan", file=sys.stderr)
+    """Device CLI: `validate FILE...` | `show` | `get KEY` | `plan` (JSON of what apply does). Exit 2 on a
+    bad config."""
+    if not argv or argv[0] not in ("validate", "show", "get", "plan"):
+        print("usage: maculaos config validate FILE... | show | get KEY | plan", file=sys.stderr)
         return 2
     try:
         if argv[0] == "validate":
@@ -321,6 +322,12 @@ def main(argv: list[str]) -> int:
         config = resolve(sources(Path(os.environ.get("MACULAOS_ROOT", "/"))), cmdline)
         if argv[0] == "show":
             print(yaml.safe_dump(config, sort_keys=True), end="")
+        elif argv[0] == "get":
+            if len(argv) != 2 or argv[1] not in FIELDS_BY_KEY:
+                print(f"usage: maculaos config get KEY (one of {', '.join(FIELDS_BY_KEY)})", file=sys.stderr)
+                return 2
+            value = get_key(config, argv[1])
+            print(value if isinstance(value, str) else json.dumps(value))
         else:
             facts = dict(a.split("=", 1) for a in argv[1:] if "=" in a)
             print(json.dumps(plan(config, facts), sort_keys=True))

@@ -155,6 +155,15 @@ def validate_layer(path: Path, data: dict[str, Any], lines: dict[str, int]) -> l
             err(key, f"invalid value {value!r}", f"must match {setting.pattern}")
         if key == "overlay":
             errors.extend(_validate_overlay(path, value, lines))
+        if key == "install.config" and value:
+            source = path.parent / str(value)
+            if not source.is_file():
+                err(key, f"missing file {value!r}", f"paths are relative to {path.parent}")
+            else:
+                try:
+                    nodeconfig.load_file(source)
+                except nodeconfig.ConfigError as exc:
+                    errors.extend(BadInput(f"{p.where}:{p.line}: {p.key}: {p.message}", p.hint) for p in exc.problems)
         if key == "config":
             errors.extend(BadInput(f"{p.where}:{p.line}: {p.key}: {p.message}", p.hint)
                           for p in nodeconfig.check(value, str(path), lines, prefix="config."))

@@ -188,6 +188,11 @@ def render_stage(meta: StageMeta, profile: Profile, inputs: dict[str, RenderedSt
                 pub = context / "overlay" / "etc" / "maculaos" / "update.pub"
                 pub.parent.mkdir(parents=True, exist_ok=True)
                 pub.write_text(update_public_key)
+        elif source == "install-config":  # the node config the ISO's unattended install uses
+            (context / source).mkdir()
+            if profile.get("install.config"):
+                origin = Path(profile.origins["install.config"][0]).parent
+                shutil.copyfile(origin / profile.get("install.config"), context / source / "config.yaml")
         else:
             shutil.copytree(sdk_root() / source, context / source, symlinks=True, dirs_exist_ok=True)
     if meta.bootstrap and not profile.get("base_image"):

@@ -64,6 +64,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("disk.size_mb", INT, 0, "Total disk image size; the build fails early if two slots do not fit (0 = auto)."),
     Setting("update.min_version", STR, "0.0.0", "Oldest running version allowed to apply this image's bundle."),
     Setting("update.signing_key", STR, "", "minisign secret key signing bundles (default: a per-checkout dev key)."),
+    Setting("install.config", STR, "", "A node config.yaml (path relative to the profile) put on the ISO as "
+            "maculaos/config.yaml: the ISO's unattended Install entry installs the node with it."),
     Setting("size.iso_max_mb", INT, 0, "Fail the build if the ISO is larger than this (0: no limit)."),
 )
 

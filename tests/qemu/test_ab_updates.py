@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from maculaos_sdk.keys import signing_key
+from maculaos_sdk.publish import publish
 
 from .machine import cow_disk
 
@@ -35,6 +36,7 @@ def bundle_server(update_bundle: Path, tmp_path_factory) -> Iterator[tuple[str, 
     """Serve a folder of bundles over HTTP on the host (the guest reaches it as 10.0.2.2)."""
     root = tmp_path_factory.mktemp("bundles")
     shutil.copytree(update_bundle, root / "good")
+    publish([update_bundle], root, "stable")  # also as an update server with a channel
     handler = functools.partial(QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -134,7 +136,12 @@ def test_good_update_boots_b_and_is_confirmed_then_manual_rollback(disk_machine,
     m = disk_machine()
     m.succeed("echo survives > /var/lib/maculaos/marker && sync")
     assert json.loads(m.succeed(f"maculaos upgrade --check {url}/good"))["update"] is True
-    m.succeed(f"maculaos upgrade --apply {url}/good --no-reboot", timeout=300)
+    # from here on through the channel the node config names
+    m.succeed(f"mkdir -p /var/lib/maculaos/config.d && printf 'upgrade:\\n  url: {url}\\n  channel: stable\\n'"
+              " > /var/lib/maculaos/config.d/50-upgrade.yaml")
+    check = json.loads(m.succeed("maculaos upgrade --check"))
+    assert (check["current"], check["available"], check["update"]) == ("0.1.0", "0.2.0", True)
+    m.succeed("maculaos upgrade --apply --no-reboot", timeout=300)
     s = status(m)
     assert (s["active"], s["trial"], s["tries"]) == ("A", "B", 0)
     assert s["slots"]["B"]["version"] == "0.2.0"

@@ -30,3 +30,7 @@ def test_install_from_iso_menu_to_blank_disk_then_boot_it(test_iso, make_machine
     names = m.succeed("for p in /sys/class/block/vda[0-9]*; do grep ^PARTNAME= $p/uevent; done")
     assert names.split() == ["PARTNAME=esp", "PARTNAME=rootfs-A", "PARTNAME=rootfs-B", "PARTNAME=data"]
     m.succeed("grep -q ' /var/lib/maculaos ext4 ' /proc/mounts")
+    # the ISO's node config (install.config) was installed with the node and applied at boot
+    assert "installed-${MAC_SUFFIX}" in m.succeed("cat /var/lib/maculaos/config.yaml")
+    mac = m.succeed("cat /sys/class/net/eth0/address").strip().replace(":", "")
+    m.wait_until_succeeds(f"hostname | grep -qx installed-{mac[-4:]}", timeout=60)
