@@ -77,7 +77,7 @@ def test_custom_image_and_node_config_take_effect(custom_build, make_machine, tm
     m.succeed("test -s /var/lib/rancher/k3s/agent/images/hello.tar")
     assert 'VERSION_ID="1.2.0"' in m.succeed("cat /etc/os-release")
     mac = m.succeed("cat /sys/class/net/eth0/address").strip().replace(":", "")
-    m.wait_until_succeeds("test -e /run/maculaos/mesh.json", timeout=60)
+    m.wait_until_succeeds("test -e /run/maculaos/config.applied", timeout=90)
     assert m.succeed("hostname").strip() == f"custom-{mac[-4:]}"
     assert m.succeed("cat /var/lib/maculaos/setup-runs") == "setup ran\n"
 
@@ -90,7 +90,8 @@ def test_custom_image_and_node_config_take_effect(custom_build, make_machine, tm
     m.succeed(f"cat > /var/lib/maculaos/config.yaml <<'EOF'\n{config}EOF\n"
               "maculaos config validate /var/lib/maculaos/config.yaml && sync")
     assert m.reboot() == "A"
-    m.wait_until_succeeds("hostname | grep -qx edge-amd64-1", timeout=60)
+    m.wait_until_succeeds("test -e /run/maculaos/config.applied", timeout=90)
+    assert m.succeed("hostname").strip() == "edge-amd64-1"
     mesh = json.loads(m.succeed("cat /run/maculaos/mesh.json"))
     assert mesh["roles"] == ["peer", "gateway"] and mesh["ports"] == ["443/tcp", "80/tcp"]
     rules = m.succeed("nft list table inet maculaos")
@@ -110,7 +111,7 @@ def test_custom_image_and_node_config_take_effect(custom_build, make_machine, tm
     assert "50-bad.yaml:2: maculaos.hostnme: unknown key" in bad and "did you mean `maculaos.hostname`" in bad
     assert m.reboot() == "A"
     m.wait_for_console_text(r"maculaos-config: invalid config: .*50-bad\.yaml:2: maculaos\.hostnme", timeout=60)
-    m.wait_until_succeeds("test -e /run/maculaos/mesh.json", timeout=60)
+    m.wait_until_succeeds("test -e /run/maculaos/config.applied", timeout=90)
     assert m.succeed("hostname").strip() == "edge-amd64-1"
     assert json.loads(m.succeed("cat /run/maculaos/mesh.json"))["roles"] == ["peer", "gateway"]
     assert m.succeed("cat /var/lib/maculaos/setup-runs") == "setup ran\n"

@@ -159,6 +159,7 @@ def main() -> int:
         rc = run(command)
         if rc != 0:
             say(f"run_cmd: {command} failed ({rc})")
+    write(Path("/run/maculaos/config.applied"), json.dumps(plan, sort_keys=True) + "\n")  # done, for this boot
     return 0
 
 
