@@ -49,6 +49,7 @@ def package_names(mirror: str, suite: str, components: list[str], arch: str, *, 
                     ui.info(f"[yellow]note:[/] cannot check package names ({url}: {str(exc)[:100]}); apt will")
                     return None
         if not path.is_file():
+            ui.info("[yellow]note:[/] no cached package index (--offline): package names are left to apt")
             return None
         names.update(path.read_text().split())
     return names

@@ -33,6 +33,13 @@ def cow_disk(base: Path, dest: Path) -> Path:
     return dest
 
 
+def free_port() -> int:
+    """A free TCP port on the host's loopback (for QEMU's ssh forward)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _reap(process: pexpect.spawn) -> None:
     """Wait for QEMU to exit; two threads may race to reap it, which is fine."""
     try:

@@ -7,7 +7,6 @@ import functools
 import http.server
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -19,7 +18,7 @@ import pytest
 from maculaos_sdk.keys import signing_key
 from maculaos_sdk.publish import publish
 
-from .machine import cow_disk
+from .machine import cow_disk, free_port
 
 pytestmark = pytest.mark.qemu
 
@@ -87,12 +86,6 @@ def disk_machine(test_disk: Path, make_machine, tmp_path):
 
 def status(m) -> dict:
     return m.upgrade_status()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_installed_disk_boots_slot_a_with_persistent_data_and_recovery(disk_machine, tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import socket
 import subprocess
 import tarfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from maculaos_sdk.build import BuildOptions, build_image
 from maculaos_sdk.profile import load_profile
 
 from .conftest import OUT
-from .machine import cow_disk
+from .machine import cow_disk, free_port
 
 pytestmark = pytest.mark.qemu
 
@@ -51,12 +50,6 @@ def custom_build(tmp_path_factory) -> tuple[dict[str, Path], str]:
     image_id = _hello_image_tarball(folder / "hello.tar")
     result = build_image(load_profile(str(folder / PROFILE.name)), BuildOptions(output=OUT / "custom"))
     return result.artifacts, image_id
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_custom_image_and_node_config_take_effect(custom_build, make_machine, tmp_path):
