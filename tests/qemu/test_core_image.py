@@ -20,6 +20,7 @@ from .conftest import OUT
 pytestmark = pytest.mark.qemu
 CLI = [sys.executable, "-m", "maculaos_sdk.cli"]
 CORE_ISO = OUT / "maculaos-core-0.1.0-amd64.iso"
+CORE_STAGES = ("base", "tools", "kernel", "initrd", "rootfs", "squashfs", "bootloader", "iso")
 
 
 def _build(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
@@ -42,7 +43,7 @@ def test_core_iso_artifacts(core_build):
     assert digest == hashlib.sha256(CORE_ISO.read_bytes()).hexdigest()
     manifest = json.loads((OUT / "maculaos-core-0.1.0-amd64.manifest.json").read_text())
     assert manifest["profile"] == "core" and manifest["version"] == "0.1.0" and manifest["arch"] == "amd64"
-    assert set(manifest["stages"]) == {"base", "tools", "kernel", "initrd", "rootfs", "squashfs", "iso"}
+    assert set(manifest["stages"]) == set(CORE_STAGES)
     assert manifest["packages"]["openrc"] and manifest["packages"]["htop"]
     assert manifest["kernel"]["package"].startswith("linux-image-")
     assert manifest["artifacts"][CORE_ISO.name]["sha256"] == digest
@@ -56,8 +57,8 @@ def test_no_change_rebuild_is_all_cached(core_build):
     took = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
     states = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("  ") and len(line.split()) > 1
-              and line.split()[0] in {"base", "tools", "kernel", "initrd", "rootfs", "squashfs", "iso"}]
-    assert states == ["cached"] * 7, proc.stderr
+              and line.split()[0] in CORE_STAGES]
+    assert states == ["cached"] * len(CORE_STAGES), proc.stderr
     print(f"no-change rebuild: {took:.2f}s")
 
 
