@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import docker
@@ -50,6 +51,18 @@ def custom_build(tmp_path_factory) -> tuple[dict[str, Path], str]:
     image_id = _hello_image_tarball(folder / "hello.tar")
     result = build_image(load_profile(str(folder / PROFILE.name)), BuildOptions(output=OUT / "custom"))
     return result.artifacts, image_id
+
+
+def ssh_when_up(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ssh, retrying while the guest's sshd is not listening yet (QEMU's forward then resets the
+    connection); any other failure, such as a refused key, is returned at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        not_up = "Connection reset" in out.stderr or "Connection refused" in out.stderr
+        if out.returncode == 0 or not not_up or time.monotonic() > deadline:
+            return out
+        time.sleep(2)
 
 
 def test_custom_image_and_node_config_take_effect(custom_build, make_machine, tmp_path):
@@ -93,7 +106,7 @@ def test_custom_image_and_node_config_take_effect(custom_build, make_machine, tm
     ssh = ["ssh", "-i", str(key), "-p", str(port), "-o", "StrictHostKeyChecking=no", "-o",
            "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "root@127.0.0.1",
            "hostname"]
-    out = subprocess.run(ssh, capture_output=True, text=True, timeout=120)
+    out = ssh_when_up(ssh)
     assert out.returncode == 0 and out.stdout.strip() == "edge-amd64-1", out.stderr
 
     # a bad config: refused by the validator, reported at boot, and the node keeps its last good config
@@ -108,5 +121,5 @@ def test_custom_image_and_node_config_take_effect(custom_build, make_machine, tm
     assert m.succeed("hostname").strip() == "edge-amd64-1"
     assert json.loads(m.succeed("cat /run/maculaos/mesh.json"))["roles"] == ["peer", "gateway"]
     assert m.succeed("cat /var/lib/maculaos/setup-runs") == "setup ran\n"
-    out = subprocess.run(ssh, capture_output=True, text=True, timeout=120)
+    out = ssh_when_up(ssh)
     assert out.returncode == 0, out.stderr
