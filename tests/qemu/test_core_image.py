@@ -93,7 +93,7 @@ def test_core_iso_boots_to_serial_shell(core_build, make_machine):
     """The release image (no test channel) boots under BIOS to an autologin shell on the serial console."""
     m = make_machine(CORE_ISO, "core-bios", test_channel=False)
     m.start()
-    m.wait_for_console_text(r"root@maculaos:~# ", timeout=180)
+    m.wait_for_console_text(r"root@[\w-]+:~# ", timeout=180)
     m.send_console("grep -E '^(VARIANT_ID|VERSION)=' /etc/os-release\n")
     m.wait_for_console_text(r'VERSION="0\.1\.0"', timeout=30)
     m.wait_for_console_text(r'VARIANT_ID="core"', timeout=30)
