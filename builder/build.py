@@ -122,17 +122,18 @@ def build_image(profile: Profile, options: BuildOptions, engine: Engine | None =
         with ui.step("check package names against Debian's index"):
             check_packages(profile, offline=options.offline)
     where = str(profile.files[0])
-    extra_files = artifacts.files_for(profile.get("artifacts"), profile.arch.value, where,
-                                      offline=options.offline or options.dry_run is not None,
-                                      progress_factory=ui.download_progress)
+    pinned = artifacts.files_for(profile.get("artifacts"), profile.arch.value, where,
+                                 offline=options.offline or options.dry_run is not None,
+                                 progress_factory=ui.download_progress)
+    image_files: dict[str, Path] = {}
     image_records: list[dict[str, Any]] = []
     if profile.get("images") and options.dry_run is None:
         engine = engine or Engine(connect())
         with ui.step(f"preload {len(profile.get('images'))} container image(s)"):
             image_files, image_records = images.preload(profile.get("images"), profile.files[0].parent,
                                                         engine.client, offline=options.offline, where=where)
-        extra_files.update(image_files)
-    rendered = render_plan(plan, sde, workdir, keys.public_key_path(secret).read_text(), extra_files)
+    rendered = render_plan(plan, sde, workdir, keys.public_key_path(secret).read_text(),
+                           {**pinned, **image_files})
     result = BuildResult(plan=plan)
     basename = profile.artifact_basename()
 
@@ -202,8 +203,7 @@ def build_image(profile: Profile, options: BuildOptions, engine: Engine | None =
         "stages": {s.stage.meta.name: {"id": s.stage.stage_id, "image": s.stage.image, "cached": s.cached,
                                        "seconds": round(s.seconds, 1)} for s in result.stages},
         "artifacts": exported,
-        "pinned_artifacts": {a: {"sha256": p.name} for a, p in sorted(extra_files.items())
-                             if a not in {f"{images.IMAGES_DIR}/{r['file']}" for r in image_records}},
+        "pinned_artifacts": {dest: {"sha256": path.name} for dest, path in sorted(pinned.items())},
         "images": image_records,
         "kernel": _kernel_info(engine, by_name.get("kernel"), previous),
         "packages": _packages(engine, by_name.get("rootfs"), previous),

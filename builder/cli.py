@@ -226,15 +226,11 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_config_validate(args: argparse.Namespace) -> int:
     from . import nodeconfig
+    from .profile import config_errors
 
-    problems = []
-    for f in args.files:
-        try:
-            nodeconfig.load_file(f)
-        except nodeconfig.ConfigError as exc:
-            problems += exc.problems
+    problems = nodeconfig.validate_files(args.files)
     if problems:
-        raise BadInputs([BadInput(f"{p.where}:{p.line}: {p.key}: {p.message}", p.hint) for p in problems])
+        raise BadInputs(config_errors(problems))
     ui.info(f"[green]✓[/] {', '.join(map(str, args.files))}: valid")
     return EXIT_OK
 

@@ -188,6 +188,17 @@ def load_file(path: Path) -> dict[str, Any]:
     return data or {}
 
 
+def validate_files(paths: list[Path]) -> list[Problem]:
+    """Every problem in every file (empty list: all valid)."""
+    problems: list[Problem] = []
+    for path in paths:
+        try:
+            load_file(path)
+        except ConfigError as exc:
+            problems += exc.problems
+    return problems
+
+
 def defaults() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in FIELDS:
@@ -308,12 +319,7 @@ def main(argv: list[str]) -> int:
             if len(argv) < 2:
                 print("usage: maculaos config validate FILE...", file=sys.stderr)
                 return 2
-            problems = []
-            for f in argv[1:]:
-                try:
-                    load_file(Path(f))
-                except ConfigError as exc:
-                    problems += exc.problems
+            problems = validate_files([Path(f) for f in argv[1:]])
             if problems:
                 raise ConfigError(problems)
             print(f"{', '.join(argv[1:])}: valid")

@@ -160,14 +160,15 @@ def validate_layer(path: Path, data: dict[str, Any], lines: dict[str, int]) -> l
             if not source.is_file():
                 err(key, f"missing file {value!r}", f"paths are relative to {path.parent}")
             else:
-                try:
-                    nodeconfig.load_file(source)
-                except nodeconfig.ConfigError as exc:
-                    errors.extend(BadInput(f"{p.where}:{p.line}: {p.key}: {p.message}", p.hint) for p in exc.problems)
+                errors.extend(config_errors(nodeconfig.validate_files([source])))
         if key == "config":
-            errors.extend(BadInput(f"{p.where}:{p.line}: {p.key}: {p.message}", p.hint)
-                          for p in nodeconfig.check(value, str(path), lines, prefix="config."))
+            errors.extend(config_errors(nodeconfig.check(value, str(path), lines, prefix="config.")))
     return errors
+
+
+def config_errors(problems: list[nodeconfig.Problem]) -> list[BadInput]:
+    """Node-config problems as the one-line errors the CLI prints."""
+    return [BadInput(f"{p.where}:{p.line}: {p.key}: {p.message}", p.hint) for p in problems]
 
 
 def _validate_overlay(path: Path, overlay: dict[str, Any], lines: dict[str, int]) -> list[BadInput]:

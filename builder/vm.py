@@ -118,11 +118,10 @@ def qemu_command(cfg: VmConfig, *, interactive: bool = False, extra: list[str] |
         else:
             cmd += ["-drive", f"file={cfg.image},media=cdrom,readonly=on,if=none,id=cd0",
                     "-device", "virtio-scsi-pci", "-device", "scsi-cd,drive=cd0"]
-    else:
-        fmt = "qcow2" if cfg.image.suffix == ".qcow2" else "raw"
-        cmd += ["-drive", f"file={cfg.image},format={fmt},if=virtio"]
-    for disk in cfg.disks:
-        cmd += ["-drive", f"file={disk},format={'qcow2' if disk.suffix == '.qcow2' else 'raw'},if=virtio"]
+    disks = cfg.disks if cfg.is_iso else (cfg.image, *cfg.disks)
+    for disk in disks:
+        fmt = "qcow2" if disk.suffix == ".qcow2" else "raw"
+        cmd += ["-drive", f"file={disk},format={fmt},if=virtio"]
     cmd += ["-device", "virtio-rng-pci"]
     return cmd + (extra or [])
 

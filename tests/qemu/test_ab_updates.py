@@ -84,14 +84,10 @@ def disk_machine(test_disk: Path, make_machine, tmp_path):
     return start
 
 
-def status(m) -> dict:
-    return m.upgrade_status()
-
-
 def test_installed_disk_boots_slot_a_with_persistent_data_and_recovery(disk_machine, tmp_path):
     port = free_port()
     m = disk_machine(ssh_port=port)
-    s = status(m)
+    s = m.upgrade_status()
     assert (s["mode"], s["booted"], s["active"], s["trial"], s["tries"], s["rolledback"]) == \
         ("disk", "A", "A", None, 0, None)
     assert s["slots"] == {"A": {"version": "0.1.0"}, "B": {"version": None}}
@@ -101,7 +97,7 @@ def test_installed_disk_boots_slot_a_with_persistent_data_and_recovery(disk_mach
     assert m.reboot() == "A"
     assert m.succeed("cat /var/lib/maculaos/marker /etc/maculaos/marker") == "kept\netc-kept\n"
     # normal boots never write the env
-    assert status(m)["tries"] == 0
+    assert m.upgrade_status()["tries"] == 0
 
     # Recovery from the boot menu: busybox shell, data partition available, DHCP, and sshd because the data
     # partition holds an authorized key.
@@ -135,7 +131,7 @@ def test_good_update_boots_b_and_is_confirmed_then_manual_rollback(disk_machine,
     check = json.loads(m.succeed("maculaos upgrade --check"))
     assert (check["current"], check["available"], check["update"]) == ("0.1.0", "0.2.0", True)
     m.succeed("maculaos upgrade --apply --no-reboot", timeout=300)
-    s = status(m)
+    s = m.upgrade_status()
     assert (s["active"], s["trial"], s["tries"]) == ("A", "B", 0)
     assert s["slots"]["B"]["version"] == "0.2.0"
     # a second apply while a trial is pending is refused
@@ -145,7 +141,7 @@ def test_good_update_boots_b_and_is_confirmed_then_manual_rollback(disk_machine,
 
     assert m.reboot() == "B"
     m.wait_until_succeeds("maculaos upgrade --status | jq -e '.active == \"B\"'", timeout=120)
-    s = status(m)
+    s = m.upgrade_status()
     assert (s["booted"], s["active"], s["trial"], s["tries"], s["version"]) == ("B", "B", None, 0, "0.2.0")
     assert m.succeed("cat /var/lib/maculaos/marker") == "survives\n"
     # the confirm rewrote both env copies
@@ -153,7 +149,7 @@ def test_good_update_boots_b_and_is_confirmed_then_manual_rollback(disk_machine,
 
     m.succeed("maculaos upgrade --rollback --no-reboot")
     assert m.reboot() == "A"
-    s = status(m)
+    s = m.upgrade_status()
     assert (s["booted"], s["active"], s["trial"], s["rolledback"], s["version"]) == ("A", "A", None, "B", "0.1.0")
 
 
@@ -167,7 +163,7 @@ def test_unconfirmed_update_rolls_back_after_three_tries(disk_machine, bundle_se
     booted = [m.wait_for_console_text(r"maculaos-init: slot [AB]", timeout=240).group(0)[-1] for _ in range(4)]
     assert booted == ["B", "B", "B", "A"]
     m.wait_for_channel(timeout=240)
-    s = status(m)
+    s = m.upgrade_status()
     assert (s["booted"], s["active"], s["trial"], s["rolledback"], s["version"]) == ("A", "A", None, "B", "0.1.0")
     # and A stays put: the failing hook only matters for a trial
     assert m.reboot() == "A"
@@ -188,7 +184,7 @@ def test_power_cut_while_writing_the_slot_or_the_env_boots_the_committed_slot(di
     m.crash()
     m.start()
     assert m.wait_for_boot() == "A"
-    s = status(m)
+    s = m.upgrade_status()
     assert (s["booted"], s["active"], s["trial"], s["tries"], s["rolledback"]) == ("A", "A", None, 0, None)
     assert m.succeed("cat /var/lib/maculaos/marker") == "survives\n"
 
@@ -200,14 +196,14 @@ def test_power_cut_while_writing_the_slot_or_the_env_boots_the_committed_slot(di
     m.crash()
     m.start()
     assert m.wait_for_boot() == "A"
-    s = status(m)
+    s = m.upgrade_status()
     assert (s["booted"], s["active"], s["trial"], s["tries"]) == ("A", "A", None, 0)
     # the boot-time repair made the backup agree with the primary again
     m.wait_until_succeeds("cmp /run/maculaos/esp/grub/grubenv /run/maculaos/esp/grub/grubenv.bak", timeout=120)
     assert "trial=\n" in m.succeed("cat /run/maculaos/esp/grub/grubenv.bak")
     # and an update still goes through afterwards
     m.succeed(f"maculaos upgrade --apply {url}/good --no-reboot", timeout=300)
-    assert (status(m)["trial"], status(m)["slots"]["B"]["version"]) == ("B", "0.2.0")
+    assert (m.upgrade_status()["trial"], m.upgrade_status()["slots"]["B"]["version"]) == ("B", "0.2.0")
 
 
 def test_tampered_bundles_are_refused_with_nothing_written(disk_machine, bundle_server):
@@ -232,7 +228,7 @@ def test_tampered_bundles_are_refused_with_nothing_written(disk_machine, bundle_
                    check=True, capture_output=True)
 
     m = disk_machine()
-    before = status(m)
+    before = m.upgrade_status()
     slot_b = ("dev=$(grep -l PARTNAME=rootfs-B /sys/class/block/*/uevent); dev=${dev%/uevent}; "
               "head -c 1048576 /dev/${dev##*/} | sha256sum")
     b_hash = m.succeed(slot_b)
@@ -244,7 +240,7 @@ def test_tampered_bundles_are_refused_with_nothing_written(disk_machine, bundle_
     assert "sha256" in m.fail(f"maculaos upgrade --apply {url}/bad-sha --no-reboot", timeout=300)
     assert m.succeed("test ! -e /run/maculaos/esp/B/vmlinuz && echo no-kernel") == "no-kernel\n"
     assert m.succeed("cat /run/maculaos/esp/grub/grubenv /run/maculaos/esp/grub/grubenv.bak | sha256sum") == env_hash
-    after = status(m)
+    after = m.upgrade_status()
     assert after == before
     assert m.reboot() == "A"
 
@@ -261,5 +257,5 @@ def test_factory_reset_wipes_node_state_and_keeps_os_and_user_data(disk_machine)
     m.succeed("test ! -e /var/lib/maculaos/config.yaml && test ! -e /var/lib/rancher/k3s/state"
               " && test ! -e /etc/maculaos/local.conf")
     assert m.succeed("cat /var/lib/data/user-file") == "c\n"
-    s = status(m)
+    s = m.upgrade_status()
     assert (s["booted"], s["active"], s["version"]) == ("A", "A", "0.1.0")
