@@ -6,13 +6,19 @@ for svc in "$@"; do
   rc-update add "$svc" default
 done
 
-# Boot services that do nothing useful on a read-only squashfs root (no fsck of /, no NFS, no swap,
-# no backlight) only cost seconds, mostly visible under emulation.
-for svc in checkroot.sh checkroot-bootclean.sh checkfs.sh mountnfs.sh mountnfs-bootclean.sh brightness \
-           mount-configfs; do
-  rc-update del "$svc" sysinit 2>/dev/null || true
+# Debian's sysinit scripts are general-purpose: each sources the LSB helpers and probes for fsck, swap,
+# NFS, ..., which costs about a second per script under emulation. The initrd has already set up /,
+# /run and /dev, so the native maculaos-sysinit (overlay/etc/init.d) does what is left and provides
+# their names for the scripts that depend on them; overlay/etc/init.d/udev replaces Debian's udev
+# script. The replaced scripts are removed, so OpenRC neither runs nor parses them.
+for svc in bootmisc.sh checkfs.sh checkroot-bootclean.sh checkroot.sh hostname.sh hwclock.sh kmod \
+           mountall-bootclean.sh mountall.sh mountdevsubfs.sh mountkernfs.sh mountnfs-bootclean.sh \
+           mountnfs.sh procps urandom brightness mount-configfs bootlogs rmnologin; do
+  rm -f /etc/runlevels/*/"$svc" "/etc/init.d/$svc" /etc/rc?.d/[SK][0-9][0-9]"$svc"
 done
-for svc in bootlogs rmnologin rsync; do rc-update del "$svc" default 2>/dev/null || true; done
+rc-update add maculaos-sysinit sysinit
+rc-update del rsync default >/dev/null 2>&1 || true  # the rsync daemon stays available, off
+ln -sf ../proc/self/mounts /etc/mtab
 # DHCP must not hold up the consoles: start networking with the default runlevel, not sysinit.
 if rc-update del networking sysinit 2>/dev/null; then rc-update add networking default; fi
 
