@@ -55,7 +55,7 @@ def main() -> int:
         m.start()
         try:
             m.wait_for_boot()
-            m.wait_until_succeeds("ip -4 -o addr show dev eth0 | grep -q inet", timeout=90)
+            m.wait_for_network()
             dev = "$(d=$(grep -l PARTNAME=rootfs-B /sys/class/block/*/uevent); d=${d%/uevent}; echo /dev/${d##*/})"
             for _ in range(args.runs):
                 out = m.succeed(f"s=$(date +%s.%N); curl -fsS {url}/rootfs.squashfs > {dev}; sync; "

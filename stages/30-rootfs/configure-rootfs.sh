@@ -19,6 +19,12 @@ done
 rc-update add maculaos-sysinit sysinit
 rc-update del rsync default >/dev/null 2>&1 || true  # the rsync daemon stays available, off
 ln -sf ../proc/self/mounts /etc/mtab
+# DNS servers from the node config outlast DHCP renewals: once apply-config has written them, it
+# marks /run/maculaos/dns.static and udhcpc's lease script leaves /etc/resolv.conf alone.
+sed -i 's|^RESOLV_CONF="/etc/resolv.conf"$|&\n[ -e /run/maculaos/dns.static ] \&\& RESOLV_CONF=/dev/null  # MaculaOS|' \
+  /etc/udhcpc/default.script
+grep -q 'maculaos/dns.static' /etc/udhcpc/default.script \
+  || { echo "configure-rootfs: cannot find RESOLV_CONF= in /etc/udhcpc/default.script" >&2; exit 3; }
 # DHCP must not hold up the consoles: start networking with the default runlevel, not sysinit.
 if rc-update del networking sysinit 2>/dev/null; then rc-update add networking default; fi
 

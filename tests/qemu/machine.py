@@ -296,6 +296,10 @@ class Machine:
         self.wait_for_channel(timeout=timeout)
         return m.group(0)[-1]
 
+    def wait_for_network(self, timeout: float = 90) -> None:
+        """Wait until eth0 has its DHCP address: the test channel comes up while networking still starts."""
+        self.wait_until_succeeds("ip -4 -o addr show dev eth0 | grep -q inet", timeout=timeout)
+
     def reboot(self, timeout: float = 240) -> str:
         """Reboot the guest and wait until it is back; returns the slot it booted."""
         self.send_channel_nowait("reboot")

@@ -78,7 +78,7 @@ def disk_machine(test_disk: Path, make_machine, tmp_path):
         m = make_machine(cow_disk(test_disk, tmp_path / f"{name}-amd64.qcow2"), name, **kw)
         m.start()
         assert m.wait_for_boot() == "A"
-        m.wait_until_succeeds("ip -4 -o addr show dev eth0 | grep -q inet", timeout=90)
+        m.wait_for_network()
         return m
 
     return start
@@ -187,11 +187,13 @@ def test_power_cut_while_writing_the_slot_or_the_env_boots_the_committed_slot(di
     s = m.upgrade_status()
     assert (s["booted"], s["active"], s["trial"], s["tries"], s["rolledback"]) == ("A", "A", None, 0, None)
     assert m.succeed("cat /var/lib/maculaos/marker") == "survives\n"
+    m.wait_for_network()
 
     # 2. power cut between the two env writes: the backup says "trial B", the primary still "A"
     m.succeed(f"(MACULAOS_FAULT_PAUSE=env-backup-written maculaos upgrade --apply {url}/good --no-reboot"
               " > /tmp/apply.log 2>&1 &)")
-    m.wait_until_succeeds("grep -q 'paused at env-backup-written' /tmp/apply.log", timeout=300)
+    m.wait_until_succeeds("grep -q 'paused at env-backup-written' /tmp/apply.log || { cat /tmp/apply.log; false; }",
+                          timeout=300)
     assert "trial=B" in m.succeed("cat /run/maculaos/esp/grub/grubenv.bak")
     m.crash()
     m.start()
@@ -202,6 +204,7 @@ def test_power_cut_while_writing_the_slot_or_the_env_boots_the_committed_slot(di
     m.wait_until_succeeds("cmp /run/maculaos/esp/grub/grubenv /run/maculaos/esp/grub/grubenv.bak", timeout=120)
     assert "trial=\n" in m.succeed("cat /run/maculaos/esp/grub/grubenv.bak")
     # and an update still goes through afterwards
+    m.wait_for_network()
     m.succeed(f"maculaos upgrade --apply {url}/good --no-reboot", timeout=300)
     assert (m.upgrade_status()["trial"], m.upgrade_status()["slots"]["B"]["version"]) == ("B", "0.2.0")
 

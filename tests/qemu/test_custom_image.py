@@ -91,8 +91,8 @@ def test_custom_image_and_node_config_take_effect(custom_build, make_machine, tm
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     pub = key.with_suffix(".pub").read_text().strip()
-    config = (f"maculaos:\n  hostname: edge-${{ARCH}}-1\n  mesh:\n    roles:\n      gateway: true\n"
-              f"ssh_authorized_keys:\n  - {pub}\n")
+    config = (f"maculaos:\n  hostname: edge-${{ARCH}}-1\n  dns_nameservers: [10.0.2.3, 192.0.2.53]\n"
+              f"  mesh:\n    roles:\n      gateway: true\nssh_authorized_keys:\n  - {pub}\n")
     m.succeed(f"cat > /var/lib/maculaos/config.yaml <<'EOF'\n{config}EOF\n"
               "maculaos config validate /var/lib/maculaos/config.yaml && sync")
     assert m.reboot() == "A"
@@ -108,6 +108,13 @@ def test_custom_image_and_node_config_take_effect(custom_build, make_machine, tm
            "hostname"]
     out = ssh_when_up(ssh)
     assert out.returncode == 0 and out.stdout.strip() == "edge-amd64-1", out.stderr
+    # DNS servers from the config, and they outlast a DHCP lease (udhcpc runs its lease script as it
+    # does at every renewal; before the fix it rewrote resolv.conf with slirp's server alone)
+    dns = "nameserver 10.0.2.3\nnameserver 192.0.2.53\n"
+    assert m.succeed("cat /etc/resolv.conf") == dns
+    m.succeed("udhcpc -i eth0 -n -q -s /etc/udhcpc/default.script >/dev/null 2>&1", timeout=60)
+    m.wait_for_network(timeout=30)
+    assert m.succeed("cat /etc/resolv.conf") == dns
 
     # a bad config: refused by the validator, reported at boot, and the node keeps its last good config
     m.succeed("printf 'maculaos:\\n  hostnme: typo\\n' > /var/lib/maculaos/config.d.yaml")

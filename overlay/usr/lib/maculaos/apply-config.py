@@ -101,8 +101,13 @@ def apply(plan: dict) -> None:
     run(["hostname", host])
     hosts = [line for line in Path("/etc/hosts").read_text().splitlines() if not line.startswith("127.0.1.1")]
     write(Path("/etc/hosts"), "\n".join([*hosts, f"127.0.1.1\t{host}"]) + "\n")
+    static_dns = Path("/run/maculaos/dns.static")  # tells udhcpc's lease script to keep resolv.conf
     if plan["dns_nameservers"]:
+        static_dns.parent.mkdir(parents=True, exist_ok=True)
+        static_dns.touch()
         write(Path("/etc/resolv.conf"), "".join(f"nameserver {d}\n" for d in plan["dns_nameservers"]))
+    else:
+        static_dns.unlink(missing_ok=True)
     for module in plan["modules"]:
         if run(["modprobe", module], stderr=subprocess.DEVNULL) != 0:
             say(f"cannot load kernel module {module}")
