@@ -153,14 +153,23 @@ def test_good_update_boots_b_and_is_confirmed_then_manual_rollback(disk_machine,
     assert (s["booted"], s["active"], s["trial"], s["rolledback"], s["version"]) == ("A", "A", None, "B", "0.1.0")
 
 
-def test_unconfirmed_update_rolls_back_after_three_tries(disk_machine, bundle_server):
+def test_unconfirmed_or_hanging_update_rolls_back_after_three_tries(disk_machine, bundle_server):
     url, _ = bundle_server
     m = disk_machine()
-    m.succeed("mkdir -p /var/lib/maculaos/health.d && printf '#!/bin/sh\\nexit 1\\n' > /var/lib/maculaos/health.d/fail"
+    # The trial's health hook hangs on its first boot (the watchdog must end that boot, after the
+    # macula.confirm_timeout= added to the boot entries here) and fails on the next ones.
+    hook = ("#!/bin/sh\\nif [ ! -e /var/lib/maculaos/hung ]; then touch /var/lib/maculaos/hung; sync; sleep 600; fi\\n"
+            "exit 1\\n")
+    m.succeed(f"mkdir -p /var/lib/maculaos/health.d && printf '{hook}' > /var/lib/maculaos/health.d/fail"
               " && chmod +x /var/lib/maculaos/health.d/fail && sync")
+    cfg = "/run/maculaos/esp/grub/grub.cfg"
+    m.succeed(f"sed -i 's/macula.mode=disk /macula.mode=disk macula.confirm_timeout=20 /' {cfg}"
+              f" && grep -q confirm_timeout=20 {cfg} && sync")
     m.succeed(f"maculaos upgrade --apply {url}/good --no-reboot", timeout=300)
     m.send_channel_nowait("reboot")
-    booted = [m.wait_for_console_text(r"maculaos-init: slot [AB]", timeout=240).group(0)[-1] for _ in range(4)]
+    booted = [m.wait_for_console_text(r"maculaos-init: slot [AB]", timeout=240).group(0)[-1]]
+    m.wait_for_console_text(r"trial slot B not confirmed within 20 s: rebooting", timeout=240)
+    booted += [m.wait_for_console_text(r"maculaos-init: slot [AB]", timeout=240).group(0)[-1] for _ in range(3)]
     assert booted == ["B", "B", "B", "A"]
     m.wait_for_channel(timeout=240)
     s = m.upgrade_status()
