@@ -215,7 +215,8 @@ def test_power_cut_while_writing_the_slot_or_the_env_boots_the_committed_slot(di
     # and an update still goes through afterwards
     m.wait_for_network()
     m.succeed(f"maculaos upgrade --apply {url}/good --no-reboot", timeout=300)
-    assert (m.upgrade_status()["trial"], m.upgrade_status()["slots"]["B"]["version"]) == ("B", "0.2.0")
+    s = m.upgrade_status()
+    assert (s["trial"], s["slots"]["B"]["version"]) == ("B", "0.2.0")
 
 
 def test_tampered_bundles_are_refused_with_nothing_written(disk_machine, bundle_server):
