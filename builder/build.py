@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, artifacts, images, keys, ui
+from . import __version__, artifacts, gc, images, keys, ui
 from .bootstrap import bootstrap
 from .debian_index import check_packages
 from .engine import LABEL_STAGE_ID, Engine, connect, read_text_from_image
@@ -88,6 +88,25 @@ def write_dry_run(rendered: list[RenderedStage], dest: Path) -> None:
         (target / "STAGE_ID").write_text(r.stage_id + "\n")
 
 
+# Below LOW_SPACE free, a build first removes every SDK image the plan does not use; below MIN_SPACE it stops.
+LOW_SPACE = 10 * 2**30
+MIN_SPACE = 4 * 2**30
+
+
+def ensure_space(engine: Engine, keep: set[str]) -> None:
+    """Make room for a build on the engine's disk, or fail with how much is free and what to do."""
+    free = gc.docker_free_bytes(engine.client)
+    if free is None or free >= LOW_SPACE:
+        return
+    with ui.step(f"only {gc.human(free)} free for the docker engine: remove stage images this build does not use"):
+        done = gc.collect(engine.client, keep, 0, prune_dangling=True)
+    ui.info(f"  removed {len(done.removed)} stage image(s) and untagged build images, {gc.human(done.freed)} freed")
+    free = gc.docker_free_bytes(engine.client) or 0
+    if free < MIN_SPACE:
+        raise BuildFailed(f"only {gc.human(free)} free on the docker engine's disk; a build needs about "
+                          f"{gc.human(MIN_SPACE)}", "free space there (docker system df shows what holds it)")
+
+
 def _build_stage(engine: Engine, r: RenderedStage, profile: Profile, sde: int, log_path: Path,
                  no_cache: bool) -> None:
     with log_path.open("w") as log:
@@ -98,8 +117,11 @@ def _build_stage(engine: Engine, r: RenderedStage, profile: Profile, sde: int, l
                 bootstrap(bootstrap_params(profile, sde), tarball, log)
             os.link(tarball, r.context / "rootfs.tar")
         platform = None if profile.arch.is_native else profile.arch.docker_platform
-        engine.build(r.context, r.image, log, platform=platform, no_cache=no_cache,
-                     labels={LABEL_STAGE_ID: r.stage_id, "io.maculaos.stage": r.meta.name})
+        steps = engine.build(r.context, r.image, log, platform=platform, no_cache=no_cache,
+                             labels={LABEL_STAGE_ID: r.stage_id, gc.LABEL_STAGE: r.meta.name})
+    # A multi-stage build leaves its earlier stages as untagged images that no later build reuses
+    # (stage ids change with any input); only the tagged image and its own layers are the cache.
+    gc.remove_untagged(engine.client, steps)
 
 
 def _previous_manifest(path: Path) -> dict[str, Any]:
@@ -113,6 +135,7 @@ def build_image(profile: Profile, options: BuildOptions, engine: Engine | None =
     """Build every stage the profile needs and export its artifacts into `options.output`."""
     plan = make_plan(profile)
     sde = source_date_epoch(profile)
+    cache_limit = gc.cache_max()
     workdir = cache_dir() / "contexts" / f"{profile.name}-{profile.arch}"
     secret = keys.signing_key(profile.get("update.signing_key"), options.signing_key)
     ui.info(f"[bold]MaculaOS[/] {profile.name} {profile.version} ({profile.arch}), "
@@ -149,12 +172,18 @@ def build_image(profile: Profile, options: BuildOptions, engine: Engine | None =
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    keep = {r.image for r in rendered}
+    space_checked = False
     for r in rendered:
         t0 = time.monotonic()
         if not options.no_cache and engine.has_image(r.image):
             result.stages.append(StageResult(r, True, 0.0))
             ui.stage_line(r.meta.name, "cached", 0.0, r.image)
+            gc.mark_used([r.image])
             continue
+        if not space_checked:
+            ensure_space(engine, keep)
+            space_checked = True
         log_path = logs / f"{r.meta.folder.name}.log"
         try:
             with ui.console.status(f"  {r.meta.name:<10} building ... (log: {log_path})"):
@@ -164,6 +193,7 @@ def build_image(profile: Profile, options: BuildOptions, engine: Engine | None =
             exc.hint = exc.hint or f"full log: {log_path}"
             raise
         seconds = time.monotonic() - t0
+        gc.mark_used([r.image])
         result.stages.append(StageResult(r, False, seconds))
         ui.stage_line(r.meta.name, "done", seconds, r.image)
 
@@ -213,6 +243,10 @@ def build_image(profile: Profile, options: BuildOptions, engine: Engine | None =
     manifest_path.write_text(text)
     (out / "manifest.json").write_text(text)
     result.manifest = manifest_path
+    done = gc.collect(engine.client, keep, cache_limit)
+    if done.removed:
+        ui.info(f"  cache: removed {len(done.removed)} stage image(s) no recent build used, "
+                f"{gc.human(done.freed)} freed; {gc.human(done.kept_bytes)} kept (MACULAOS_SDK_CACHE_MAX)")
     return result
 
 

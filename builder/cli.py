@@ -242,6 +242,30 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_gc(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gc", help="remove the least recently used stage images until the rest fit the cache limit")
+    p.add_argument("--max", default=None, metavar="SIZE",
+                   help="cache limit, like 20G or 0 (default: MACULAOS_SDK_CACHE_MAX, else 20G)")
+    p.add_argument("--all", action="store_true", help="remove every stage image (the next build starts cold)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    p.set_defaults(func=_cmd_gc)
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from . import gc
+    from .engine import connect
+
+    limit = 0 if args.all else gc.parse_size(args.max, "--max") if args.max else gc.cache_max()
+    client = connect()
+    done = gc.collect(client, set(), limit, dry_run=args.dry_run, prune_dangling=not args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for image in done.removed:
+        ui.info(f"  {verb} {image.ref}  {gc.human(image.size)}")
+    ui.info(f"{verb} {len(done.removed)} stage image(s): {gc.human(done.freed)}; "
+            f"{gc.human(done.kept_bytes)} of stage images kept (limit {gc.human(limit)})")
+    return EXIT_OK
+
+
 def _add_test(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("test", help="run the test suites (unit, and QEMU boot tests with --target qemu)")
     p.add_argument("--target", choices=["unit", "qemu", "all"], default="all")
@@ -266,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_build, _add_vm, _add_doctor, _add_profile, _add_keys, _add_publish, _add_artifacts, _add_config,
-                _add_test):
+                _add_gc, _add_test):
         add(sub)
     return parser
 

@@ -16,6 +16,7 @@ from typing import IO, Any
 from .errors import BuildFailed
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STEP_IMAGE = re.compile(r"^ ---> ([0-9a-f]{12,64})$", re.MULTILINE)  # the image a build step left
 
 LABEL_STAGE_ID = "io.maculaos.stage-id"
 
@@ -48,8 +49,11 @@ class Engine:
             return False
 
     def build(self, context: Path, tag: str, log: IO[str], *, platform: str | None, no_cache: bool,
-              labels: dict[str, str]) -> None:
-        """Build `context/Dockerfile` as `tag`, streaming the engine's output into `log`."""
+              labels: dict[str, str]) -> list[str]:
+        """Build `context/Dockerfile` as `tag`, streaming the engine's output into `log`.
+
+        Returns the ids of the images the build's steps left, in order (the last is the tagged one)."""
+        steps: list[str] = []
         tail: deque[str] = deque(maxlen=25)
         buildargs = {k: v for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy")
                      if (v := os.environ.get(k))}
@@ -61,6 +65,7 @@ class Engine:
             if "stream" in chunk:
                 text = chunk["stream"]
                 log.write(text)
+                steps.extend(_STEP_IMAGE.findall(text))
                 tail.extend(clean for line in text.splitlines() if (clean := _ANSI.sub("", line)).strip())
             elif "error" in chunk:
                 log.write(f"ERROR: {chunk['error']}\n")
@@ -72,6 +77,7 @@ class Engine:
             log.flush()
         if not self.has_image(tag):
             raise BuildFailed(f"docker build finished but {tag} is missing", "see the stage log")
+        return steps
 
     @contextmanager
     def _archive(self, ref: str, src: str, spool_dir: Path) -> Iterator[tarfile.TarFile]:

@@ -28,3 +28,13 @@ def cache_dir() -> Path:
     """Scratch space for build contexts and bootstrap tarballs (override: MACULAOS_SDK_CACHE)."""
     env = os.environ.get("MACULAOS_SDK_CACHE")
     return Path(env).resolve() if env else sdk_root() / ".cache"
+
+
+def state_dir() -> Path:
+    """Per-machine state shared by every checkout, e.g. which stage images builds used last
+    (override: MACULAOS_SDK_STATE; default $XDG_STATE_HOME/maculaos-sdk or ~/.local/state/maculaos-sdk)."""
+    env = os.environ.get("MACULAOS_SDK_STATE")
+    if env:
+        return Path(env).resolve()
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "maculaos-sdk"

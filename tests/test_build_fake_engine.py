@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -15,14 +16,36 @@ from maculaos_sdk.errors import BuildFailed
 from maculaos_sdk.profile import load_profile
 
 
+class FakeImage:
+    def __init__(self, ref: str, tags: list[str]) -> None:
+        self.id = f"sha256:{ref}"
+        self.tags = tags
+        self.attrs = {"Size": 2**20, "Created": 1_700_000_000}
+
+
 class FakeImages:
     def __init__(self, client: FakeClient) -> None:
         self.client = client
 
-    def get(self, ref: str) -> str:
+    def get(self, ref: str) -> FakeImage:
+        if ref in self.client.untagged:
+            return FakeImage(ref, [])
         if ref not in self.client.tags:
             raise LookupError(ref)
-        return ref
+        return FakeImage(ref, [ref])
+
+    def list(self, filters: dict) -> list[FakeImage]:
+        assert filters == {"label": "io.maculaos.stage"}
+        return [FakeImage(ref, [ref]) for ref in sorted(self.client.tags)]
+
+    def remove(self, ref: str) -> None:
+        self.client.removed.append(ref)
+        self.client.untagged.discard(ref)
+        self.client.tags.discard(ref)
+
+    def prune(self, filters: dict) -> dict:
+        self.client.untagged.clear()
+        return {"SpaceReclaimed": 0}
 
 
 class FakeContainer:
@@ -67,12 +90,17 @@ class FakeApi:
             return
         assert "FROM" in dockerfile
         yield {"stream": f"building {stage}\n"}
+        step = f"{len(self.client.builds):012x}"  # an earlier stage's image, left untagged
+        self.client.untagged.add(step)
+        yield {"stream": f" ---> {step}\n"}
         self.client.tags.add(kw["tag"])
 
 
 class FakeClient:
     def __init__(self) -> None:
         self.tags: set[str] = set()
+        self.untagged: set[str] = set()
+        self.removed: list[str] = []
         self.builds: list[dict] = []
         self.interrupt_at: str | None = None
         self.fail_at: str | None = None
@@ -84,6 +112,7 @@ class FakeClient:
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     monkeypatch.setenv("MACULAOS_SDK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MACULAOS_SDK_STATE", str(tmp_path / "state"))
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
     # the base stage bootstraps with mmdebstrap; the fake build does not need the tarball
     def fake_bootstrap(params, tarball: Path, log) -> None:
@@ -115,6 +144,42 @@ def test_cold_build_builds_every_stage_in_order_and_exports(env):
     assert manifest["source_date_epoch"] == 1735689600
     assert set(manifest["stages"]) == set(stages)
     assert (env / "out" / "logs" / "30-rootfs.log").read_text().startswith("# stage rootfs")
+
+
+def test_build_removes_the_untagged_images_its_stages_leave(env):
+    client = FakeClient()
+    _build(client, env / "out")
+    assert client.untagged == set() and len(client.removed) == 8
+    assert all(not ref.startswith("maculaos-sdk/") for ref in client.removed)
+
+
+def _age_markers(state: Path, seconds: float) -> None:
+    for marker in (state / "used").iterdir():
+        st = marker.stat()
+        os.utime(marker, (st.st_atime - seconds, st.st_mtime - seconds))
+
+
+def test_old_stage_images_beyond_the_cache_limit_go_least_recently_used_first(env, monkeypatch):
+    client = FakeClient()
+    builds = {}
+    for sde in ("1", "2", "1", "3"):  # plan 1 is used again after plan 2, so plan 2 is the oldest
+        monkeypatch.setenv("SOURCE_DATE_EPOCH", sde)
+        _age_markers(env / "state", 100) if (env / "state").exists() else None
+        monkeypatch.setenv("MACULAOS_SDK_CACHE_MAX", "16M" if sde == "3" else "1G")
+        builds[sde] = {s.stage.image for s in _build(client, env / "out").stages}
+    assert len(set().union(*builds.values())) == 24  # three plans of 8 images of 1 MiB each
+    assert client.tags == builds["1"] | builds["3"]  # 16 MiB kept: the plan just built and the most recent one
+    client.builds.clear()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1")
+    _build(client, env / "out")
+    assert client.builds == []
+
+
+def test_the_plan_being_built_is_kept_even_over_the_limit(env, monkeypatch):
+    monkeypatch.setenv("MACULAOS_SDK_CACHE_MAX", "0")
+    client = FakeClient()
+    result = _build(client, env / "out")
+    assert client.tags == {s.stage.image for s in result.stages}
 
 
 def test_second_build_is_all_cached(env):

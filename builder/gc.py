@@ -1,0 +1,162 @@
+"""Keeping the engine's disk use bounded: the SDK removes its own stage images that no recent build used.
+
+Every stage image is tagged `maculaos-sdk/<stage>:<id>`. Each build marks the images of its plan as used
+(a marker file per image in the state folder, shared by every checkout on the machine). Afterwards, while the
+SDK's images add up to more than the cache limit (`MACULAOS_SDK_CACHE_MAX`, default 20G), the least recently
+used image that is not part of the current plan is removed. An image no build has marked counts as used when
+it was created. Images of the plan just built are never removed, so a no-change rebuild stays all cached.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import BadInput
+from .paths import state_dir
+
+REPO_PREFIX = "maculaos-sdk/"
+LABEL_STAGE = "io.maculaos.stage"
+DEFAULT_CACHE_MAX = "20G"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class StageImage:
+    """One tagged stage image as the engine lists it."""
+
+    ref: str  # maculaos-sdk/<stage>:<id prefix>
+    image_id: str
+    size: int
+    created: float  # seconds since 1970
+
+
+@dataclass
+class Collected:
+    """What a collection removed (or, in a dry run, would remove)."""
+
+    removed: list[StageImage]
+    kept_bytes: int
+    dangling_bytes: int = 0
+
+    @property
+    def freed(self) -> int:
+        return sum(i.size for i in self.removed) + self.dangling_bytes
+
+
+def parse_size(text: str, where: str = "MACULAOS_SDK_CACHE_MAX") -> int:
+    """Bytes from '20G', '512M', '0' (binary units); a clear error otherwise."""
+    m = _SIZE.match(text)
+    if not m:
+        raise BadInput(f"{where}: {text!r} is not a size", "write it like 20G, 512M or 0")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def cache_max() -> int:
+    """The cache limit in bytes (MACULAOS_SDK_CACHE_MAX, default 20G)."""
+    return parse_size(os.environ.get("MACULAOS_SDK_CACHE_MAX", DEFAULT_CACHE_MAX))
+
+
+def _marker(ref: str) -> Path:
+    return state_dir() / "used" / ref.removeprefix(REPO_PREFIX).replace("/", "_").replace(":", "@")
+
+
+def mark_used(refs: list[str]) -> None:
+    """Record that a build used these images now (touches one marker file each)."""
+    for ref in refs:
+        path = _marker(ref)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+
+
+def last_used(image: StageImage) -> float:
+    """When a build last used the image, else when it was created."""
+    try:
+        return _marker(image.ref).stat().st_mtime
+    except OSError:
+        return image.created
+
+
+def stage_images(client: Any) -> list[StageImage]:
+    """Every tagged `maculaos-sdk/*` image, one entry per tag."""
+    found = []
+    for image in client.images.list(filters={"label": LABEL_STAGE}):
+        attrs = image.attrs
+        created = attrs.get("Created", 0)
+        if isinstance(created, str):  # the API gives RFC 3339; the list endpoint gives seconds
+            created = time.mktime(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S"))
+        for tag in image.tags:
+            if tag.startswith(REPO_PREFIX):
+                found.append(StageImage(tag, image.id, int(attrs.get("Size", 0)), float(created)))
+    return found
+
+
+def collect(client: Any, keep: set[str], limit: int, *, dry_run: bool = False,
+            prune_dangling: bool = False) -> Collected:
+    """Remove least recently used stage images not in `keep` until the rest fit in `limit` bytes.
+
+    With `prune_dangling`, also remove untagged images left by the SDK's own builds (the first stages of
+    multi-stage builds); a build running at the same time would lose its intermediate images, so a build
+    only does this when disk space runs out.
+    """
+    images = stage_images(client)
+    total = sum(i.size for i in {i.image_id: i for i in images}.values())
+    removed: list[StageImage] = []
+    remaining_tags: dict[str, int] = {}
+    for i in images:
+        remaining_tags[i.image_id] = remaining_tags.get(i.image_id, 0) + 1
+    for image in sorted((i for i in images if i.ref not in keep), key=last_used):
+        if total <= limit:
+            break
+        if not dry_run:
+            try:
+                client.images.remove(image.ref)
+            except Exception:  # in use by a container, or removed meanwhile: leave it
+                continue
+        _marker(image.ref).unlink(missing_ok=True)
+        removed.append(image)
+        remaining_tags[image.image_id] -= 1
+        if remaining_tags[image.image_id] == 0:  # the last tag: the image itself is gone
+            total -= image.size
+    result = Collected(removed, total)
+    if prune_dangling and not dry_run:
+        pruned = client.images.prune(filters={"dangling": True, "label": LABEL_STAGE})
+        result.dangling_bytes = int((pruned or {}).get("SpaceReclaimed") or 0)
+    return result
+
+
+def remove_untagged(client: Any, image_ids: list[str]) -> None:
+    """Remove the images among `image_ids` that no tag names (a multi-stage build's earlier stages).
+
+    The engine keeps each such image's untagged parents unless another image still builds on them, so the
+    layers of tagged images (the package layer of rootfs, say) stay cached.
+    """
+    for image_id in reversed(image_ids):
+        try:
+            if not client.images.get(image_id).tags:
+                client.images.remove(image_id)
+        except Exception:  # a parent of a tagged image, or already gone with a child: keep going
+            continue
+
+
+def docker_free_bytes(client: Any) -> int | None:
+    """Free bytes on the filesystem holding the engine's data, when it is on this machine."""
+    try:
+        root = client.info().get("DockerRootDir")
+        return shutil.disk_usage(root).free if root and Path(root).exists() else None
+    except Exception:
+        return None
+
+
+def human(n: float) -> str:
+    """A byte count for people: 512 B, 340.0 MiB, 1.2 GiB."""
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
