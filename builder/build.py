@@ -99,7 +99,7 @@ def ensure_space(engine: Engine, keep: set[str]) -> None:
     if free is None or free >= LOW_SPACE:
         return
     with ui.step(f"only {gc.human(free)} free for the docker engine: remove stage images this build does not use"):
-        done = gc.collect(engine.client, keep, 0, prune_dangling=True)
+        done = gc.collect(engine.client, keep, 0, dangling_older_than="0s")
     ui.info(f"  removed {len(done.removed)} stage image(s) and untagged build images, {gc.human(done.freed)} freed")
     free = gc.docker_free_bytes(engine.client) or 0
     if free < MIN_SPACE:
@@ -243,9 +243,10 @@ def build_image(profile: Profile, options: BuildOptions, engine: Engine | None =
     manifest_path.write_text(text)
     (out / "manifest.json").write_text(text)
     result.manifest = manifest_path
-    done = gc.collect(engine.client, keep, cache_limit)
-    if done.removed:
-        ui.info(f"  cache: removed {len(done.removed)} stage image(s) no recent build used, "
+    done = gc.collect(engine.client, keep, cache_limit, dangling_older_than="6h")
+    if done.removed or done.dangling_bytes:
+        ui.info(f"  cache: removed {len(done.removed)} stage image(s) no recent build used and untagged images "
+                f"left by killed builds, "
                 f"{gc.human(done.freed)} freed; {gc.human(done.kept_bytes)} kept (MACULAOS_SDK_CACHE_MAX)")
     return result
 

@@ -257,7 +257,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
     limit = 0 if args.all else gc.parse_size(args.max, "--max") if args.max else gc.cache_max()
     client = connect()
-    done = gc.collect(client, set(), limit, dry_run=args.dry_run, prune_dangling=not args.dry_run)
+    done = gc.collect(client, set(), limit, dry_run=args.dry_run, dangling_older_than="0s")
     verb = "would remove" if args.dry_run else "removed"
     for image in done.removed:
         ui.info(f"  {verb} {image.ref}  {gc.human(image.size)}")

@@ -81,7 +81,23 @@ def _disk() -> Check:
     docker_root = Path("/var/lib/docker")
     if docker_root.exists():
         free = min(free, shutil.disk_usage(docker_root).free / 2**30)
-    return Check("disk space", free >= 10, f"{free:.0f} GiB free", "free at least 10 GiB (docker image prune)")
+    return Check("disk space", free >= 10, f"{free:.0f} GiB free", "free at least 10 GiB (maculaos-sdk gc, "
+                 "docker system df)")
+
+
+def _stage_images() -> Check:
+    from . import gc
+    from .engine import connect
+
+    try:
+        images = gc.stage_images(connect())
+        limit = gc.cache_max()
+    except Exception as exc:
+        return Check("stage-image cache", False, getattr(exc, "message", str(exc)), "see the docker engine check",
+                     required=False)
+    total = sum({i.image_id: i.size for i in images}.values())
+    return Check("stage-image cache", total <= limit, f"{len(images)} images, {gc.human(total)} "
+                 f"(limit {gc.human(limit)}, MACULAOS_SDK_CACHE_MAX)", "maculaos-sdk gc", required=False)
 
 
 def run_checks() -> list[Check]:
@@ -101,6 +117,7 @@ def run_checks() -> list[Check]:
         _kvm(),
         *[_binfmt(a) for a in foreign],
         _disk(),
+        _stage_images(),
     ]
 
 

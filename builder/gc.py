@@ -97,12 +97,13 @@ def stage_images(client: Any) -> list[StageImage]:
 
 
 def collect(client: Any, keep: set[str], limit: int, *, dry_run: bool = False,
-            prune_dangling: bool = False) -> Collected:
+            dangling_older_than: str | None = None) -> Collected:
     """Remove least recently used stage images not in `keep` until the rest fit in `limit` bytes.
 
-    With `prune_dangling`, also remove untagged images left by the SDK's own builds (the first stages of
-    multi-stage builds); a build running at the same time would lose its intermediate images, so a build
-    only does this when disk space runs out.
+    With `dangling_older_than` (a docker duration: "6h", "0s"), also remove the untagged images the SDK's
+    builds left that are older than that: a build that was killed leaves its earlier stages behind. A build
+    running at the same time could lose its intermediate images, so builds only prune old ones, or all of
+    them when disk space runs out.
     """
     images = stage_images(client)
     total = sum(i.size for i in {i.image_id: i for i in images}.values())
@@ -124,8 +125,8 @@ def collect(client: Any, keep: set[str], limit: int, *, dry_run: bool = False,
         if remaining_tags[image.image_id] == 0:  # the last tag: the image itself is gone
             total -= image.size
     result = Collected(removed, total)
-    if prune_dangling and not dry_run:
-        pruned = client.images.prune(filters={"dangling": True, "label": LABEL_STAGE})
+    if dangling_older_than is not None and not dry_run:
+        pruned = client.images.prune(filters={"dangling": True, "label": LABEL_STAGE, "until": dangling_older_than})
         result.dangling_bytes = int((pruned or {}).get("SpaceReclaimed") or 0)
     return result
 

@@ -44,6 +44,7 @@ class FakeImages:
         self.client.tags.discard(ref)
 
     def prune(self, filters: dict) -> dict:
+        assert filters["dangling"] is True and filters["label"] == "io.maculaos.stage" and "until" in filters
         self.client.untagged.clear()
         return {"SpaceReclaimed": 0}
 

@@ -69,7 +69,8 @@ def test_killed_build_leaves_cache_usable(core_build, tmp_path):
                        f"overlay:\n  /etc/maculaos-kill-test: '{uuid.uuid4()}'\n")
     out = tmp_path / "out"
     proc = subprocess.Popen([*CLI, "build-image", "--config", str(profile), "-o", str(out)], cwd=sdk_root(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})  # what the killed build leaves stays here
     squashfs_log = out / "logs" / "50-squashfs.log"
     deadline = time.monotonic() + 600
     while not (squashfs_log.exists() and "Step 4/" in squashfs_log.read_text()):
