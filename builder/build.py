@@ -117,11 +117,12 @@ def _build_stage(engine: Engine, r: RenderedStage, profile: Profile, sde: int, l
                 bootstrap(bootstrap_params(profile, sde), tarball, log)
             os.link(tarball, r.context / "rootfs.tar")
         platform = None if profile.arch.is_native else profile.arch.docker_platform
+        replaced = engine.image_id(r.image)  # --no-cache rebuilds a present tag; the old image loses it
         steps = engine.build(r.context, r.image, log, platform=platform, no_cache=no_cache,
                              labels={LABEL_STAGE_ID: r.stage_id, gc.LABEL_STAGE: r.meta.name})
     # A multi-stage build leaves its earlier stages as untagged images that no later build reuses
     # (stage ids change with any input); only the tagged image and its own layers are the cache.
-    gc.remove_untagged(engine.client, steps)
+    gc.remove_untagged(engine.client, [replaced, *steps] if replaced else steps)
 
 
 def _previous_manifest(path: Path) -> dict[str, Any]:
@@ -244,10 +245,11 @@ def build_image(profile: Profile, options: BuildOptions, engine: Engine | None =
     (out / "manifest.json").write_text(text)
     result.manifest = manifest_path
     done = gc.collect(engine.client, keep, cache_limit, dangling_older_than="6h")
-    if done.removed or done.dangling_bytes:
-        ui.info(f"  cache: removed {len(done.removed)} stage image(s) no recent build used and untagged images "
-                f"left by killed builds, "
-                f"{gc.human(done.freed)} freed; {gc.human(done.kept_bytes)} kept (MACULAOS_SDK_CACHE_MAX)")
+    what = [f"{len(done.removed)} stage image(s) no recent build used"] if done.removed else []
+    what += ["untagged images killed builds left"] if done.dangling_bytes else []
+    if what:
+        ui.info(f"  cache: removed {' and '.join(what)}, {gc.human(done.freed)} freed; {gc.human(done.kept_bytes)} "
+                f"kept (limit {gc.human(cache_limit)}: MACULAOS_SDK_CACHE_MAX)")
     return result
 
 

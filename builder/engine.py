@@ -48,6 +48,13 @@ class Engine:
         except Exception:
             return False
 
+    def image_id(self, ref: str) -> str | None:
+        """The id of the image `ref` names, or None when there is none."""
+        try:
+            return str(self.client.images.get(ref).id)
+        except Exception:
+            return None
+
     def build(self, context: Path, tag: str, log: IO[str], *, platform: str | None, no_cache: bool,
               labels: dict[str, str]) -> list[str]:
         """Build `context/Dockerfile` as `tag`, streaming the engine's output into `log`.
