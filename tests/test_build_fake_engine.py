@@ -220,3 +220,25 @@ def test_dry_run_writes_dockerfiles_without_engine(env):
     assert result.stages == []
     assert (out / "60-iso" / "Dockerfile").read_text().startswith("# iso")
     assert len((out / "30-rootfs" / "STAGE_ID").read_text().strip()) == 64
+
+
+def test_low_disk_space_first_removes_every_image_the_plan_does_not_use(env, monkeypatch):
+    client = FakeClient()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1")
+    old = {s.stage.image for s in _build(client, env / "out").stages}
+    client.untagged.add("left-by-a-killed-build")
+    client.info = lambda: {"DockerRootDir": str(env)}
+    frees = iter([5 * 2**30, 9 * 2**30])  # before and after the collection
+    monkeypatch.setattr("maculaos_sdk.gc.shutil.disk_usage", lambda path: type("U", (), {"free": next(frees)}))
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "2")
+    new = {s.stage.image for s in _build(client, env / "out").stages}
+    assert not old & client.tags and client.tags == new and not client.untagged
+
+
+def test_too_little_disk_space_stops_before_the_first_stage_with_one_line(env, monkeypatch):
+    client = FakeClient()
+    client.info = lambda: {"DockerRootDir": str(env)}
+    monkeypatch.setattr("maculaos_sdk.gc.shutil.disk_usage", lambda path: type("U", (), {"free": 3 * 2**30}))
+    with pytest.raises(BuildFailed, match=r"only 3\.0 GiB free on the docker engine's disk") as exc:
+        _build(client, env / "out")
+    assert client.builds == [] and "docker system df" in exc.value.hint
