@@ -9,6 +9,7 @@ it was created. Images of the plan just built are never removed, so a no-change 
 
 from __future__ import annotations
 
+import calendar
 import os
 import re
 import shutil
@@ -67,11 +68,15 @@ def _marker(ref: str) -> Path:
 
 
 def mark_used(refs: list[str]) -> None:
-    """Record that a build used these images now (touches one marker file each)."""
+    """Record that a build used these images now (touches one marker file each; best effort: an unwritable
+    state folder only makes the images look as old as their creation)."""
     for ref in refs:
         path = _marker(ref)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        except OSError:
+            return
 
 
 def last_used(image: StageImage) -> float:
@@ -89,7 +94,7 @@ def stage_images(client: Any) -> list[StageImage]:
         attrs = image.attrs
         created = attrs.get("Created", 0)
         if isinstance(created, str):  # the API gives RFC 3339; the list endpoint gives seconds
-            created = time.mktime(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S"))
+            created = calendar.timegm(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S"))
         for tag in image.tags:
             if tag.startswith(REPO_PREFIX):
                 found.append(StageImage(tag, image.id, int(attrs.get("Size", 0)), float(created)))
@@ -119,7 +124,7 @@ def collect(client: Any, keep: set[str], limit: int, *, dry_run: bool = False,
                 client.images.remove(image.ref)
             except Exception:  # in use by a container, or removed meanwhile: leave it
                 continue
-        _marker(image.ref).unlink(missing_ok=True)
+            _marker(image.ref).unlink(missing_ok=True)
         removed.append(image)
         remaining_tags[image.image_id] -= 1
         if remaining_tags[image.image_id] == 0:  # the last tag: the image itself is gone

@@ -242,3 +242,14 @@ def test_too_little_disk_space_stops_before_the_first_stage_with_one_line(env, m
     with pytest.raises(BuildFailed, match=r"only 3\.0 GiB free on the docker engine's disk") as exc:
         _build(client, env / "out")
     assert client.builds == [] and "docker system df" in exc.value.hint
+
+
+def test_gc_dry_run_lists_but_removes_nothing(env, monkeypatch):
+    from maculaos_sdk import gc
+
+    client = FakeClient()
+    _build(client, env / "out")
+    tags, markers = set(client.tags), sorted((env / "state" / "used").iterdir())
+    done = gc.collect(client, set(), 0, dry_run=True)
+    assert {i.ref for i in done.removed} == tags and client.tags == tags
+    assert sorted((env / "state" / "used").iterdir()) == markers
