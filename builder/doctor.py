@@ -95,7 +95,7 @@ def _stage_images() -> Check:
     except Exception as exc:
         return Check("stage-image cache", False, getattr(exc, "message", str(exc)), "see the docker engine check",
                      required=False)
-    total = sum({i.image_id: i.size for i in images}.values())
+    total = gc.total_size(images)
     return Check("stage-image cache", total <= limit, f"{len(images)} images, {gc.human(total)} "
                  f"(limit {gc.human(limit)}, MACULAOS_SDK_CACHE_MAX)", "maculaos-sdk gc", required=False)
 

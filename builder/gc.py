@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,11 @@ def stage_images(client: Any) -> list[StageImage]:
     return found
 
 
+def total_size(images: list[StageImage]) -> int:
+    """Bytes the images hold, each image counted once however many tags name it."""
+    return sum({i.image_id: i.size for i in images}.values())
+
+
 def collect(client: Any, keep: set[str], limit: int, *, dry_run: bool = False,
             dangling_older_than: str | None = None) -> Collected:
     """Remove least recently used stage images not in `keep` until the rest fit in `limit` bytes.
@@ -111,11 +117,9 @@ def collect(client: Any, keep: set[str], limit: int, *, dry_run: bool = False,
     them when disk space runs out.
     """
     images = stage_images(client)
-    total = sum(i.size for i in {i.image_id: i for i in images}.values())
+    total = total_size(images)
     removed: list[StageImage] = []
-    remaining_tags: dict[str, int] = {}
-    for i in images:
-        remaining_tags[i.image_id] = remaining_tags.get(i.image_id, 0) + 1
+    remaining_tags = Counter(i.image_id for i in images)
     for image in sorted((i for i in images if i.ref not in keep), key=last_used):
         if total <= limit:
             break
