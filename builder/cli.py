@@ -16,6 +16,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--profile", "-p", default=None, help="profile name in profiles/ or a path (default: core)")
     src.add_argument("--config", "-c", default=None, help="a custom-image YAML file (same format as profiles)")
     p.add_argument("--arch", choices=["amd64", "arm64"], help="override the profile's architecture")
+    p.add_argument("--board", help="override the profile's board (`maculaos-sdk profile keys` lists them)")
     p.add_argument("--output", "-o", type=Path, default=Path("out"), help="output folder (default: out)")
     p.add_argument("--no-cache", action="store_true", help="rebuild every stage")
     p.add_argument("--signing-key", type=Path, help="minisign secret key for update bundles (its .pub goes into the "
@@ -31,7 +32,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .build import BuildOptions, build_image
     from .profile import load_profile
 
-    profile = load_profile(args.config or args.profile or "core", {"arch": args.arch})
+    profile = load_profile(args.config or args.profile or "core", {"arch": args.arch, "board": args.board})
     options = BuildOptions(output=args.output, no_cache=args.no_cache, dry_run=args.dry_run,
                            signing_key=args.signing_key, offline=args.offline)
     result = build_image(profile, options)
@@ -116,6 +117,10 @@ def _cmd_profile_show(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.name)
     print(yaml.safe_dump(profile.data, sort_keys=False).rstrip())
+    board = profile.board
+    print(f"\n# board {board.name}: {board.description}")
+    print(f"#   boot: {board.boot_flow(profile.arch).value}, outputs: {', '.join(board.outputs(profile.arch))}, "
+          f"serial: {board.serial_console(profile.arch)}")
     print("\n# where values came from")
     for key, _ in _flatten(profile.data):
         origin = profile.origins.get(key)

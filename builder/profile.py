@@ -12,6 +12,7 @@ import yaml
 
 from . import nodeconfig
 from .arch import Architecture
+from .boards import BOARDS, Board, board_problem
 from .errors import BadInput, BadInputs
 from .paths import profiles_dir
 from .settings import BOOL, INT, LIST, MAP, SECTIONS, SETTINGS_BY_KEY, STR, defaults
@@ -47,9 +48,13 @@ class Profile:
     def arch(self) -> Architecture:
         return Architecture(self.data["arch"])
 
+    @property
+    def board(self) -> Board:
+        return BOARDS[self.data["board"]]
+
     def artifact_basename(self) -> str:
-        """`maculaos-<profile>-<version>-<arch>`, the stem of every output file."""
-        return f"maculaos-{self.name}-{self.version}-{self.arch}"
+        """`maculaos-<profile>-<version>-<arch>[-<board>]`, the stem of every output file."""
+        return f"maculaos-{self.name}-{self.version}-{self.arch}{self.board.suffix()}"
 
 
 def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
@@ -301,9 +306,14 @@ def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
                                "add `name: <image-name>`")
             merged["name"] = derived
             origins["name"] = (str(top), 0)
-    if merged["board"] == "rpi4" and merged["arch"] != "arm64":
-        line = origins.get("board", (str(top), 1))
-        raise BadInput(f"{line[0]}:{line[1]}: board: rpi4 needs arch arm64, got {merged['arch']}",
-                       "set `arch: arm64` or `board: generic`")
+    if origins.get("board", ("",))[0] == "command line":
+        # --board picks the machine, not what to build: outputs it cannot boot become its own image.
+        merged["outputs"] = BOARDS[merged["board"]].translate_outputs(Architecture(merged["arch"]),
+                                                                     merged["outputs"])
+    problem = board_problem(merged["board"], merged["arch"], merged["outputs"])
+    if problem:
+        key, message, hint = problem
+        file, line = origins.get(key, (str(top), 1))
+        raise BadInput(f"{file}:{line}: {key}: {message}" if line else f"{file}: --{key}: {message}", hint)
     return Profile(data=merged, origins=origins, files=tuple(p for p, _, _ in chain),
                    overlay_sources=overlay_sources)

@@ -14,7 +14,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from . import nodeconfig
+from . import layout, nodeconfig
 from .errors import BadInput
 from .paths import sdk_root
 from .plan import BOOT_PACKAGES, INITRD_MODULES
@@ -59,6 +59,7 @@ def template_vars(profile: Profile, input_images: dict[str, str], sde: int) -> d
         "initrd_modules": INITRD_MODULES[arch.value] + list(profile.get("kernel.modules")),
         "boot_packages": BOOT_PACKAGES,
         "cmdline": kernel_cmdline(profile),
+        "layout": layout,
     }
 
 
@@ -86,8 +87,10 @@ def _write_node_files(profile: Profile, dest_root: Path, extra_files: dict[str, 
     config.yaml, its first-boot commands, and pinned artifacts / preloaded images (hard-linked)."""
     lib = dest_root / "usr/lib/maculaos"
     lib.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(nodeconfig.__file__), lib / "nodeconfig.py")
-    (lib / "nodeconfig.py").chmod(0o644)
+    for module in (nodeconfig, layout):  # shared with the host: one schema, one disk layout
+        target = lib / Path(str(module.__file__)).name
+        shutil.copyfile(Path(str(module.__file__)), target)
+        target.chmod(0o644)
     share = dest_root / "usr/share/maculaos"
     share.mkdir(parents=True, exist_ok=True)
     config = profile.get("config")
@@ -188,6 +191,8 @@ def render_stage(meta: StageMeta, profile: Profile, inputs: dict[str, RenderedSt
                 pub = context / "overlay" / "etc" / "maculaos" / "update.pub"
                 pub.parent.mkdir(parents=True, exist_ok=True)
                 pub.write_text(update_public_key)
+        elif source == "layout":  # the disk layout module the device's installer also uses
+            shutil.copyfile(Path(str(layout.__file__)), context / "layout.py")
         elif source == "install-config":  # the node config the ISO's unattended install uses
             (context / source).mkdir()
             if profile.get("install.config"):

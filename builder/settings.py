@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import layout
+from .boards import BOARDS
+
 # Value kinds a setting can hold.
 STR, INT, BOOL, LIST, MAP = "string", "integer", "boolean", "list of strings", "mapping"
 
@@ -31,9 +34,11 @@ SETTINGS: tuple[Setting, ...] = (
             "the version becomes this image's version unless `version` is set.",
             pattern=r"^[a-z0-9][a-z0-9-]*(:[0-9A-Za-z][0-9A-Za-z.+~-]*)?$"),
     Setting("arch", STR, "amd64", "Target architecture.", choices=("amd64", "arm64")),
-    Setting("board", STR, "generic", "Target board.", choices=("generic", "rpi4")),
+    Setting("board", STR, "generic", "Target board: " + "; ".join(f"`{b.name}` {b.description}" for b in
+            BOARDS.values()) + ".", choices=tuple(BOARDS)),
     Setting("outputs", LIST, ["iso"], "Artifacts to produce: iso (live/installer ISO), disk (A/B disk image, raw and "
-            "qcow2), bundle (signed update bundle).", choices=("iso", "disk", "bundle")),
+            "qcow2), sdimage (Raspberry Pi SD card image), bundle (signed update bundle); the board decides which "
+            "can boot.", choices=("iso", "disk", "sdimage", "bundle")),
     Setting("source_date_epoch", INT, 1735689600,
             "Timestamp for every file in the image (env SOURCE_DATE_EPOCH wins); part of every stage id."),
     Setting("base_image", STR, None, "Use this existing local docker image as the base instead of bootstrapping."),
@@ -58,9 +63,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("squashfs.level", INT, 15, "Compression level (zstd 1-22, ignored for xz/gzip)."),
     Setting("iso.volume_id", STR, "MACULAOS", "ISO 9660 volume id.", pattern=r"^[A-Z0-9_]{1,32}$"),
     Setting("iso.timeout", INT, 3, "Seconds the GRUB menu waits before booting the default entry."),
-    Setting("disk.esp_mb", INT, 64, "Size of the FAT boot partition (GRUB, its env, one kernel+initrd per slot)."),
-    Setting("disk.slot_mb", INT, 0, "Size of each rootfs slot; 0 = twice the squashfs, rounded up to 64 MiB, min 256."),
-    Setting("disk.data_mb", INT, 256, "Size of the data partition in the disk image (an installer grows it)."),
+    Setting("disk.esp_mb", INT, layout.ESP_MB,
+            "Size of the FAT boot partition (GRUB, its env, one kernel+initrd per slot)."),
+    Setting("disk.slot_mb", INT, 0, f"Size of each rootfs slot; 0 = {layout.SLOT_FACTOR} x the squashfs, rounded up "
+            f"to {layout.SLOT_ROUND_MB} MiB, min {layout.MIN_SLOT_MB}."),
+    Setting("disk.data_mb", INT, layout.DATA_MB,
+            "Size of the data partition in the disk image (an installer grows it)."),
     Setting("disk.size_mb", INT, 0, "Total disk image size; the build fails early if two slots do not fit (0 = auto)."),
     Setting("update.min_version", STR, "0.0.0", "Oldest running version allowed to apply this image's bundle."),
     Setting("update.signing_key", STR, "", "minisign secret key signing bundles (default: a per-checkout dev key)."),

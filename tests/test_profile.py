@@ -71,12 +71,6 @@ def test_missing_overlay_source(write_profile):
     assert "overlay./etc/a.source: missing file 'nothere.txt'" in exc.value.render()
 
 
-def test_rpi4_needs_arm64(write_profile):
-    path = write_profile("name: x\nboard: rpi4\n")
-    with pytest.raises(BadInput, match="rpi4 needs arch arm64"):
-        load_profile(str(path))
-
-
 def test_extends_cycle(write_profile):
     write_profile("name: a\nextends: b.yaml\n", "a.yaml")
     b = write_profile("name: b\nextends: a.yaml\n", "b.yaml")

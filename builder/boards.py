@@ -1,0 +1,114 @@
+"""Boards as data: one table saying, per board, how it boots and what it needs.
+
+A board narrows an architecture to a machine family: which boot flow its firmware runs, which Debian
+firmware packages and archive components it needs, which kernel modules its initrd loads and which
+module folders it must keep when a profile prunes, which outputs make sense for it, its serial console
+and its default disk size. Everything that differs per board is read from here, nowhere else.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .arch import Architecture
+
+
+class BootFlow(enum.Enum):
+    """How the firmware reaches our kernel; each flow fixes which outputs can boot."""
+
+    grub_bios_efi = "grub-bios+efi"  # PC firmware, legacy BIOS or UEFI: GRUB either way
+    grub_efi = "grub-efi"  # UEFI only: GRUB EFI loader
+    rpi_firmware = "rpi-firmware"  # Raspberry Pi firmware -> U-Boot (EFI loader only) -> GRUB EFI
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """What a build can produce for a board booting this way."""
+        if self is BootFlow.rpi_firmware:
+            return ("sdimage", "bundle")
+        return ("iso", "disk", "bundle")
+
+
+@dataclass(frozen=True)
+class Board:
+    """One row of the board table."""
+
+    name: str
+    description: str
+    boot: dict[Architecture, BootFlow]  # the arches it exists for, and how each boots
+    firmware_packages: tuple[str, ...] = ()  # installed into the rootfs
+    components: tuple[str, ...] = ()  # archive components those packages need
+    initrd_modules: tuple[str, ...] = ()  # loaded by the initrd before it looks for the root
+    keep_modules: tuple[str, ...] = ()  # module folders kept even when the profile prunes a parent
+    serial: dict[Architecture, str] = field(default_factory=dict)  # default: the arch's console
+    disk_mb: int = 0  # default total disk / SD image size (0: just big enough)
+    wireless: bool = False  # keeps wireless drivers, so node-config `wifi:` applies
+
+    @property
+    def arches(self) -> tuple[Architecture, ...]:
+        return tuple(self.boot)
+
+    def boot_flow(self, arch: Architecture) -> BootFlow:
+        return self.boot[arch]
+
+    def outputs(self, arch: Architecture) -> tuple[str, ...]:
+        return self.boot[arch].outputs
+
+    def translate_outputs(self, arch: Architecture, outputs: list[str]) -> list[str]:
+        """`outputs` with each one this board cannot boot replaced by its own bootable image (iso -> sdimage)."""
+        if arch not in self.boot:
+            return outputs
+        supported = self.outputs(arch)
+        return list(dict.fromkeys(o if o in supported else supported[0] for o in outputs))
+
+    def serial_console(self, arch: Architecture) -> str:
+        return self.serial.get(arch, arch.serial_console)
+
+    def suffix(self) -> str:
+        """Part of output names: `maculaos-core-0.1.0-arm64-rpi4.img.xz`; none for generic."""
+        return "" if self.name == "generic" else f"-{self.name}"
+
+
+_PI_MODULES = ("sdhci-iproc", "mmc_block", "bcm2835-dma", "bcm2835_wdt", "genet", "broadcom", "xhci_pci",
+               "reset-raspberrypi", "pcie-brcmstb")
+_PI_FIRMWARE = ("firmware-brcm80211",)
+
+BOARDS: dict[str, Board] = {b.name: b for b in (
+    Board("generic", "PCs and VMs (amd64: BIOS and UEFI), arm64 UEFI machines and QEMU virt",
+          boot={Architecture.amd64: BootFlow.grub_bios_efi, Architecture.arm64: BootFlow.grub_efi}),
+    Board("nuc", "Intel NUC and similar x86 mini PCs: UEFI, Intel NIC/Wi-Fi/GPU firmware, early microcode",
+          boot={Architecture.amd64: BootFlow.grub_efi},
+          firmware_packages=("firmware-misc-nonfree", "firmware-iwlwifi", "firmware-realtek", "intel-microcode"),
+          components=("non-free-firmware",),
+          initrd_modules=("nvme", "ahci", "sd_mod", "e1000e", "igc", "r8169", "iTCO_wdt"),
+          keep_modules=("drivers/net/wireless/intel", "drivers/gpu/drm/i915", "net/wireless", "net/mac80211"),
+          wireless=True),
+    Board("rpi4", "Raspberry Pi 4 / 400 / CM4: Pi firmware, then U-Boot's EFI loader, then GRUB (A/B in grubenv)",
+          boot={Architecture.arm64: BootFlow.rpi_firmware},
+          firmware_packages=_PI_FIRMWARE, components=("non-free-firmware",),
+          initrd_modules=_PI_MODULES,
+          keep_modules=("drivers/net/wireless/broadcom", "net/wireless", "net/mac80211"),
+          serial={Architecture.arm64: "ttyS1"}, disk_mb=4096, wireless=True),
+    Board("rpi5", "Raspberry Pi 5 (experimental: needs trixie's U-Boot and a 6.17+ kernel for SD, RP1, Ethernet)",
+          boot={Architecture.arm64: BootFlow.rpi_firmware},
+          firmware_packages=_PI_FIRMWARE, components=("non-free-firmware",),
+          initrd_modules=("sdhci-brcmstb", "mmc_block", "xhci_pci", "pcie-brcmstb"),
+          keep_modules=("drivers/net/wireless/broadcom", "net/wireless", "net/mac80211"),
+          serial={Architecture.arm64: "ttyAMA10"}, disk_mb=4096, wireless=True),
+)}
+
+
+def board_problem(board: str, arch: str, outputs: list[str]) -> tuple[str, str, str] | None:
+    """(key, problem, hint) when the board cannot be built for this arch or these outputs, else None."""
+    b = BOARDS.get(board)
+    if b is None:
+        return "board", f"unknown board {board!r}", f"one of: {', '.join(BOARDS)}"
+    a = Architecture(arch)
+    if a not in b.boot:
+        arches = ", ".join(x.value for x in b.arches)
+        return "board", f"{board} is not built for {arch}", f"set `arch: {arches.split(', ')[0]}` ({board}: {arches})"
+    unsupported = [o for o in outputs if o not in b.outputs(a)]
+    if unsupported:
+        return ("outputs", f"{unsupported[0]!r} cannot boot on {board} ({b.boot_flow(a).value})",
+                f"{board} on {arch} supports: {', '.join(b.outputs(a))}")
+    return None

@@ -1,0 +1,117 @@
+"""The board table and the shared disk layout: combinations refused before any stage, sizes from one rule."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from maculaos_sdk import layout
+from maculaos_sdk.arch import Architecture
+from maculaos_sdk.boards import BOARDS, BootFlow
+from maculaos_sdk.cli import main
+from maculaos_sdk.errors import BadInput
+from maculaos_sdk.profile import load_profile
+
+MIB = 1 << 20
+
+
+def test_every_board_row_is_complete():
+    assert set(BOARDS) == {"generic", "nuc", "rpi4", "rpi5"}
+    assert BOARDS["generic"].boot_flow(Architecture.amd64) is BootFlow.grub_bios_efi
+    assert BOARDS["generic"].boot_flow(Architecture.arm64) is BootFlow.grub_efi
+    assert BOARDS["nuc"].arches == (Architecture.amd64,)
+    assert "intel-microcode" in BOARDS["nuc"].firmware_packages
+    for pi in ("rpi4", "rpi5"):
+        assert BOARDS[pi].arches == (Architecture.arm64,)
+        assert BOARDS[pi].outputs(Architecture.arm64) == ("sdimage", "bundle")
+        assert "non-free-firmware" in BOARDS[pi].components
+    assert BOARDS["rpi4"].serial_console(Architecture.arm64) == "ttyS1"
+    assert BOARDS["generic"].serial_console(Architecture.arm64) == "ttyAMA0"
+
+
+@pytest.mark.parametrize("text, key, message", [
+    ("name: x\nboard: rpi4\n", "board", "rpi4 is not built for amd64"),
+    ("name: x\narch: arm64\nboard: nuc\n", "board", "nuc is not built for arm64"),
+    ("name: x\narch: arm64\nboard: rpi4\noutputs: [iso]\n", "outputs", "'iso' cannot boot on rpi4"),
+    ("name: x\nboard: pi4\n", "board", "unknown value 'pi4'"),
+])
+def test_bad_board_combination_names_file_line_and_key(write_profile, text, key, message):
+    path = write_profile(text)
+    with pytest.raises(BadInput) as exc:
+        load_profile(str(path))
+    line = text.splitlines().index(next(s for s in text.splitlines() if s.startswith(f"{key}:"))) + 1
+    assert f"{path}:{line}: {key}: {message}" in exc.value.render()
+
+
+def test_board_on_the_command_line_overrides_and_picks_its_image(write_profile):
+    p = load_profile("core", {"arch": "arm64", "board": "rpi4"})
+    assert p.board.name == "rpi4" and p.get("outputs") == ["sdimage"]
+    assert p.origins["board"] == ("command line", 0)
+    assert p.artifact_basename() == "maculaos-core-0.1.0-arm64-rpi4"
+    nuc = load_profile("test", {"board": "nuc"})
+    assert nuc.get("outputs") == ["iso", "disk", "bundle"] and nuc.artifact_basename().endswith("-amd64-nuc")
+
+
+def test_bad_board_flag_exits_2_with_one_line(capsys):
+    assert main(["build-image", "--profile", "core", "--board", "rpi4", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--board: rpi4 is not built for amd64" in err and "Traceback" not in err
+
+
+def test_profile_keys_lists_the_boards(capsys):
+    assert main(["profile", "keys"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"`{name}`" in out for name in BOARDS)
+
+
+@pytest.mark.parametrize("squashfs_mb, slot_mb", [(1, 256), (100, 256), (128, 256), (129, 320), (300, 640)])
+def test_slot_size_rule(squashfs_mb, slot_mb):
+    assert layout.slot_mb_for(squashfs_mb * MIB) == slot_mb
+    assert layout.slot_mb_for(squashfs_mb * MIB - 1) <= slot_mb
+
+
+def test_disk_plan_fills_the_requested_size_and_refuses_what_cannot_fit():
+    p = layout.plan(116 * MIB)
+    assert (p.esp_mb, p.slot_mb, p.data_mb) == (layout.ESP_MB, 256, layout.DATA_MB)
+    assert p.size_mb == 1 + p.esp_mb + 2 * p.slot_mb + p.data_mb + 1
+    assert p.offsets_mb() == {"esp": 1, "rootfs-A": 1 + p.esp_mb, "rootfs-B": 1 + p.esp_mb + 256,
+                              "data": 1 + p.esp_mb + 512}
+    big = layout.plan(116 * MIB, size_mb=4096)
+    assert big.size_mb == 4096 and big.data_mb == 4096 - (2 + p.esp_mb + 512)
+    with pytest.raises(layout.LayoutError, match="cannot hold"):
+        layout.plan(116 * MIB, size_mb=800)
+    with pytest.raises(layout.LayoutError, match="does not fit a slot of 256"):
+        layout.plan(300 * MIB, slot_mb=256)
+
+
+def test_sfdisk_script_is_what_sfdisk_reads(tmp_path):
+    """The module's table, applied by the real sfdisk to a file, gives the names, types and sizes it planned."""
+    p = layout.plan(116 * MIB)
+    img = tmp_path / "disk.img"
+    with img.open("wb") as f:
+        f.truncate(p.size_mb * MIB)
+    subprocess.run(["sfdisk", "-q", str(img)], input=p.sfdisk_script(fixed_ids=True), text=True, check=True)
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(img)], capture_output=True, text=True,
+                                      check=True).stdout)["partitiontable"]
+    assert table["id"] == layout.FIXED_DISK_ID
+    parts = table["partitions"]
+    assert [x["name"] for x in parts] == ["esp", "rootfs-A", "rootfs-B", "data"]
+    assert [x["type"] for x in parts] == [layout.ESP_TYPE] + [layout.LINUX_TYPE] * 3
+    assert [x["start"] * 512 // MIB for x in parts] == list(p.offsets_mb().values())
+    assert [x["size"] * 512 // MIB for x in parts] == [p.esp_mb, p.slot_mb, p.slot_mb, p.data_mb]
+
+
+def test_device_cli_prints_sizes_and_data_dirs():
+    """What `maculaos install` and the disk stage run: the module as a script, standard library only."""
+    run = [sys.executable, "-I", layout.__file__]
+    sizes = subprocess.run([*run, "sfdisk", "--squashfs-bytes", str(116 * MIB), "--size-mb", "2048", "--sizes"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert sizes == [str(layout.ESP_MB), "256", str(2048 - 2 - layout.ESP_MB - 512), "2048", "116"]
+    small = subprocess.run([*run, "sfdisk", "--squashfs-bytes", str(116 * MIB), "--size-mb", "600", "--sizes"],
+                           capture_output=True, text=True)
+    assert small.returncode == 3 and "cannot hold" in small.stderr
+    dirs = subprocess.run([*run, "data-dirs"], capture_output=True, text=True, check=True).stdout.split()
+    assert dirs == ["maculaos", "rancher", "home", "data", "overlay/etc/upper", "overlay/etc/work"]
