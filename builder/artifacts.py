@@ -194,11 +194,14 @@ def import_dir(folder: Path, lock: dict[str, dict[str, Artifact]]) -> list[Artif
 
 
 def files_for(names: list[str], arch: str, where: str, *, offline: bool,
-              progress_factory: Callable[[Artifact], Any] | None = None) -> dict[str, Path]:
-    """install path -> cached file for a profile's artifacts; raises before any build step if one is missing."""
+              progress_factory: Callable[[Artifact], Any] | None = None, missing_ok: bool = False) -> dict[str, Path]:
+    """install path -> cached file for a profile's artifacts; raises before any build step if one is missing
+    (with `missing_ok`, as a dry run wants, the missing ones are left out instead)."""
     if not names:
         return {}
     chosen = select(names, arch, load_lock(), where)
+    if missing_ok:
+        chosen = [a for a in chosen if a.is_cached()]
     missing = [a for a in chosen if not a.is_cached()]
     if offline and missing:
         a = missing[0]

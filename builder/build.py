@@ -18,7 +18,7 @@ from .debian_index import check_packages
 from .engine import LABEL_STAGE_ID, Engine, connect, read_text_from_image
 from .errors import BuildFailed
 from .paths import cache_dir
-from .plan import Plan, make_plan
+from .plan import BuildPlan, make_plan
 from .profile import Profile
 from .render import RenderedStage, bootstrap_params, render_stage
 
@@ -46,29 +46,19 @@ class StageResult:
 class BuildResult:
     """What a build produced."""
 
-    plan: Plan
+    plan: BuildPlan
     stages: list[StageResult] = field(default_factory=list)
     artifacts: dict[str, Path] = field(default_factory=dict)
     manifest: Path | None = None
 
 
-def source_date_epoch(profile: Profile) -> int:
-    """SOURCE_DATE_EPOCH from the environment, else the profile's fixed value."""
-    env = os.environ.get("SOURCE_DATE_EPOCH")
-    if env:
-        if not env.isdigit():
-            raise BuildFailed(f"SOURCE_DATE_EPOCH={env!r} is not a number", "unset it or give seconds since 1970")
-        return int(env)
-    return int(profile.get("source_date_epoch"))
-
-
-def render_plan(plan: Plan, sde: int, workdir: Path, update_public_key: str = "",
+def render_plan(plan: BuildPlan, workdir: Path, update_public_key: str = "",
                 extra_files: dict[str, Path] | None = None) -> list[RenderedStage]:
     """Render every stage in plan order; each id folds in its inputs' ids."""
     done: dict[str, RenderedStage] = {}
-    for meta in plan.stages:
-        inputs = {name: done[name] for name in meta.inputs}
-        done[meta.name] = render_stage(meta, plan.profile, inputs, sde, workdir, update_public_key, extra_files)
+    for planned in plan.stages:
+        inputs = {name: done[key] for name, key in planned.inputs}
+        done[planned.key] = render_stage(planned, plan, inputs, workdir, update_public_key, extra_files)
     return list(done.values())
 
 
@@ -81,7 +71,7 @@ def write_dry_run(rendered: list[RenderedStage], dest: Path) -> None:
     """Copy each rendered stage context (Dockerfile included) to `dest/<NN-stage>/`."""
     dest.mkdir(parents=True, exist_ok=True)
     for r in rendered:
-        target = dest / r.meta.folder.name
+        target = dest / r.label
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(r.context, target, symlinks=True)
@@ -107,18 +97,16 @@ def ensure_space(engine: Engine, keep: set[str]) -> None:
                           f"{gc.human(MIN_SPACE)}", "free space there (docker system df shows what holds it)")
 
 
-def _build_stage(engine: Engine, r: RenderedStage, profile: Profile, sde: int, log_path: Path,
-                 no_cache: bool) -> None:
+def _build_stage(engine: Engine, r: RenderedStage, plan: BuildPlan, log_path: Path, no_cache: bool) -> None:
     with log_path.open("w") as log:
-        log.write(f"# stage {r.meta.name} id {r.stage_id}\n# image {r.image}\n")
-        if r.meta.bootstrap and not profile.get("base_image"):
+        log.write(f"# stage {r.key} id {r.stage_id}\n# image {r.image}\n")
+        if r.meta.bootstrap and not plan.profile.get("base_image"):
             tarball = cache_dir() / "bootstrap" / f"{r.stage_id[:32]}.tar"
             if no_cache or not tarball.exists():
-                bootstrap(bootstrap_params(profile, sde), tarball, log)
+                bootstrap(bootstrap_params(plan.profile, r.planned.arch, plan.sde), tarball, log)
             os.link(tarball, r.context / "rootfs.tar")
-        platform = None if profile.arch.is_native else profile.arch.docker_platform
         replaced = engine.image_id(r.image)  # --no-cache rebuilds a present tag; the old image loses it
-        steps = engine.build(r.context, r.image, log, platform=platform, no_cache=no_cache,
+        steps = engine.build(r.context, r.image, log, platform=r.platform, no_cache=no_cache,
                              labels={LABEL_STAGE_ID: r.stage_id, gc.LABEL_STAGE: r.meta.name})
     # A multi-stage build leaves its earlier stages as untagged images that no later build reuses
     # (stage ids change with any input); only the tagged image and its own layers are the cache.
@@ -132,78 +120,76 @@ def _previous_manifest(path: Path) -> dict[str, Any]:
         return {}
 
 
-def build_image(profile: Profile, options: BuildOptions, engine: Engine | None = None) -> BuildResult:
-    """Build every stage the profile needs and export its artifacts into `options.output`."""
-    plan = make_plan(profile)
-    sde = source_date_epoch(profile)
-    cache_limit = gc.cache_max()
-    workdir = cache_dir() / "contexts" / f"{profile.name}-{profile.arch}"
-    secret = keys.signing_key(profile.get("update.signing_key"), options.signing_key)
-    ui.info(f"[bold]MaculaOS[/] {profile.name} {profile.version} ({profile.arch}), "
-            f"{len(plan.stages)} stages, SOURCE_DATE_EPOCH={sde}")
-    # Everything that can fail for want of an input fails here, before the first stage.
-    if options.check_packages and options.dry_run is None:
+@dataclass
+class Inputs:
+    """What a build needs besides the stage folders, resolved before the first stage runs."""
+
+    secret: Path | None  # the bundle signing key (None in a dry run that would have to generate one)
+    public_key: str  # built into the image as /etc/maculaos/update.pub
+    pinned: dict[str, Path]  # image path -> cached pinned artifact
+    image_files: dict[str, Path]  # image path -> saved preloaded container image
+    image_records: list[dict[str, Any]]
+
+
+def resolve_inputs(plan: BuildPlan, options: BuildOptions, engine: Engine | None) -> Inputs:
+    """Everything that can fail for want of an input fails here, before the first stage."""
+    profile, dry = plan.profile, options.dry_run is not None
+    secret = keys.signing_key(profile.get("update.signing_key"), options.signing_key, create=not dry)
+    public = keys.public_key_path(secret).read_text() if secret else "(development key, generated by the build)\n"
+    if options.check_packages and not dry:
         with ui.step("check package names against Debian's index"):
             check_packages(profile, offline=options.offline)
     where = str(profile.files[0])
-    pinned = artifacts.files_for(profile.get("artifacts"), profile.arch.value, where,
-                                 offline=options.offline or options.dry_run is not None,
-                                 progress_factory=ui.download_progress)
+    pinned = artifacts.files_for(profile.get("artifacts"), plan.arch.value, where, offline=options.offline or dry,
+                                 progress_factory=ui.download_progress, missing_ok=dry)
     image_files: dict[str, Path] = {}
     image_records: list[dict[str, Any]] = []
-    if profile.get("images") and options.dry_run is None:
-        engine = engine or Engine(connect())
+    if profile.get("images") and not dry:
         with ui.step(f"preload {len(profile.get('images'))} container image(s)"):
             image_files, image_records = images.preload(profile.get("images"), profile.files[0].parent,
-                                                        engine.client, offline=options.offline, where=where)
-    rendered = render_plan(plan, sde, workdir, keys.public_key_path(secret).read_text(),
-                           {**pinned, **image_files})
-    result = BuildResult(plan=plan)
-    basename = profile.artifact_basename()
+                                                        (engine or Engine(connect())).client,
+                                                        offline=options.offline, where=where)
+    return Inputs(secret, public, pinned, image_files, image_records)
 
-    if options.dry_run is not None:
-        write_dry_run(rendered, options.dry_run)
-        for r in rendered:
-            ui.stage_line(r.meta.name, "planned", None, f"{r.image}  <- {', '.join(r.meta.inputs) or '-'}")
-        ui.info(f"rendered Dockerfiles written to {options.dry_run}")
-        return result
 
-    engine = engine or Engine(connect())
-    out = options.output
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
+def build_stages(engine: Engine, rendered: list[RenderedStage], no_cache: bool, logs: Path,
+                 plan: BuildPlan) -> list[StageResult]:
+    """Build each stage whose image is not cached, in plan order."""
+    results: list[StageResult] = []
     keep = {r.image for r in rendered}
     space_checked = False
     for r in rendered:
         t0 = time.monotonic()
-        if not options.no_cache and engine.has_image(r.image):
-            result.stages.append(StageResult(r, True, 0.0))
-            ui.stage_line(r.meta.name, "cached", 0.0, r.image)
+        if not no_cache and engine.has_image(r.image):
+            results.append(StageResult(r, True, 0.0))
+            ui.stage_line(r.key, "cached", 0.0, r.image)
             gc.mark_used([r.image])
             continue
         if not space_checked:
             ensure_space(engine, keep)
             space_checked = True
-        log_path = logs / f"{r.meta.folder.name}.log"
+        log_path = logs / f"{r.label}.log"
         try:
-            with ui.console.status(f"  {r.meta.name:<10} building ... (log: {log_path})"):
-                _build_stage(engine, r, profile, sde, log_path, options.no_cache)
+            with ui.console.status(f"  {r.key:<10} building ... (log: {log_path})"):
+                _build_stage(engine, r, plan, log_path, no_cache)
         except BuildFailed as exc:
-            ui.stage_line(r.meta.name, "failed", time.monotonic() - t0, str(log_path))
+            ui.stage_line(r.key, "failed", time.monotonic() - t0, str(log_path))
             exc.hint = exc.hint or f"full log: {log_path}"
             raise
         seconds = time.monotonic() - t0
         gc.mark_used([r.image])
-        result.stages.append(StageResult(r, False, seconds))
-        ui.stage_line(r.meta.name, "done", seconds, r.image)
+        results.append(StageResult(r, False, seconds))
+        ui.stage_line(r.key, "done", seconds, r.image)
+    return results
 
-    manifest_path = out / f"{basename}.manifest.json"
-    previous = _previous_manifest(manifest_path)
+
+def export_artifacts(engine: Engine, rendered: list[RenderedStage], plan: BuildPlan, secret: Path, out: Path,
+                     previous: dict[str, Any], result: BuildResult) -> dict[str, Any]:
+    """Copy each stage's exports out of its image (unless the last export is intact); their manifest entries."""
     exported: dict[str, Any] = {}
     for r in rendered:
         for src, pattern in sorted(r.meta.exports.items()):
-            dest = out / pattern.format(basename=basename).rstrip("/")
+            dest = out / pattern.format(basename=plan.basename).rstrip("/")
             old = previous.get("artifacts", {}).get(dest.name, {})
             if old.get("stage_id") == r.stage_id and _artifact_intact(dest, old):
                 exported.update({k: v for k, v in previous["artifacts"].items()
@@ -215,41 +201,88 @@ def build_image(profile: Profile, options: BuildOptions, engine: Engine | None =
                     engine.export_tree(r.image, f"/out/{src}", dest)
                 else:
                     engine.export(r.image, f"/out/{src}", dest)
-            exported.update(_finish_artifact(dest, r, profile, secret))
+            exported.update(_finish_artifact(dest, r, plan.profile, secret))
             result.artifacts[dest.name] = dest
-            limit = profile.get("size.iso_max_mb")
-            if dest.suffix == ".iso" and limit and dest.stat().st_size > limit * 1024 * 1024:
-                raise BuildFailed(f"{dest} is {dest.stat().st_size / 2**20:.0f} MiB, over size.iso_max_mb={limit}",
-                                  "prune kernel modules or packages, or raise the limit")
+            _check_size(dest, plan.profile.get("size.iso_max_mb"))
+    return exported
 
-    by_name = {r.meta.name: r for r in rendered}
-    manifest = {
+
+def _check_size(dest: Path, limit_mb: int) -> None:
+    if dest.suffix == ".iso" and limit_mb and dest.stat().st_size > limit_mb * 1024 * 1024:
+        raise BuildFailed(f"{dest} is {dest.stat().st_size / 2**20:.0f} MiB, over size.iso_max_mb={limit_mb}",
+                          "prune kernel modules or packages, or raise the limit")
+
+
+def manifest(plan: BuildPlan, result: BuildResult, inputs: Inputs, exported: dict[str, Any], engine: Engine,
+             previous: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The build's record: what was built from what, and how long it took."""
+    profile = plan.profile
+    by_key = {s.stage.key: s.stage for s in result.stages}
+    return {
         "profile": profile.name,
         "version": profile.version,
-        "arch": profile.arch.value,
-        "board": profile.get("board"),
-        "source_date_epoch": sde,
+        "arch": plan.arch.value,
+        "board": plan.board.name,
+        "source_date_epoch": plan.sde,
         "sdk_version": __version__,
         "profile_files": [str(p) for p in profile.files],
-        "stages": {s.stage.meta.name: {"id": s.stage.stage_id, "image": s.stage.image, "cached": s.cached,
-                                       "seconds": round(s.seconds, 1)} for s in result.stages},
+        "stages": {s.stage.key: {"id": s.stage.stage_id, "image": s.stage.image, "cached": s.cached,
+                                 "seconds": round(s.seconds, 1)} for s in result.stages},
         "artifacts": exported,
-        "pinned_artifacts": {dest: {"sha256": path.name} for dest, path in sorted(pinned.items())},
-        "images": image_records,
-        "kernel": _kernel_info(engine, by_name.get("kernel"), previous),
-        "packages": _packages(engine, by_name.get("rootfs"), previous),
-        "build_seconds": round(time.monotonic() - started, 1),
+        "pinned_artifacts": {dest: {"sha256": path.name} for dest, path in sorted(inputs.pinned.items())},
+        "images": inputs.image_records,
+        "kernel": _kernel_info(engine, by_key.get("kernel"), previous),
+        "packages": _packages(engine, by_key.get("rootfs"), previous),
+        "build_seconds": round(seconds, 1),
     }
-    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    manifest_path.write_text(text)
-    (out / "manifest.json").write_text(text)
-    result.manifest = manifest_path
-    done = gc.collect(engine.client, keep, cache_limit, dangling_older_than="6h")
+
+
+def trim_cache(engine: Engine, keep: set[str]) -> None:
+    """Keep the engine's stage images within the cache limit (never the ones this plan uses)."""
+    limit = gc.cache_max()
+    done = gc.collect(engine.client, keep, limit, dangling_older_than="6h")
     what = [f"{len(done.removed)} stage image(s) no recent build used"] if done.removed else []
     what += ["untagged images killed builds left"] if done.dangling_bytes else []
     if what:
         ui.info(f"  cache: removed {' and '.join(what)}, {gc.human(done.freed)} freed; {gc.human(done.kept_bytes)} "
-                f"kept (limit {gc.human(cache_limit)}: MACULAOS_SDK_CACHE_MAX)")
+                f"kept (limit {gc.human(limit)}: MACULAOS_SDK_CACHE_MAX)")
+
+
+def dry_run(plan: BuildPlan, rendered: list[RenderedStage], dest: Path) -> None:
+    write_dry_run(rendered, dest)
+    for r in rendered:
+        arch = f" ({r.planned.arch})" if plan.cross else ""
+        ui.stage_line(r.key, "planned", None, f"{r.image}{arch}  <- {', '.join(k for _, k in r.planned.inputs) or '-'}")
+    ui.info(f"rendered Dockerfiles written to {dest}")
+
+
+def build_image(profile: Profile, options: BuildOptions, engine: Engine | None = None) -> BuildResult:
+    """Build every stage the profile needs and export its artifacts into `options.output`."""
+    plan = make_plan(profile)
+    gc.cache_max()  # a bad MACULAOS_SDK_CACHE_MAX stops the build before any stage
+    ui.info(f"[bold]MaculaOS[/] {profile.name} {profile.version} ({plan.arch}, {plan.board.name}), "
+            f"{len(plan.stages)} stages, SOURCE_DATE_EPOCH={plan.sde}")
+    inputs = resolve_inputs(plan, options, engine)
+    workdir = cache_dir() / "contexts" / plan.basename
+    rendered = render_plan(plan, workdir, inputs.public_key, {**inputs.pinned, **inputs.image_files})
+    result = BuildResult(plan=plan)
+    if options.dry_run is not None:
+        dry_run(plan, rendered, options.dry_run)
+        return result
+    assert inputs.secret is not None
+    engine = engine or Engine(connect())
+    out = options.output
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    result.stages = build_stages(engine, rendered, options.no_cache, out / "logs", plan)
+    result.manifest = out / f"{plan.basename}.manifest.json"
+    previous = _previous_manifest(result.manifest)
+    exported = export_artifacts(engine, rendered, plan, inputs.secret, out, previous, result)
+    text = json.dumps(manifest(plan, result, inputs, exported, engine, previous, time.monotonic() - started),
+                      indent=2, sort_keys=True) + "\n"
+    result.manifest.write_text(text)
+    (out / "manifest.json").write_text(text)
+    trim_cache(engine, {r.image for r in rendered})
     return result
 
 

@@ -37,8 +37,9 @@ def generate(secret: Path, force: bool = False) -> Path:
     return public
 
 
-def signing_key(configured: str, override: Path | None = None) -> Path:
-    """The secret key to sign bundles with: --signing-key, else the profile's, else a per-checkout dev key."""
+def signing_key(configured: str, override: Path | None = None, create: bool = True) -> Path | None:
+    """The secret key to sign bundles with: --signing-key, else the profile's, else a per-checkout dev key
+    (generated on first use; without `create`, as in a dry run, None until then)."""
     if override is not None or configured:
         path = Path(override or configured).expanduser()
         if not path.is_file():
@@ -49,6 +50,8 @@ def signing_key(configured: str, override: Path | None = None) -> Path:
         return path
     dev = cache_dir() / "keys" / "dev.key"
     if not dev.is_file():
+        if not create:
+            return None
         generate(dev, force=True)
         ui.info(f"[yellow]note:[/] generated development signing key {dev} (use --signing-key for releases)")
     return dev

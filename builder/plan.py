@@ -1,10 +1,19 @@
-"""Resolve a profile into a plan: the ordered stages (a DAG walked in dependency order)."""
+"""Resolve a profile into a typed build plan: the stages to build, each for its architecture, in order.
+
+The plan is what every consumer reads (render, dry run, build, manifest, tests): the resolved profile, its
+board and arch, SOURCE_DATE_EPOCH, the output names, and the stages as a DAG walked dependencies first.
+A stage input written `base@host` is that stage built for the machine we run on: the image-assembly
+tools run natively, so for an arm64 image only the root filesystem itself is built under emulation.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from .errors import BadInput
+from .arch import Architecture
+from .boards import Board
+from .errors import BadInput, BuildFailed
 from .profile import Profile
 from .stages import StageMeta, load_stages
 
@@ -28,20 +37,68 @@ BOOT_PACKAGES = ["sysvinit-core", "openrc", "udev", "kmod", "iproute2", "ifupdow
                  # node config (config.yaml, the schema shared with the host), firewall, ssh
                  "python3-yaml", "nftables", "openssh-server"]
 
+HOST = "@host"
+
 
 @dataclass(frozen=True)
-class Plan:
-    """The stages to build, in order, for one profile."""
+class PlannedStage:
+    """One stage to build: its metadata, the arch its result is for, and the plan keys of its inputs."""
+
+    key: str  # `base`, or `base@host` for the host-arch twin of a target stage in a cross build
+    meta: StageMeta
+    arch: Architecture
+    inputs: tuple[tuple[str, str], ...]  # (name the template uses, plan key)
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """Everything a build will do, decided before anything runs."""
 
     profile: Profile
-    stages: tuple[StageMeta, ...]
+    sde: int
+    stages: tuple[PlannedStage, ...]
+
+    @property
+    def arch(self) -> Architecture:
+        return self.profile.arch
+
+    @property
+    def board(self) -> Board:
+        return self.profile.board
+
+    @property
+    def basename(self) -> str:
+        return self.profile.artifact_basename()
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return tuple(self.profile.get("outputs"))
+
+    @property
+    def cross(self) -> bool:
+        """True when the target arch is not the host's: only target stages run under emulation."""
+        return not self.arch.is_native
 
     def names(self) -> list[str]:
-        return [s.name for s in self.stages]
+        return [s.key for s in self.stages]
 
 
-def make_plan(profile: Profile, stages: dict[str, StageMeta] | None = None) -> Plan:
-    """Pick the stages the profile's outputs need, dependencies first."""
+def source_date_epoch(profile: Profile) -> int:
+    """SOURCE_DATE_EPOCH from the environment, else the profile's fixed value."""
+    env = os.environ.get("SOURCE_DATE_EPOCH")
+    if env:
+        if not env.isdigit():
+            raise BuildFailed(f"SOURCE_DATE_EPOCH={env!r} is not a number", "unset it or give seconds since 1970")
+        return int(env)
+    return int(profile.get("source_date_epoch"))
+
+
+def make_plan(profile: Profile, stages: dict[str, StageMeta] | None = None, sde: int | None = None) -> BuildPlan:
+    """Pick the stages the profile's outputs need, dependencies first, each for its arch."""
     stages = stages if stages is not None else load_stages()
     providers = {s.provides: s for s in stages.values() if s.provides}
     wanted: list[StageMeta] = []
@@ -50,27 +107,31 @@ def make_plan(profile: Profile, stages: dict[str, StageMeta] | None = None) -> P
             raise BadInput(f"{profile.files[0]}: outputs: no stage provides {output!r}",
                            f"available: {', '.join(sorted(providers))}")
         wanted.append(providers[output])
+    target, host = profile.arch, Architecture.host()
 
-    ordered: list[StageMeta] = []
+    ordered: dict[str, PlannedStage] = {}
     visiting: set[str] = set()
 
-    def visit(stage: StageMeta) -> None:
-        if stage in ordered:
-            return
-        if stage.name in visiting:
+    def visit(stage: StageMeta, arch: Architecture) -> str:
+        key = stage.name if arch is target else stage.name + HOST
+        if key in ordered:
+            return key
+        if key in visiting:
             raise BadInput(f"{stage.folder}/stage.yaml: inputs: dependency cycle through {stage.name}",
                            "remove the cycle")
-        visiting.add(stage.name)
-        for dep in sorted((stages[d] for d in stage.inputs), key=lambda s: s.order):
-            visit(dep)
-        visiting.discard(stage.name)
-        ordered.append(stage)
-
-    for stage in sorted(wanted, key=lambda s: s.order):
-        visit(stage)
-    arch = profile.arch.value
-    for stage in ordered:
-        if arch not in stage.arches:
+        visiting.add(key)
+        inputs = []
+        for dep in sorted(stage.inputs, key=lambda d: stages[d.removesuffix(HOST)].order):
+            dep_name = dep.removesuffix(HOST)
+            inputs.append((dep_name, visit(stages[dep_name], host if dep.endswith(HOST) else arch)))
+        visiting.discard(key)
+        if arch.value not in stage.arches:
             raise BadInput(f"stage {stage.name} does not support arch {arch}",
                            f"it supports: {', '.join(stage.arches)}")
-    return Plan(profile=profile, stages=tuple(ordered))
+        ordered[key] = PlannedStage(key=key, meta=stage, arch=arch, inputs=tuple(inputs))
+        return key
+
+    for stage in sorted(wanted, key=lambda s: s.order):
+        visit(stage, target)
+    return BuildPlan(profile=profile, sde=source_date_epoch(profile) if sde is None else sde,
+                     stages=tuple(ordered.values()))

@@ -15,9 +15,10 @@ import jinja2
 import yaml
 
 from . import layout, nodeconfig
+from .arch import Architecture
 from .errors import BadInput
 from .paths import sdk_root
-from .plan import BOOT_PACKAGES, INITRD_MODULES
+from .plan import BOOT_PACKAGES, HOST, INITRD_MODULES, BuildPlan, PlannedStage
 from .profile import Profile
 from .stages import StageMeta
 
@@ -29,10 +30,29 @@ IMAGE_REPO = "maculaos-sdk"
 class RenderedStage:
     """A stage ready to build: its context folder (holding the Dockerfile) and its content id."""
 
-    meta: StageMeta
+    planned: PlannedStage
     context: Path
     dockerfile: str
     stage_id: str
+
+    @property
+    def meta(self) -> StageMeta:
+        return self.planned.meta
+
+    @property
+    def key(self) -> str:
+        return self.planned.key
+
+    @property
+    def label(self) -> str:
+        """Folder-style name for logs and dry-run output: `00-base`, `00-base@host`."""
+        return self.meta.folder.name + (HOST if self.key.endswith(HOST) else "")
+
+    @property
+    def platform(self) -> str | None:
+        """The docker platform its build environment has: None (native) for `runs: host` stages."""
+        arch = self.planned.arch
+        return None if self.meta.runs_on_host or arch.is_native else arch.docker_platform
 
     @property
     def image(self) -> str:
@@ -42,21 +62,24 @@ class RenderedStage:
 
 def kernel_cmdline(profile: Profile) -> str:
     """Kernel arguments shared by every boot entry (mode excluded)."""
-    consoles = f"console=tty1 console={profile.arch.serial_console},115200"
+    consoles = f"console=tty1 console={profile.board.serial_console(profile.arch)},115200"
     return " ".join([consoles, *profile.get("kernel.args")])
 
 
-def template_vars(profile: Profile, input_images: dict[str, str], sde: int) -> dict[str, Any]:
+def template_vars(profile: Profile, arch: Architecture, input_images: dict[str, str], sde: int) -> dict[str, Any]:
     """Everything a stage template may use; anything else is an error (StrictUndefined)."""
-    arch = profile.arch
     package = profile.get("kernel.package")
+    board = profile.board
     return {
         "profile": profile.data,
         "arch": arch,
+        "host_arch": Architecture.host(),
+        "board": board,
+        "serial_console": board.serial_console(arch) if arch in board.boot else arch.serial_console,
         "inputs": input_images,
         "sde": sde,
         "kernel_package": arch.kernel_package if package == "auto" else package,
-        "initrd_modules": INITRD_MODULES[arch.value] + list(profile.get("kernel.modules")),
+        "initrd_modules": INITRD_MODULES[arch.value] + list(board.initrd_modules) + list(profile.get("kernel.modules")),
         "boot_packages": BOOT_PACKAGES,
         "cmdline": kernel_cmdline(profile),
         "layout": layout,
@@ -155,23 +178,23 @@ def tree_digest(root: Path) -> str:
     return h.hexdigest()
 
 
-def bootstrap_params(profile: Profile, sde: int) -> dict[str, Any]:
+def bootstrap_params(profile: Profile, arch: Architecture, sde: int) -> dict[str, Any]:
     """What the mmdebstrap base depends on; part of the base stage id."""
     deb = profile.get("debian")
     return {"suite": deb["suite"], "mirror": deb["mirror"], "components": deb["components"],
-            "arch": profile.arch.value, "variant": "minbase", "sde": sde,
+            "arch": arch.value, "variant": "minbase", "sde": sde,
             "include": ["ca-certificates"]}
 
 
-def render_stage(meta: StageMeta, profile: Profile, inputs: dict[str, RenderedStage], sde: int,
-                 workdir: Path, update_public_key: str = "",
-                 extra_files: dict[str, Path] | None = None) -> RenderedStage:
-    """Render the stage into `workdir/<name>` (recreated) and compute its id."""
-    context = workdir / meta.name
+def render_stage(planned: PlannedStage, plan: BuildPlan, inputs: dict[str, RenderedStage], workdir: Path,
+                 update_public_key: str = "", extra_files: dict[str, Path] | None = None) -> RenderedStage:
+    """Render the stage into `workdir/<key>` (recreated) and compute its id."""
+    meta, profile, sde, arch = planned.meta, plan.profile, plan.sde, planned.arch
+    context = workdir / planned.key
     if context.exists():
         shutil.rmtree(context)
     context.mkdir(parents=True)
-    variables = template_vars(profile, {n: r.image for n, r in inputs.items()}, sde)
+    variables = template_vars(profile, arch, {n: r.image for n, r in inputs.items()}, sde)
     env = _env(meta.folder)
     for src in sorted(meta.folder.rglob("*")):
         rel = src.relative_to(meta.folder).as_posix()
@@ -201,15 +224,15 @@ def render_stage(meta: StageMeta, profile: Profile, inputs: dict[str, RenderedSt
         else:
             shutil.copytree(sdk_root() / source, context / source, symlinks=True, dirs_exist_ok=True)
     if meta.bootstrap and not profile.get("base_image"):
-        (context / "bootstrap.json").write_text(json.dumps(bootstrap_params(profile, sde), sort_keys=True))
+        (context / "bootstrap.json").write_text(json.dumps(bootstrap_params(profile, arch, sde), sort_keys=True))
     dockerfile = (context / "Dockerfile").read_text()
     key = {
         "schema": ID_SCHEMA,
         "stage": meta.name,
         "context": tree_digest(context),
         "inputs": {n: r.stage_id for n, r in sorted(inputs.items())},
-        "arch": profile.arch.value,
+        "arch": arch.value,
         "sde": sde,
     }
     stage_id = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return RenderedStage(meta=meta, context=context, dockerfile=dockerfile, stage_id=stage_id)
+    return RenderedStage(planned=planned, context=context, dockerfile=dockerfile, stage_id=stage_id)

@@ -11,7 +11,7 @@ import yaml
 from .errors import BadInput
 from .paths import stages_dir
 
-_META_KEYS = {"name", "description", "inputs", "arches", "context", "exports", "provides", "bootstrap"}
+_META_KEYS = {"name", "description", "inputs", "arches", "context", "exports", "provides", "bootstrap", "runs"}
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class StageMeta:
     exports: dict[str, str] = field(default_factory=dict)
     provides: str | None = None
     bootstrap: bool = False
+    runs_on_host: bool = False  # `runs: host`: its build environment is native (tools), never emulated
 
     @property
     def order(self) -> int:
@@ -45,6 +46,8 @@ def load_stage(folder: Path) -> StageMeta:
     unknown = set(raw) - _META_KEYS
     if unknown:
         raise BadInput(f"{meta_file}: {sorted(unknown)[0]}: unknown key", f"one of {sorted(_META_KEYS)}")
+    if raw.get("runs", "target") not in ("host", "target"):
+        raise BadInput(f"{meta_file}: runs: must be host or target", "host: native tools; target: the image's arch")
     if not (folder / "Dockerfile.j2").is_file():
         raise BadInput(f"{folder}: stage has no Dockerfile.j2", "every stage folder needs a template")
     return StageMeta(
@@ -57,6 +60,7 @@ def load_stage(folder: Path) -> StageMeta:
         exports=dict(raw.get("exports") or {}),
         provides=raw.get("provides"),
         bootstrap=bool(raw.get("bootstrap", False)),
+        runs_on_host=raw.get("runs", "target") == "host",
     )
 
 
@@ -72,7 +76,7 @@ def load_stages(root: Path | None = None) -> dict[str, StageMeta]:
         stages[meta.name] = meta
     for meta in stages.values():
         for dep in meta.inputs:
-            if dep not in stages:
+            if dep.removesuffix("@host") not in stages:
                 raise BadInput(f"{meta.folder}/stage.yaml: inputs: unknown stage {dep!r}",
                                f"known stages: {', '.join(stages)}")
     return stages

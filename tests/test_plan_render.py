@@ -22,19 +22,20 @@ def test_plan_orders_dependencies_first():
     names = plan.names()
     assert names[0] == "base" and names[-1] == "iso"
     for stage in plan.stages:
-        for dep in stage.inputs:
-            assert names.index(dep) < names.index(stage.name)
+        for _, dep in stage.inputs:
+            assert names.index(dep) < names.index(stage.key)
 
 
 def test_every_stage_renders_for_both_arches(tmp_path):
     for arch in ("amd64", "arm64"):
-        plan = make_plan(load_profile("test", {"arch": arch}))  # test asks for every output
-        rendered = render_plan(plan, SDE, tmp_path / arch, "PUB\n")
-        assert {r.meta.name for r in rendered} == set(load_stages())
+        plan = make_plan(load_profile("test", {"arch": arch}), sde=SDE)  # test asks for every output
+        rendered = render_plan(plan, tmp_path / arch, "PUB\n")
+        assert {r.meta.name for r in rendered} == set(load_stages()) - {"sdimage"}
+        by_key = {r.key: r for r in rendered}
         for r in rendered:
             assert (r.context / "Dockerfile").is_file()
-            for dep in r.meta.inputs:
-                assert f"maculaos-sdk/{dep}:" in r.dockerfile
+            for _, dep in r.planned.inputs:
+                assert by_key[dep].image in r.dockerfile
     iso_cfg = (tmp_path / "arm64" / "iso" / "grub.cfg").read_text()
     assert "console=ttyAMA0" in iso_cfg and "serial --unit=0" not in iso_cfg
     boot = (tmp_path / "arm64" / "bootloader" / "Dockerfile").read_text()
@@ -47,13 +48,13 @@ def test_strict_undefined_is_an_error(tmp_path, monkeypatch):
     stages = tmp_path / "stages"
     shutil.copytree(Path(__file__).parents[1] / "stages", stages)
     (stages / "10-tools" / "Dockerfile.j2").write_text("FROM {{ inputs.base }}\nRUN echo {{ profile.nosuch }}\n")
-    plan = make_plan(load_profile("core"), load_stages(stages))
+    plan = make_plan(load_profile("core"), load_stages(stages), sde=SDE)
     with pytest.raises(BadInput, match="undefined value"):
-        render_plan(plan, SDE, tmp_path / "ctx")
+        render_plan(plan, tmp_path / "ctx")
 
 
 def _ids(tmp_path, profile, sde=SDE):
-    return {r.meta.name: r.stage_id for r in render_plan(make_plan(profile), sde, tmp_path)}
+    return {r.key: r.stage_id for r in render_plan(make_plan(profile, sde=sde), tmp_path)}
 
 
 def test_ids_are_stable(tmp_path):
@@ -76,6 +77,21 @@ def test_sde_and_arch_are_part_of_every_id(tmp_path):
     other_arch = _ids(tmp_path / "c", load_profile("core", {"arch": "arm64"}))
     assert all(base[n] != other_sde[n] for n in base)
     assert all(base[n] != other_arch[n] for n in base)
+
+
+def test_cross_build_emulates_only_the_root_filesystem(tmp_path):
+    """arm64 on an amd64 host: the tools run natively on the host's own base (shared with amd64 builds)."""
+    plan = make_plan(load_profile("test", {"arch": "arm64"}), sde=SDE)
+    assert plan.cross and plan.names()[:2] == ["base@host", "tools"]
+    by_key = {s.key: s for s in plan.stages}
+    assert by_key["base@host"].arch.value == "amd64" and by_key["base"].arch.value == "arm64"
+    assert dict(by_key["tools"].inputs) == {"base": "base@host"}
+    assert dict(by_key["rootfs"].inputs)["base"] == "base"
+    rendered = {r.key: r for r in render_plan(plan, tmp_path / "arm64")}
+    assert {k for k, r in rendered.items() if r.platform} == {"base", "rootfs"}
+    native = {r.key: r.stage_id for r in render_plan(make_plan(load_profile("test"), sde=SDE), tmp_path / "amd64")}
+    assert rendered["base@host"].stage_id == native["base"]  # one host base in the cache for both arches
+    assert "base@host" not in make_plan(load_profile("test"), sde=SDE).names()
 
 
 def test_tree_digest_sees_mode_and_content_not_mtime(tmp_path):

@@ -4,23 +4,15 @@ set -eu
 sde=$1
 kver=$(cat /kernel/kernel-version)
 root=/initrd
+# $root already holds busybox, its applet links and dropbear with its libraries (collect.sh).
 mkdir -p $root/bin $root/sbin $root/dev $root/proc $root/sys $root/run $root/newroot $root/tmp $root/mnt \
          $root/lib/modules $root/etc
-cp /bin/busybox $root/bin/busybox
-for applet in $($root/bin/busybox --list); do
-  [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
-done
 while read -r mod; do
   install -D -m 0644 "/kernel/lib/modules/$kver/$mod" "$root/lib/modules/$mod"
   echo "$mod" >> $root/lib/modules/order
 done < /kernel/initrd-modules.txt
 install -m 0755 /src/init $root/init
 install -m 0755 /src/udhcpc.script $root/etc/udhcpc.script
-# Recovery sshd: dropbear and the shared libraries it links (found by ldd, copied to the same paths).
-install -D -m 0755 /usr/sbin/dropbear $root/sbin/dropbear
-for lib in $(ldd /usr/sbin/dropbear | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
-  install -D -m 0755 "$lib" "$root$lib"
-done
 mkdir -p $root/etc/dropbear $root/root
 echo 'root:x:0:0:root:/root:/bin/sh' > $root/etc/passwd
 echo 'root:x:0:' > $root/etc/group
