@@ -15,7 +15,7 @@ from typing import Any
 from . import __version__, artifacts, gc, images, keys, ui
 from .bootstrap import bootstrap
 from .debian_index import check_packages
-from .engine import LABEL_STAGE_ID, Engine, connect, read_text_from_image
+from .engine import LABEL_STAGE_ID, Deadlines, Engine, connect, read_text_from_image
 from .errors import BuildFailed
 from .paths import cache_dir
 from .plan import BuildPlan, make_plan
@@ -174,7 +174,8 @@ def build_stages(engine: Engine, rendered: list[RenderedStage], no_cache: bool, 
                 _build_stage(engine, r, plan, log_path, no_cache)
         except BuildFailed as exc:
             ui.stage_line(r.key, "failed", time.monotonic() - t0, str(log_path))
-            exc.hint = exc.hint or f"full log: {log_path}"
+            exc.message = f"stage {r.key}: {exc.message}"
+            exc.hint = f"{exc.hint}; full log: {log_path}" if exc.hint else f"full log: {log_path}"
             raise
         seconds = time.monotonic() - t0
         gc.mark_used([r.image])
@@ -259,7 +260,8 @@ def dry_run(plan: BuildPlan, rendered: list[RenderedStage], dest: Path) -> None:
 def build_image(profile: Profile, options: BuildOptions, engine: Engine | None = None) -> BuildResult:
     """Build every stage the profile needs and export its artifacts into `options.output`."""
     plan = make_plan(profile)
-    gc.cache_max()  # a bad MACULAOS_SDK_CACHE_MAX stops the build before any stage
+    gc.cache_max()  # a bad MACULAOS_SDK_CACHE_MAX or stage deadline stops the build before any stage
+    Deadlines.for_stage(emulated=False)
     ui.info(f"[bold]MaculaOS[/] {profile.name} {profile.version} ({plan.arch}, {plan.board.name}), "
             f"{len(plan.stages)} stages, SOURCE_DATE_EPOCH={plan.sde}")
     inputs = resolve_inputs(plan, options, engine)

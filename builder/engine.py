@@ -7,9 +7,12 @@ import re
 import shutil
 import tarfile
 import tempfile
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,6 +20,7 @@ from .errors import BuildFailed
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STEP_IMAGE = re.compile(r"^ ---> ([0-9a-f]{12,64})$", re.MULTILINE)  # the image a build step left
+_RUNNING = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})$", re.MULTILINE)  # the container of a RUN step
 
 LABEL_STAGE_ID = "io.maculaos.stage-id"
 
@@ -32,6 +36,72 @@ def connect() -> Any:
     except Exception as exc:  # docker raises several unrelated types for "no engine"
         raise BuildFailed(f"no docker engine answers ({exc.__class__.__name__})",
                           "run `make setup` or start one with `dockerd &`; `maculaos-sdk doctor` checks") from None
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How long a stage build may run: in all, and without printing a line."""
+
+    silent: float
+    total: float
+
+    @classmethod
+    def for_stage(cls, emulated: bool) -> Deadlines:
+        """MACULAOS_SDK_STAGE_SILENT / _TIMEOUT seconds (default 900 / 2700), x3 for an emulated stage."""
+        factor = 3 if emulated else 1
+        silent = _seconds("MACULAOS_SDK_STAGE_SILENT", 900)
+        total = _seconds("MACULAOS_SDK_STAGE_TIMEOUT", 2700)
+        return cls(silent * factor, total * factor)
+
+
+def _seconds(var: str, default: float) -> float:
+    value = os.environ.get(var, "")
+    try:
+        return float(value) if value else default
+    except ValueError:
+        raise BuildFailed(f"{var}={value!r} is not a number of seconds",
+                          f"unset it or give e.g. {default:.0f}") from None
+
+
+class _Watchdog:
+    """Stops the running step of a build that passes a deadline; the engine then reports the step failed."""
+
+    def __init__(self, client: Any, deadlines: Deadlines) -> None:
+        self.client, self.deadlines = client, deadlines
+        self.start = self.last = time.monotonic()
+        self.container: str | None = None
+        self.why: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _Watchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def output(self, text: str) -> None:
+        self.last = time.monotonic()
+        for cid in _RUNNING.findall(text):
+            self.container = cid
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.deadlines.silent / 4)):
+            now = time.monotonic()
+            if now - self.start > self.deadlines.total:
+                self.why = f"still running after {self.deadlines.total:.0f} s"
+            elif now - self.last > self.deadlines.silent:
+                self.why = f"no output for {self.deadlines.silent:.0f} s"
+            else:
+                continue
+            if self.container:
+                try:
+                    self.client.api.kill(self.container)
+                except Exception:  # gone already: the build ends on its own
+                    pass
+            return
 
 
 class Engine:
@@ -56,10 +126,18 @@ class Engine:
             return None
 
     def build(self, context: Path, tag: str, log: IO[str], *, platform: str | None, no_cache: bool,
-              labels: dict[str, str]) -> list[str]:
+              labels: dict[str, str], deadlines: Deadlines | None = None) -> list[str]:
         """Build `context/Dockerfile` as `tag`, streaming the engine's output into `log`.
 
-        Returns the ids of the images the build's steps left, in order (the last is the tagged one)."""
+        A step that passes a deadline is stopped and the build fails saying so; the cache keeps every
+        stage built before it. Returns the ids of the images the build's steps left, in order (the last
+        is the tagged one)."""
+        with _Watchdog(self.client, deadlines or Deadlines.for_stage(platform is not None)) as watchdog:
+            return self._build(context, tag, log, platform=platform, no_cache=no_cache, labels=labels,
+                               watchdog=watchdog)
+
+    def _build(self, context: Path, tag: str, log: IO[str], *, platform: str | None, no_cache: bool,
+               labels: dict[str, str], watchdog: _Watchdog) -> list[str]:
         steps: list[str] = []
         tail: deque[str] = deque(maxlen=25)
         buildargs = {k: v for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy")
@@ -71,6 +149,7 @@ class Engine:
         for chunk in stream:
             if "stream" in chunk:
                 text = chunk["stream"]
+                watchdog.output(text)
                 log.write(text)
                 steps.extend(_STEP_IMAGE.findall(text))
                 tail.extend(clean for line in text.splitlines() if (clean := _ANSI.sub("", line)).strip())
@@ -78,6 +157,11 @@ class Engine:
                 log.write(f"ERROR: {chunk['error']}\n")
                 log.flush()
                 detail = "\n    ".join(list(tail)[-12:])
+                if watchdog.why:
+                    log.write(f"STOPPED: {watchdog.why}\n")
+                    raise BuildFailed(f"stopped: {watchdog.why}; last output:\n    {detail}",
+                                      "a step that hangs under emulation: see the stage log; raise the limit with "
+                                      "MACULAOS_SDK_STAGE_SILENT / MACULAOS_SDK_STAGE_TIMEOUT (seconds)")
                 raise BuildFailed(f"docker build failed: {chunk['error'].strip()}\n    {detail}")
             elif "status" in chunk:
                 log.write(f"{chunk['status']}\n")

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,12 @@ class FakeContainers:
 class FakeApi:
     def __init__(self, client: FakeClient) -> None:
         self.client = client
+        self.killed = threading.Event()
+        self.kills: list[str] = []
+
+    def kill(self, container: str) -> None:
+        self.kills.append(container)
+        self.killed.set()
 
     def build(self, **kw):
         self.client.builds.append(kw)
@@ -85,6 +92,14 @@ class FakeApi:
             self.client.interrupt_at = None
             yield {"stream": "Step 1/3\n"}
             raise KeyboardInterrupt
+        if stage == self.client.hang_at and not self.kills:  # a RUN that never exits until its container is killed
+            yield {"stream": "Step 2/4 : RUN apt-get install -y openrc\n"}
+            yield {"stream": " ---> Running in 0123456789ab\n"}
+            yield {"stream": "Setting up openrc ...\n"}
+            if not self.killed.wait(30):
+                raise AssertionError("the watchdog never stopped the hung step")
+            yield {"error": "The command '/bin/sh -c apt-get install -y openrc' returned a non-zero code: 137"}
+            return
         if stage == self.client.fail_at:
             yield {"stream": "Step 1/3 : RUN false\n"}
             yield {"error": "The command '/bin/sh -c false' returned a non-zero code: 1"}
@@ -105,6 +120,7 @@ class FakeClient:
         self.builds: list[dict] = []
         self.interrupt_at: str | None = None
         self.fail_at: str | None = None
+        self.hang_at: str | None = None
         self.images = FakeImages(self)
         self.containers = FakeContainers()
         self.api = FakeApi(self)
@@ -212,6 +228,31 @@ def test_failed_stage_reports_engine_error(env):
         _build(client, env / "out")
     assert "30-rootfs" not in str(exc.value)
     assert "Step 1/3 : RUN false" in exc.value.message
+
+
+def test_a_silent_step_is_stopped_and_the_build_fails_naming_stage_and_last_output(env, monkeypatch):
+    monkeypatch.setenv("MACULAOS_SDK_STAGE_SILENT", "0.4")
+    client = FakeClient()
+    client.hang_at = "rootfs"
+    with pytest.raises(BuildFailed) as exc:
+        _build(client, env / "out")
+    assert client.api.kills == ["0123456789ab"]  # the step's own container, nothing else
+    assert exc.value.message.startswith("stage rootfs: stopped: no output for 0 s")
+    assert "Setting up openrc ..." in exc.value.message and "MACULAOS_SDK_STAGE_SILENT" in exc.value.hint
+    assert "STOPPED: no output" in (env / "out" / "logs" / "30-rootfs.log").read_text()
+    # the cache keeps everything built before the stopped stage: the next build resumes there
+    client.hang_at = None
+    client.builds.clear()
+    _build(client, env / "out")
+    assert [b["labels"]["io.maculaos.stage"] for b in client.builds][0] == "rootfs"
+
+
+def test_a_bad_deadline_setting_is_one_line(env, monkeypatch):
+    monkeypatch.setenv("MACULAOS_SDK_STAGE_TIMEOUT", "soon")
+    client = FakeClient()
+    with pytest.raises(BuildFailed, match="^MACULAOS_SDK_STAGE_TIMEOUT='soon' is not a number"):
+        _build(client, env / "out")
+    assert client.builds == []
 
 
 def test_dry_run_writes_dockerfiles_without_engine(env):
