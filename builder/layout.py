@@ -6,7 +6,7 @@ host, `/src/layout.py` in the disk stage and `/usr/lib/maculaos/layout.py` on th
 install`), so the three cannot disagree. Standard library only.
 
     python3 layout.py sfdisk --squashfs-bytes N [--esp-mb M] [--slot-mb M] [--data-mb M] [--size-mb M]
-                             [--fixed-ids] [--json]
+                             [--fixed-ids] [--mbr] [--data-fills-disk] [--json|--sizes]
     python3 layout.py data-dirs
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
 
@@ -40,6 +41,12 @@ ETC_OVERLAY = ("overlay/etc/upper", "overlay/etc/work")
 
 # Built disk images carry fixed ids (reproducible bytes); `maculaos install` lets sfdisk make fresh ones.
 FIXED_DISK_ID = "4D41434C-0000-4000-8000-000000000000"
+# Raspberry Pi cards use MBR (the Pi firmware's GPT support is unreliable): no partition names there, so
+# the partitions are found by number on the disk with this MBR signature (init and `maculaos` read it).
+MBR_DISK_ID = "4d41434c"
+MBR_FAT32_LBA = "c"
+MBR_LINUX = "83"
+PART_NUMBERS = {PART_ESP: 1, "rootfs-A": 2, "rootfs-B": 3, PART_DATA: 4}
 
 
 def slot_name(slot: str) -> str:
@@ -85,8 +92,10 @@ class Layout:
         a = esp + self.esp_mb
         return {PART_ESP: esp, slot_name("A"): a, slot_name("B"): a + self.slot_mb, PART_DATA: a + 2 * self.slot_mb}
 
-    def sfdisk_script(self, fixed_ids: bool, data_fills_disk: bool = False) -> str:
+    def sfdisk_script(self, fixed_ids: bool, data_fills_disk: bool = False, mbr: bool = False) -> str:
         """The partition table as sfdisk input (GPT, names, types; fixed ids for reproducible images)."""
+        if mbr:
+            return self._mbr_script(data_fills_disk)
         s = ALIGN_MB * MIB // SECTOR
         lines = ["label: gpt"] + ([f"label-id: {FIXED_DISK_ID}"] if fixed_ids else [])
         parts = [(PART_ESP, ESP_TYPE, self.esp_mb), (slot_name("A"), LINUX_TYPE, self.slot_mb),
@@ -98,6 +107,22 @@ class Layout:
             fields += [f"type={type_guid}", f'name="{name}"']
             if fixed_ids:
                 fields.append(f"uuid={_fixed_part_id(n)}")
+            lines.append(", ".join(fields))
+        return "\n".join(lines) + "\n"
+
+
+    def _mbr_script(self, data_fills_disk: bool) -> str:
+        """MBR for the Pi: FAT32 boot partition (active) first, then the slots and data, in PART_NUMBERS order."""
+        sizes = [self.esp_mb, self.slot_mb, self.slot_mb, self.data_mb]
+        types = [MBR_FAT32_LBA, MBR_LINUX, MBR_LINUX, MBR_LINUX]
+        lines = ["label: dos", f"label-id: 0x{MBR_DISK_ID}"]
+        for n, (mb, type_id) in enumerate(zip(sizes, types, strict=True), start=1):
+            fields = [f"start={ALIGN_MB * MIB // SECTOR}"] if n == 1 else []
+            if not (data_fills_disk and n == 4):
+                fields.append(f"size={mb * MIB // SECTOR}")
+            fields.append(f"type={type_id}")
+            if n == 1:
+                fields.append("bootable")
             lines.append(", ".join(fields))
         return "\n".join(lines) + "\n"
 
@@ -119,6 +144,38 @@ def plan(squashfs_bytes: int, *, esp_mb: int = ESP_MB, slot_mb: int = 0, data_mb
     return Layout(esp_mb=esp_mb, slot_mb=slot_mb, data_mb=data_mb, size_mb=size_mb or need, squashfs_mb=sq_mb)
 
 
+def find_mbr_partition(name: str, signature: str, sys_block: str = "/sys/block", dev: str = "/dev") -> str | None:
+    """/dev node of partition `name` (by its number) on the disk whose MBR carries `signature`."""
+    number = PART_NUMBERS.get(name)
+    if number is None:
+        return None
+    for disk in sorted(os.listdir(sys_block)):
+        try:
+            with open(os.path.join(dev, disk), "rb") as f:
+                f.seek(440)
+                found = f.read(4)[::-1].hex()
+        except OSError:
+            continue
+        if found != signature.lower():
+            continue
+        for part in sorted(os.listdir(os.path.join(sys_block, disk))):
+            try:
+                with open(os.path.join(sys_block, disk, part, "partition")) as f:
+                    if int(f.read()) == number:
+                        return os.path.join(dev, part)
+            except (OSError, ValueError):
+                continue
+    return None
+
+
+def _cmdline_mbr() -> str:
+    with open("/proc/cmdline") as f:
+        for arg in f.read().split():
+            if arg.startswith("macula.mbr="):
+                return arg.split("=", 1)[1]
+    return MBR_DISK_ID
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="layout.py", description="MaculaOS disk layout")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -130,12 +187,25 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--size-mb", type=int, default=0, help="whole disk; data gets the rest")
     s.add_argument("--fixed-ids", action="store_true", help="reproducible disk and partition GUIDs")
     s.add_argument("--data-fills-disk", action="store_true", help="no size for data: sfdisk gives it the rest")
+    s.add_argument("--mbr", action="store_true", help="an MBR table (Raspberry Pi) instead of GPT")
     s.add_argument("--json", action="store_true", help="print the sizes and offsets as JSON instead")
     s.add_argument("--sizes", action="store_true", help="print `ESP SLOT DATA SIZE SQUASHFS` (MiB) instead")
     sub.add_parser("data-dirs", help="the folders of a fresh data partition, one per line")
+    sub.add_parser("mbr-id", help="the MBR disk signature of Raspberry Pi cards (also their FAT volume id)")
+    f = sub.add_parser("find", help="the /dev node of a partition on an MBR card (macula.mbr= on the kernel line)")
+    f.add_argument("name", choices=sorted(PART_NUMBERS))
     args = ap.parse_args(argv)
     if args.cmd == "data-dirs":
         print("\n".join(data_dirs()))
+        return 0
+    if args.cmd == "mbr-id":
+        print(MBR_DISK_ID)
+        return 0
+    if args.cmd == "find":
+        node = find_mbr_partition(args.name, _cmdline_mbr())
+        if node is None:
+            return 1
+        print(node)
         return 0
     try:
         layout = plan(args.squashfs_bytes, esp_mb=args.esp_mb, slot_mb=args.slot_mb, data_mb=args.data_mb,
@@ -148,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.sizes:
         print(layout.esp_mb, layout.slot_mb, layout.data_mb, layout.size_mb, layout.squashfs_mb)
     else:
-        print(layout.sfdisk_script(args.fixed_ids, args.data_fills_disk), end="")
+        print(layout.sfdisk_script(args.fixed_ids, args.data_fills_disk, args.mbr), end="")
     return 0
 
 

@@ -16,6 +16,7 @@ import yaml
 
 from . import layout, nodeconfig
 from .arch import Architecture
+from .boards import BootFlow
 from .errors import BadInput
 from .paths import sdk_root
 from .plan import BOOT_PACKAGES, HOST, INITRD_MODULES, BuildPlan, PlannedStage
@@ -63,7 +64,9 @@ class RenderedStage:
 def kernel_cmdline(profile: Profile) -> str:
     """Kernel arguments shared by every boot entry (mode excluded)."""
     consoles = f"console=tty1 console={profile.board.serial_console(profile.arch)},115200"
-    return " ".join([consoles, *profile.get("kernel.args")])
+    # MBR cards (the Pi's): the initrd finds the slots by number on the disk with this signature.
+    mbr = [f"macula.mbr={layout.MBR_DISK_ID}"] if profile.board.boot_flow(profile.arch) is BootFlow.rpi_firmware else []
+    return " ".join([consoles, *mbr, *profile.get("kernel.args")])
 
 
 def template_vars(profile: Profile, arch: Architecture, input_images: dict[str, str], sde: int) -> dict[str, Any]:

@@ -115,3 +115,30 @@ def test_device_cli_prints_sizes_and_data_dirs():
     assert small.returncode == 3 and "cannot hold" in small.stderr
     dirs = subprocess.run([*run, "data-dirs"], capture_output=True, text=True, check=True).stdout.split()
     assert dirs == ["maculaos", "rancher", "home", "data", "overlay/etc/upper", "overlay/etc/work"]
+
+
+def test_mbr_card_table_and_lookup_by_signature(tmp_path):
+    """The Pi's MBR: what sfdisk makes of the module's script, and the device-side lookup by disk signature."""
+    p = layout.plan(116 * MIB, size_mb=1024)
+    img = tmp_path / "sd.img"
+    with img.open("wb") as f:
+        f.truncate(p.size_mb * MIB)
+    subprocess.run(["sfdisk", "-q", str(img)], input=p.sfdisk_script(fixed_ids=True, mbr=True), text=True, check=True)
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(img)], capture_output=True, text=True,
+                                      check=True).stdout)["partitiontable"]
+    assert table["label"] == "dos" and table["id"] == f"0x{layout.MBR_DISK_ID}"
+    parts = table["partitions"]
+    assert [x["type"] for x in parts] == ["c", "83", "83", "83"] and parts[0].get("bootable") is True
+    assert [x["start"] * 512 // MIB for x in parts] == list(p.offsets_mb().values())
+    # a fake /sys/block with two disks: the one whose signature matches wins, partitions by number
+    sys_block, dev = tmp_path / "sys", tmp_path / "dev"
+    dev.mkdir()
+    for disk, source in (("vda", None), ("vdb", img)):
+        (dev / disk).write_bytes(source.read_bytes()[:4096] if source else b"\0" * 4096)
+        for n in range(1, 5):
+            (sys_block / disk / f"{disk}{n}").mkdir(parents=True)
+            (sys_block / disk / f"{disk}{n}" / "partition").write_text(f"{n}\n")
+    found = {name: layout.find_mbr_partition(name, layout.MBR_DISK_ID, str(sys_block), str(dev))
+             for name in layout.PART_NUMBERS}
+    assert found == {"esp": f"{dev}/vdb1", "rootfs-A": f"{dev}/vdb2", "rootfs-B": f"{dev}/vdb3", "data": f"{dev}/vdb4"}
+    assert layout.find_mbr_partition("data", "deadbeef", str(sys_block), str(dev)) is None

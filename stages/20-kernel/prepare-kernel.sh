@@ -41,4 +41,6 @@ done
 awk '!seen[$0]++' /out/initrd-modules.txt > /tmp/mods && mv /tmp/mods /out/initrd-modules.txt
 mkdir -p /out/lib/modules && mv /k/lib/modules/"$kver" /out/lib/modules/
 [ -d /k/lib/firmware ] && mkdir -p /out/lib && mv /k/lib/firmware /out/lib/ || true
+# Device trees (arm64): the Raspberry Pi firmware hands the board's to U-Boot and the kernel.
+[ -d "/k/usr/lib/linux-image-$kver" ] && mv "/k/usr/lib/linux-image-$kver" /out/dtbs || true
 echo "kernel $real $kver: $(wc -l < /out/initrd-modules.txt) initrd modules, $(du -sh /out/lib/modules | cut -f1) of modules"

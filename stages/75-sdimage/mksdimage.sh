@@ -1,0 +1,43 @@
+#!/bin/sh
+# Assemble the Raspberry Pi SD image from parts made on plain files (no loop devices): MBR from layout.py,
+# p1 FAT32 boot partition (Pi firmware, U-Boot, device trees, config.txt, GRUB + grubenv, slot A's kernel
+# and initrd in /A), p2 slot A = the squashfs, p3 slot B empty, p4 data (ext4). Compressed with xz.
+set -eu
+board=$1 esp_mb=$2 slot_mb=$3 data_mb=$4 size_mb=$5 sde=$6
+sq=/work/rootfs.squashfs boot=/work/boot
+layout() { python3 /src/layout.py sfdisk --squashfs-bytes "$(stat -c %s $sq)" --esp-mb "$esp_mb" \
+             --slot-mb "$slot_mb" --data-mb "$data_mb" --size-mb "$size_mb" "$@"; }
+sizes=$(layout --sizes) || { echo "mksdimage: the disk.* settings do not fit this squashfs" >&2; exit 3; }
+read -r esp_mb slot_mb data_mb need sq_mb <<SIZES
+$sizes
+SIZES
+
+case "$board" in
+  rpi4) soc=bcm2711; firmware="start4.elf fixup4.dat" ;;
+  rpi5) soc=bcm2712; firmware="" ;;  # the Pi 5 EEPROM carries its own start.elf
+  *) echo "mksdimage: no SD layout for board $board" >&2; exit 3 ;;
+esac
+for f in $firmware; do cp "/fw/usr/lib/raspi-firmware/$f" $boot/; done
+cp /fw/usr/lib/u-boot/rpi_arm64/u-boot.bin $boot/u-boot.bin
+n=$(find /work/dtbs -name "$soc-*.dtb" | wc -l)
+[ "$n" -gt 0 ] || { echo "mksdimage: the kernel ships no $soc device trees" >&2; exit 3; }
+find /work/dtbs -name "$soc-*.dtb" -exec cp {} $boot/ \;
+cp /src/config.txt /src/cmdline.txt $boot/
+
+find $boot -exec touch -h -d "@$sde" {} +
+mkfs.vfat -F 32 -C -n MACULA_BOOT -i "$(python3 /src/layout.py mbr-id)" /work/boot.img $((esp_mb * 1024)) >/dev/null
+mcopy -s -m -i /work/boot.img $boot/* ::/
+img=/work/sd.img
+rm -f $img; truncate -s ${need}M $img
+layout --mbr | sfdisk -q $img
+dd if=/work/boot.img of=$img bs=1M seek=1 conv=notrunc status=none
+dd if=$sq of=$img bs=1M seek=$((1 + esp_mb)) conv=notrunc status=none
+for d in $(python3 /src/layout.py data-dirs); do mkdir -p "/work/data/$d"; done
+find /work/data -exec touch -h -d "@$sde" {} +
+mkfs.ext4 -q -F -L MACULA_DATA -U 4d41434c-0005-4000-8000-000000000005 \
+  -E root_owner=0:0,hash_seed=4d41434c-0006-4000-8000-000000000006 -d /work/data /work/data.img ${data_mb}M
+dd if=/work/data.img of=$img bs=1M seek=$((1 + esp_mb + 2 * slot_mb)) conv=notrunc status=none
+mkdir -p /out
+layout --mbr --json > /out/layout.json
+xz -T0 -6 -c $img > /out/sd.img.xz
+cat /out/layout.json; sfdisk -d $img; ls -l $img /out/sd.img.xz
