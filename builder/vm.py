@@ -74,6 +74,9 @@ class VmConfig:
     ssh_port: int | None = None
     cpus: int = 2
     disks: tuple[Path, ...] = ()  # more virtio disks (an install target, say)
+    kernel: Path | None = None  # direct kernel boot (no firmware): the image is then a plain disk
+    initrd: Path | None = None
+    append: str = ""
 
     @classmethod
     def for_image(cls, image: Path, *, arch: str | None = None, **kw: object) -> VmConfig:
@@ -108,7 +111,10 @@ def qemu_command(cfg: VmConfig, *, interactive: bool = False, extra: list[str] |
            "-serial", "mon:stdio" if interactive else "stdio"]
     if not interactive:
         cmd += ["-monitor", "none"]
-    if cfg.uefi or arch is Architecture.arm64:
+    if cfg.kernel is not None:
+        cmd += ["-kernel", str(cfg.kernel), "-append", cfg.append]
+        cmd += ["-initrd", str(cfg.initrd)] if cfg.initrd else []
+    elif cfg.uefi or arch is Architecture.arm64:
         cmd += ["-bios", str(firmware_path(arch))]
     netdev = "user,id=net0" + (f",hostfwd=tcp:127.0.0.1:{cfg.ssh_port}-:22" if cfg.ssh_port else "")
     cmd += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]

@@ -1,0 +1,117 @@
+"""The Raspberry Pi 4 SD image, opened as a file (sfdisk, mtools, debugfs: no loop devices), and its slot
+A booted under qemu-system-aarch64 -M virt with the card's own kernel and initrd (QEMU 7.2 has no Pi 4)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from maculaos_sdk import layout
+
+pytestmark = pytest.mark.qemu
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def sd_card(rpi4_build, tmp_path_factory) -> Path:
+    """The card image, decompressed."""
+    packed = rpi4_build["maculaos-test-0.1.0-arm64-rpi4.img.xz"]
+    card = tmp_path_factory.mktemp("rpi4") / "sd.img"
+    with lzma.open(packed) as src, card.open("wb") as dest:
+        shutil.copyfileobj(src, dest, 4 * MIB)
+    return card
+
+
+def _table(card: Path) -> dict:
+    out = subprocess.run(["sfdisk", "--json", str(card)], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["partitiontable"]
+
+
+def _fat(card: Path, *args: str) -> subprocess.CompletedProcess:
+    """An mtools command on the card's first partition (FAT at 1 MiB)."""
+    return subprocess.run([args[0], "-i", f"{card}@@{MIB}", *args[1:]], capture_output=True, check=True)
+
+
+def _fat_file(card: Path, path: str) -> bytes:
+    return _fat(card, "mtype", f"::{path}").stdout
+
+
+def _sha256_of_range(card: Path, start: int, size: int) -> str:
+    h = hashlib.sha256()
+    with card.open("rb") as f:
+        f.seek(start)
+        left = size
+        while left:
+            chunk = f.read(min(left, 4 * MIB))
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def test_rpi4_card_layout_firmware_and_slot_a_match_the_bundle(rpi4_build, sd_card):
+    table = _table(sd_card)
+    assert table["label"] == "dos" and table["id"] == f"0x{layout.MBR_DISK_ID}"
+    parts = table["partitions"]
+    assert [p["type"] for p in parts] == ["c", "83", "83", "83"] and parts[0].get("bootable") is True
+
+    names = _fat(sd_card, "mdir", "-b", "-/", "::/").stdout.decode().split()
+    for required in ("::/start4.elf", "::/fixup4.dat", "::/u-boot.bin", "::/config.txt", "::/cmdline.txt",
+                     "::/bcm2711-rpi-4-b.dtb", "::/EFI/BOOT/BOOTAA64.EFI", "::/grub/grub.cfg", "::/grub/grubenv",
+                     "::/A/vmlinuz", "::/A/initrd.img"):
+        assert required in names, required
+    config = _fat_file(sd_card, "config.txt").decode().splitlines()
+    assert {"arm_64bit=1", "enable_uart=1", "kernel=u-boot.bin"} <= set(config)
+    cmdline = _fat_file(sd_card, "cmdline.txt").decode()
+    assert f"macula.mbr={layout.MBR_DISK_ID}" in cmdline.split() and "console=ttyS1,115200" in cmdline.split()
+    grub_cfg = _fat_file(sd_card, "grub/grub.cfg").decode()
+    assert f"macula.mbr={layout.MBR_DISK_ID}" in grub_cfg  # what GRUB passes: the slots are found by number
+    env = dict(line.split("=", 1) for line in _fat_file(sd_card, "grub/grubenv").decode().splitlines()
+               if "=" in line and not line.startswith("#"))
+    assert (env["active"], env["trial"], env["tries"]) == ("A", "", "0")
+
+    # slot A's kernel, initrd and root filesystem are byte for byte the bundle's
+    manifest = json.loads((rpi4_build["maculaos-test-0.1.0-arm64-rpi4.bundle"] / "manifest.json").read_text())
+    files = manifest["files"]
+    assert (manifest["arch"], manifest["board"]) == ("arm64", "rpi4")
+    assert hashlib.sha256(_fat_file(sd_card, "A/vmlinuz")).hexdigest() == files["vmlinuz"]["sha256"]
+    assert hashlib.sha256(_fat_file(sd_card, "A/initrd.img")).hexdigest() == files["initrd.img"]["sha256"]
+    slot_a = parts[1]["start"] * 512
+    assert _sha256_of_range(sd_card, slot_a, files["rootfs.squashfs"]["size"]) == files["rootfs.squashfs"]["sha256"]
+    assert _sha256_of_range(sd_card, parts[2]["start"] * 512, MIB) == hashlib.sha256(bytes(MIB)).hexdigest()
+
+    # the data partition holds the layout's folders
+    data = sd_card.parent / "data.ext4"
+    with sd_card.open("rb") as src, data.open("wb") as dest:
+        src.seek(parts[3]["start"] * 512)
+        shutil.copyfileobj(src, dest, parts[3]["size"] * 512)
+    listing = subprocess.run(["debugfs", "-R", "ls -p /overlay/etc", str(data)], capture_output=True, text=True,
+                             check=True).stdout
+    assert "/upper/" in listing and "/work/" in listing
+
+
+def test_rpi4_slot_a_boots_to_a_shell_under_virt(sd_card, make_machine, tmp_path, record_property):
+    """The card's own kernel and initrd, its MBR slots found by signature: the same squashfs boots."""
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.img"
+    kernel.write_bytes(_fat_file(sd_card, "A/vmlinuz"))
+    initrd.write_bytes(_fat_file(sd_card, "A/initrd.img"))
+    disk = tmp_path / "card-arm64.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(sd_card), str(disk)], check=True)
+    m = make_machine(disk, "rpi4-virt", kernel=kernel, initrd=initrd,
+                     append=f"console=ttyAMA0,115200 macula.mode=disk macula.slot=A macula.mbr={layout.MBR_DISK_ID} "
+                            "net.ifnames=0 panic=10")
+    m.start()
+    assert m.wait_for_boot(timeout=400) == "A"
+    record_property("seconds_to_shell", round(time.monotonic() - m.started_at, 1))
+    release = m.succeed("cat /etc/os-release")
+    assert 'MACULAOS_BOARD="rpi4"' in release and 'MACULAOS_ARCH="arm64"' in release
+    s = m.upgrade_status()
+    assert (s["mode"], s["booted"], s["active"], s["slots"]["A"]["version"]) == ("disk", "A", "A", "0.1.0")
+    mounts = {x.split()[1]: x.split()[0] for x in m.succeed("cat /proc/mounts").splitlines()}
+    assert mounts["/run/maculaos/lower"] == "/dev/vda2" and mounts["/var/lib/maculaos"] == "/dev/vda4"
