@@ -41,6 +41,8 @@ class Board:
     initrd_modules: tuple[str, ...] = ()  # loaded by the initrd before it looks for the root
     keep_modules: tuple[str, ...] = ()  # module folders kept even when the profile prunes a parent
     serial: dict[Architecture, str] = field(default_factory=dict)  # default: the arch's console
+    firmware_keep: tuple[str, ...] = ()  # top-level /usr/lib/firmware entries kept (globs); the rest is removed
+    early_microcode: bool = False  # intel-microcode as an early cpio in front of the initrd (no late loading)
     disk_mb: int = 0  # default total disk / SD image size (0: just big enough)
     wireless: bool = False  # keeps wireless drivers, so node-config `wifi:` applies
 
@@ -72,26 +74,28 @@ class Board:
 _PI_MODULES = ("sdhci-iproc", "mmc_block", "bcm2835-dma", "bcm2835_wdt", "genet", "broadcom", "xhci_pci",
                "reset-raspberrypi", "pcie-brcmstb")
 _PI_FIRMWARE = ("firmware-brcm80211",)
+_PI_FIRMWARE_KEEP = ("brcm", "cypress", "regulatory.db*")
 
 BOARDS: dict[str, Board] = {b.name: b for b in (
     Board("generic", "PCs and VMs (amd64: BIOS and UEFI), arm64 UEFI machines and QEMU virt",
           boot={Architecture.amd64: BootFlow.grub_bios_efi, Architecture.arm64: BootFlow.grub_efi}),
     Board("nuc", "Intel NUC and similar x86 mini PCs: UEFI, Intel NIC/Wi-Fi/GPU firmware, early microcode",
           boot={Architecture.amd64: BootFlow.grub_efi},
-          firmware_packages=("firmware-misc-nonfree", "firmware-iwlwifi", "firmware-realtek", "intel-microcode"),
+          firmware_packages=("firmware-misc-nonfree", "firmware-iwlwifi", "firmware-realtek"),
           components=("non-free-firmware",),
           initrd_modules=("nvme", "ahci", "sd_mod", "e1000e", "igc", "r8169", "iTCO_wdt"),
           keep_modules=("drivers/net/wireless/intel", "drivers/gpu/drm/i915", "net/wireless", "net/mac80211"),
-          wireless=True),
+          firmware_keep=("i915", "iwlwifi-*", "rtl_nic", "rtw88", "rtw89", "intel", "regulatory.db*"),
+          early_microcode=True, wireless=True),
     Board("rpi4", "Raspberry Pi 4 / 400 / CM4: Pi firmware, then U-Boot's EFI loader, then GRUB (A/B in grubenv)",
           boot={Architecture.arm64: BootFlow.rpi_firmware},
-          firmware_packages=_PI_FIRMWARE, components=("non-free-firmware",),
+          firmware_packages=_PI_FIRMWARE, components=("non-free-firmware",), firmware_keep=_PI_FIRMWARE_KEEP,
           initrd_modules=_PI_MODULES,
           keep_modules=("drivers/net/wireless/broadcom", "net/wireless", "net/mac80211"),
           serial={Architecture.arm64: "ttyS1"}, disk_mb=4096, wireless=True),
     Board("rpi5", "Raspberry Pi 5 (experimental: needs trixie's U-Boot and a 6.17+ kernel for SD, RP1, Ethernet)",
           boot={Architecture.arm64: BootFlow.rpi_firmware},
-          firmware_packages=_PI_FIRMWARE, components=("non-free-firmware",),
+          firmware_packages=_PI_FIRMWARE, components=("non-free-firmware",), firmware_keep=_PI_FIRMWARE_KEEP,
           initrd_modules=("sdhci-brcmstb", "mmc_block", "xhci_pci", "pcie-brcmstb"),
           keep_modules=("drivers/net/wireless/broadcom", "net/wireless", "net/mac80211"),
           serial={Architecture.arm64: "ttyAMA10"}, disk_mb=4096, wireless=True),

@@ -23,7 +23,7 @@ def test_every_board_row_is_complete():
     assert BOARDS["generic"].boot_flow(Architecture.amd64) is BootFlow.grub_bios_efi
     assert BOARDS["generic"].boot_flow(Architecture.arm64) is BootFlow.grub_efi
     assert BOARDS["nuc"].arches == (Architecture.amd64,)
-    assert "intel-microcode" in BOARDS["nuc"].firmware_packages
+    assert "firmware-iwlwifi" in BOARDS["nuc"].firmware_packages and BOARDS["nuc"].early_microcode
     for pi in ("rpi4", "rpi5"):
         assert BOARDS[pi].arches == (Architecture.arm64,)
         assert BOARDS[pi].outputs(Architecture.arm64) == ("sdimage", "bundle")

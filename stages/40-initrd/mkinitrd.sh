@@ -21,5 +21,7 @@ echo "$kver" > $root/etc/kernel-version
 mkdir -p /out
 cd $root
 find . -exec touch -h -d "@$sde" {} +
-find . | LC_ALL=C sort | cpio -o -H newc --reproducible --quiet | gzip -9 -n > /out/initrd.img
+find . | LC_ALL=C sort | cpio -o -H newc --reproducible --quiet | gzip -9 -n > /tmp/initrd.gz
+# an early microcode cpio (boards that want one) goes first, uncompressed, as the kernel expects
+cat $([ -f /ucode.cpio ] && echo /ucode.cpio) /tmp/initrd.gz > /out/initrd.img
 echo "initrd: $(wc -l < $root/lib/modules/order) modules, $(du -h /out/initrd.img | cut -f1)"
