@@ -101,9 +101,12 @@ def _build_stage(engine: Engine, r: RenderedStage, plan: BuildPlan, log_path: Pa
     with log_path.open("w") as log:
         log.write(f"# stage {r.key} id {r.stage_id}\n# image {r.image}\n")
         if r.meta.bootstrap and not plan.profile.get("base_image"):
-            tarball = cache_dir() / "bootstrap" / f"{r.stage_id[:32]}.tar"
+            # keyed by what mmdebstrap is asked for, so an edit to the base Dockerfile reuses the tarball
+            params = bootstrap_params(plan.profile, r.planned.arch, plan.sde)
+            key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
+            tarball = cache_dir() / "bootstrap" / f"{key}.tar"
             if no_cache or not tarball.exists():
-                bootstrap(bootstrap_params(plan.profile, r.planned.arch, plan.sde), tarball, log)
+                bootstrap(params, tarball, log)
             os.link(tarball, r.context / "rootfs.tar")
         replaced = engine.image_id(r.image)  # --no-cache rebuilds a present tag; the old image loses it
         steps = engine.build(r.context, r.image, log, platform=r.platform, no_cache=no_cache,
