@@ -103,6 +103,7 @@ def test_rpi4_slot_a_boots_to_a_shell_under_virt(sd_card, make_machine, tmp_path
     initrd.write_bytes(_fat_file(sd_card, "A/initrd.img"))
     disk = tmp_path / "card-arm64.qcow2"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(sd_card), str(disk)], check=True)
+    subprocess.run(["qemu-img", "resize", "-q", str(disk), "+1G"], check=True)  # a bigger card than the image
     m = make_machine(disk, "rpi4-virt", kernel=kernel, initrd=initrd,
                      append=f"console=ttyAMA0,115200 macula.mode=disk macula.slot=A macula.mbr={layout.MBR_DISK_ID} "
                             "net.ifnames=0 panic=10")
@@ -115,3 +116,9 @@ def test_rpi4_slot_a_boots_to_a_shell_under_virt(sd_card, make_machine, tmp_path
     assert (s["mode"], s["booted"], s["active"], s["slots"]["A"]["version"]) == ("disk", "A", "A", "0.1.0")
     mounts = {x.split()[1]: x.split()[0] for x in m.succeed("cat /proc/mounts").splitlines()}
     assert mounts["/run/maculaos/lower"] == "/dev/vda2" and mounts["/var/lib/maculaos"] == "/dev/vda4"
+    # the data partition grew into the rest of the card at first boot, and its ext4 with it
+    data_mb = int(m.succeed("cat /sys/class/block/vda4/size")) * 512 // MIB
+    card_mb = int(m.succeed("cat /sys/block/vda/size")) * 512 // MIB
+    assert int(m.succeed("cat /sys/class/block/vda4/start")) * 512 // MIB + data_mb == card_mb
+    fs_mb = int(m.succeed("df -m --output=size /var/lib/maculaos | tail -n 1"))
+    assert fs_mb > 1024 and data_mb > 1024
