@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import IO, Any
 
+from .arch import Architecture
 from .errors import BuildFailed
 
 NODOC = ["path-exclude=/usr/share/doc/*", "path-include=/usr/share/doc/*/copyright",
@@ -27,10 +28,26 @@ def mmdebstrap_command(params: dict[str, Any], tarball: Path) -> list[str]:
     return cmd
 
 
+def check_foreign_arch(arch: str) -> None:
+    """A foreign-arch bootstrap needs arch-test (mmdebstrap asks it) and a working binfmt handler: say which is
+    missing, instead of letting mmdebstrap fail in a way that looks like an unreachable mirror."""
+    if Architecture(arch).is_native:
+        return
+    if shutil.which("arch-test") is None:
+        raise BuildFailed(f"arch-test is not installed: mmdebstrap needs it to bootstrap {arch} on this host",
+                          "run `make setup` (apt-get install arch-test)")
+    probe = subprocess.run(["arch-test", arch], capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        raise BuildFailed(f"this host cannot run {arch} programs ({probe.stdout.strip() or probe.stderr.strip()})",
+                          "run `make setup` (qemu-user-static, binfmt-support; `update-binfmts --enable "
+                          f"{Architecture(arch).binfmt_name}`)")
+
+
 def bootstrap(params: dict[str, Any], tarball: Path, log: IO[str]) -> None:
     """Create the base rootfs tarball; atomic (a killed run leaves no half tarball behind)."""
     if shutil.which("mmdebstrap") is None:
         raise BuildFailed("mmdebstrap is not installed", "run `make setup` (apt-get install mmdebstrap)")
+    check_foreign_arch(params["arch"])
     tarball.parent.mkdir(parents=True, exist_ok=True)
     partial = tarball.with_name(tarball.name + ".partial.tar")
     cmd = mmdebstrap_command(params, partial)

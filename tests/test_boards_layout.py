@@ -142,3 +142,21 @@ def test_mbr_card_table_and_lookup_by_signature(tmp_path):
              for name in layout.PART_NUMBERS}
     assert found == {"esp": f"{dev}/vdb1", "rootfs-A": f"{dev}/vdb2", "rootfs-B": f"{dev}/vdb3", "data": f"{dev}/vdb4"}
     assert layout.find_mbr_partition("data", "deadbeef", str(sys_block), str(dev)) is None
+
+
+def test_foreign_bootstrap_names_a_missing_arch_test_or_binfmt(monkeypatch):
+    """Not "is the mirror reachable?": the host lacks what runs arm64 programs, and the hint says how to add it."""
+    from maculaos_sdk import bootstrap
+    from maculaos_sdk.errors import BuildFailed
+
+    monkeypatch.setattr(bootstrap.shutil, "which", lambda name: None)
+    with pytest.raises(BuildFailed, match="arch-test is not installed") as exc:
+        bootstrap.check_foreign_arch("arm64")
+    assert "make setup" in exc.value.hint
+    monkeypatch.setattr(bootstrap.shutil, "which", lambda name: f"/usr/bin/{name}")
+    refused = subprocess.CompletedProcess(["arch-test"], 2, "arm64: not supported on this machine/kernel\n", "")
+    monkeypatch.setattr(bootstrap.subprocess, "run", lambda *a, **k: refused)
+    with pytest.raises(BuildFailed, match="cannot run arm64 programs") as exc:
+        bootstrap.check_foreign_arch("arm64")
+    assert "update-binfmts --enable qemu-aarch64" in exc.value.hint
+    bootstrap.check_foreign_arch("amd64")  # native: nothing to check
