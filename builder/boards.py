@@ -45,6 +45,7 @@ class Board:
     early_microcode: bool = False  # intel-microcode as an early cpio in front of the initrd (no late loading)
     disk_mb: int = 0  # default total disk / SD image size (0: just big enough)
     wireless: bool = False  # keeps wireless drivers, so node-config `wifi:` applies
+    suites: tuple[str, ...] = ()  # Debian suites whose kernel and U-Boot can boot it (empty: any)
 
     @property
     def arches(self) -> tuple[Architecture, ...]:
@@ -98,12 +99,12 @@ BOARDS: dict[str, Board] = {b.name: b for b in (
           firmware_packages=_PI_FIRMWARE, components=("non-free-firmware",), firmware_keep=_PI_FIRMWARE_KEEP,
           initrd_modules=("sdhci-brcmstb", "mmc_block", "xhci_pci", "pcie-brcmstb"),
           keep_modules=("drivers/net/wireless/broadcom", "net/wireless", "net/mac80211"),
-          serial={Architecture.arm64: "ttyAMA10"}, disk_mb=4096, wireless=True),
+          serial={Architecture.arm64: "ttyAMA10"}, disk_mb=4096, wireless=True, suites=("trixie",)),
 )}
 
 
-def board_problem(board: str, arch: str, outputs: list[str]) -> tuple[str, str, str] | None:
-    """(key, problem, hint) when the board cannot be built for this arch or these outputs, else None."""
+def board_problem(board: str, arch: str, outputs: list[str], suite: str) -> tuple[str, str, str] | None:
+    """(key, problem, hint) when the board cannot be built for this arch, outputs or suite, else None."""
     b = BOARDS.get(board)
     if b is None:
         return "board", f"unknown board {board!r}", f"one of: {', '.join(BOARDS)}"
@@ -111,6 +112,9 @@ def board_problem(board: str, arch: str, outputs: list[str]) -> tuple[str, str, 
     if a not in b.boot:
         arches = ", ".join(x.value for x in b.arches)
         return "board", f"{board} is not built for {arch}", f"set `arch: {arches.split(', ')[0]}` ({board}: {arches})"
+    if b.suites and suite not in b.suites:
+        return ("board", f"{board} does not boot with Debian {suite}'s kernel and U-Boot",
+                f"set `debian.suite: {b.suites[0]}` ({board} needs {', '.join(b.suites)})")
     unsupported = [o for o in outputs if o not in b.outputs(a)]
     if unsupported:
         return ("outputs", f"{unsupported[0]!r} cannot boot on {board} ({b.boot_flow(a).value})",

@@ -310,7 +310,7 @@ def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
         # --board picks the machine, not what to build: outputs it cannot boot become its own image.
         merged["outputs"] = BOARDS[merged["board"]].translate_outputs(Architecture(merged["arch"]),
                                                                      merged["outputs"])
-    problem = board_problem(merged["board"], merged["arch"], merged["outputs"])
+    problem = board_problem(merged["board"], merged["arch"], merged["outputs"], merged["debian"]["suite"])
     if problem:
         key, message, hint = problem
         file, line = origins.get(key, (str(top), 1))
