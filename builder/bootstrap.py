@@ -24,7 +24,7 @@ def mmdebstrap_command(params: dict[str, Any], tarball: Path) -> list[str]:
     if params["include"]:
         cmd.append(f"--include={','.join(params['include'])}")
     cmd += [f"--dpkgopt={opt}" for opt in NODOC]
-    cmd += [params["suite"], str(tarball), params["mirror"]]
+    cmd += [params["suite"], str(tarball), *params["sources"]]
     return cmd
 
 

@@ -185,7 +185,13 @@ def tree_digest(root: Path) -> str:
 def bootstrap_params(profile: Profile, arch: Architecture, sde: int) -> dict[str, Any]:
     """What the mmdebstrap base depends on; part of the base stage id."""
     deb = profile.get("debian")
-    return {"suite": deb["suite"], "mirror": deb["mirror"], "components": deb["components"],
+    suite, mirror, components = deb["suite"], deb["mirror"], " ".join(deb["components"])
+    security = mirror.replace("/debian", "/debian-security")
+    # The base already holds -updates and -security, as the apt sources of every later stage do: otherwise
+    # the rootfs stage upgrades libc, ca-certificates and others again, which costs minutes under emulation.
+    return {"suite": suite, "mirror": mirror, "components": deb["components"],
+            "sources": [f"deb {mirror} {suite} {components}", f"deb {mirror} {suite}-updates {components}",
+                        f"deb {security} {suite}-security {components}"],
             "arch": arch.value, "variant": "minbase", "sde": sde,
             "include": ["ca-certificates"]}
 
