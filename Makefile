@@ -4,7 +4,7 @@ ARCH ?= amd64
 VENV := .venv/bin
 VERSION := $(shell sed -n 's/^version: *//p' profiles/$(PROFILE).yaml 2>/dev/null)
 
-.PHONY: setup image run test test-unit test-qemu lint bench doctor docs clean
+.PHONY: setup image run test test-arm64 test-unit test-qemu lint bench doctor docs clean
 
 setup:            ## install host packages, start dockerd, create .venv
 	bash scripts/setup-host.sh
@@ -17,13 +17,16 @@ run: image        ## boot it with the serial console in this terminal
 
 test:             ## lint + unit tests + real QEMU boot tests (builds the test profile)
 	$(VENV)/ruff check builder tests bench
-	$(VENV)/python -m pytest -v -rA tests
+	$(VENV)/python -m pytest -v -rA tests --ignore=tests/qemu/arm64
+
+test-arm64:       ## arm64 + Raspberry Pi 4: builds (rootfs emulated), UEFI boots under -M virt, SD card checks
+	$(VENV)/python -m pytest -v -rA tests/qemu/arm64
 
 test-unit:
 	$(VENV)/python -m pytest -q tests --ignore=tests/qemu
 
 test-qemu:
-	$(VENV)/python -m pytest -v -rA tests/qemu
+	$(VENV)/python -m pytest -v -rA tests/qemu --ignore=tests/qemu/arm64
 
 lint:
 	$(VENV)/ruff check builder tests bench

@@ -45,27 +45,6 @@ def update_bundle() -> Path:
     return build_image(profile, BuildOptions(output=OUT / "update")).artifacts["maculaos-test-0.2.0-amd64.bundle"]
 
 
-@pytest.fixture(scope="session")
-def arm64_build() -> dict[str, Path]:
-    """The test profile for arm64 (UEFI ISO, A/B disk, bundle): only its root filesystem is built emulated."""
-    return build_image(load_profile("test", {"arch": "arm64"}), BuildOptions(output=OUT / "arm64")).artifacts
-
-
-@pytest.fixture(scope="session")
-def arm64_update_bundle() -> Path:
-    """A signed 0.2.0 arm64 bundle of the test profile."""
-    profile = load_profile(str(Path(__file__).parent / "profiles" / "test-update.yaml"), {"arch": "arm64"})
-    return build_image(profile, BuildOptions(output=OUT / "arm64-update")).artifacts[
-        "maculaos-test-0.2.0-arm64.bundle"]
-
-
-@pytest.fixture(scope="session")
-def rpi4_build() -> dict[str, Path]:
-    """The test profile for the Raspberry Pi 4: SD image and bundle."""
-    return build_image(load_profile("test", {"arch": "arm64", "board": "rpi4"}),
-                       BuildOptions(output=OUT / "rpi4")).artifacts
-
-
 @pytest.fixture
 def make_machine(request: pytest.FixtureRequest) -> Iterator:
     """Factory for Machines; all are stopped at the end and their logs saved on failure."""

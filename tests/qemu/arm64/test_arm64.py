@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from .machine import cow_disk
-from .test_ab_updates import QuietHandler
+from ..machine import cow_disk
+from ..test_ab_updates import QuietHandler
 
 pytestmark = pytest.mark.qemu
 
