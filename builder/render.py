@@ -92,7 +92,7 @@ def template_vars(profile: Profile, arch: Architecture, input_images: dict[str, 
 
 def _env(folder: Path) -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(folder)),
+        loader=jinja2.FileSystemLoader([str(folder), str(folder.parent / "_shared")]),  # _shared: includes
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
