@@ -42,6 +42,7 @@ class Board:
     keep_modules: tuple[str, ...] = ()  # module folders kept even when the profile prunes a parent
     serial: dict[Architecture, str] = field(default_factory=dict)  # default: the arch's console
     firmware_keep: tuple[str, ...] = ()  # top-level /usr/lib/firmware entries kept (globs); the rest is removed
+    image_extra_mb: int = 0  # what its firmware adds to an image: size.iso_max_mb is raised by this much
     early_microcode: bool = False  # intel-microcode as an early cpio in front of the initrd (no late loading)
     disk_mb: int = 0  # default total disk / SD image size (0: just big enough)
     wireless: bool = False  # keeps wireless drivers, so node-config `wifi:` applies
@@ -86,7 +87,11 @@ BOARDS: dict[str, Board] = {b.name: b for b in (
           components=("non-free-firmware",),
           initrd_modules=("nvme", "ahci", "sd_mod", "e1000e", "igc", "r8169", "iTCO_wdt"),
           keep_modules=("drivers/net/wireless/intel", "drivers/gpu/drm/i915", "net/wireless", "net/mac80211"),
-          firmware_keep=("i915", "iwlwifi-*", "rtl_nic", "rtw88", "rtw89", "intel", "regulatory.db*"),
+          # GPU (GuC/HuC/DMC), the Wi-Fi chips NUCs ship (8265, 9260/9560, AX200/201/210/211), Realtek NICs
+          firmware_keep=("i915", "iwlwifi-8265-*", "iwlwifi-9000-*", "iwlwifi-9260-*", "iwlwifi-cc-a0-*",
+                         "iwlwifi-Qu*", "iwlwifi-so-a0-*", "iwlwifi-ty-a0-*", "rtl_nic", "rtw88", "rtw89",
+                         "regulatory.db*"),
+          image_extra_mb=48,
           early_microcode=True, wireless=True),
     Board("rpi4", "Raspberry Pi 4 / 400 / CM4: Pi firmware, then U-Boot's EFI loader, then GRUB (A/B in grubenv)",
           boot={Architecture.arm64: BootFlow.rpi_firmware},
