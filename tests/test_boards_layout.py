@@ -161,3 +161,18 @@ def test_foreign_bootstrap_names_a_missing_arch_test_or_binfmt(monkeypatch):
         bootstrap.check_foreign_arch("arm64")
     assert "update-binfmts --enable qemu-aarch64" in exc.value.hint
     bootstrap.check_foreign_arch("amd64")  # native: nothing to check
+
+
+def test_iso_size_limit_allows_what_the_board_firmware_adds(tmp_path):
+    from maculaos_sdk.build import _check_size
+    from maculaos_sdk.errors import BuildFailed
+
+    iso = tmp_path / "x.iso"
+    with iso.open("wb") as f:
+        f.truncate(170 * MIB)  # sparse: no disk used
+    with pytest.raises(BuildFailed, match="170 MiB, over size.iso_max_mb=150$"):
+        _check_size(iso, 150, BOARDS["generic"])
+    _check_size(iso, 150, BOARDS["nuc"])  # 150 + its firmware allowance
+    with pytest.raises(BuildFailed, match=r"over size.iso_max_mb=100 \+ 48 for nuc's firmware"):
+        _check_size(iso, 100, BOARDS["nuc"])
+    _check_size(iso, 0, BOARDS["generic"])  # 0: no limit
