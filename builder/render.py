@@ -18,7 +18,7 @@ from . import layout, nodeconfig
 from .arch import Architecture
 from .boards import BootFlow
 from .errors import BadInput
-from .paths import sdk_root
+from .paths import sdk_root, stages_dir
 from .plan import BOOT_PACKAGES, HOST, INITRD_MODULES, BuildPlan, PlannedStage
 from .profile import Profile
 from .stages import StageMeta
@@ -226,6 +226,8 @@ def render_stage(planned: PlannedStage, plan: BuildPlan, inputs: dict[str, Rende
                 pub.write_text(update_public_key)
         elif source == "layout":  # the disk layout module the device's installer also uses
             shutil.copyfile(Path(str(layout.__file__)), context / "layout.py")
+        elif source == "image-parts":  # shell helpers the disk and SD image stages share
+            shutil.copyfile(stages_dir() / "_shared" / "image-parts.sh", context / "image-parts.sh")
         elif source == "install-config":  # the node config the ISO's unattended install uses
             (context / source).mkdir()
             if profile.get("install.config"):

@@ -4,13 +4,9 @@
 # and initrd in /A), p2 slot A = the squashfs, p3 slot B empty, p4 data (ext4). Compressed with xz.
 set -eu
 board=$1 esp_mb=$2 slot_mb=$3 data_mb=$4 size_mb=$5 sde=$6
-sq=/work/rootfs.squashfs boot=/work/boot
-layout() { python3 /src/layout.py sfdisk --squashfs-bytes "$(stat -c %s $sq)" --esp-mb "$esp_mb" \
-             --slot-mb "$slot_mb" --data-mb "$data_mb" --size-mb "$size_mb" "$@"; }
-sizes=$(layout --sizes) || { echo "mksdimage: the disk.* settings do not fit this squashfs" >&2; exit 3; }
-read -r esp_mb slot_mb data_mb need sq_mb <<SIZES
-$sizes
-SIZES
+sq=/work/rootfs.squashfs boot=/work/boot img=/work/sd.img
+. /src/image-parts.sh
+plan_sizes
 
 case "$board" in
   rpi4) soc=bcm2711; firmware="start4.elf fixup4.dat" ;;
@@ -27,16 +23,12 @@ cp /src/config.txt /src/cmdline.txt $boot/
 find $boot -exec touch -h -d "@$sde" {} +
 mkfs.vfat -F 32 -C -n MACULA_BOOT -i "$(python3 /src/layout.py mbr-id)" /work/boot.img $((esp_mb * 1024)) >/dev/null
 mcopy -s -m -i /work/boot.img $boot/* ::/
-img=/work/sd.img
 rm -f $img; truncate -s ${need}M $img
 layout --mbr | sfdisk -q $img
-dd if=/work/boot.img of=$img bs=1M seek=1 conv=notrunc status=none
-dd if=$sq of=$img bs=1M seek=$((1 + esp_mb)) conv=notrunc status=none
-for d in $(python3 /src/layout.py data-dirs); do mkdir -p "/work/data/$d"; done
-find /work/data -exec touch -h -d "@$sde" {} +
-mkfs.ext4 -q -F -L MACULA_DATA -U 4d41434c-0005-4000-8000-000000000005 \
-  -E root_owner=0:0,hash_seed=4d41434c-0006-4000-8000-000000000006 -d /work/data /work/data.img ${data_mb}M
-dd if=/work/data.img of=$img bs=1M seek=$((1 + esp_mb + 2 * slot_mb)) conv=notrunc status=none
+write_at /work/boot.img 1
+write_at $sq $((1 + esp_mb))
+make_data_image
+write_at /work/data.img $((1 + esp_mb + 2 * slot_mb))
 mkdir -p /out
 layout --mbr --json > /out/layout.json
 xz -T0 -6 -c $img > /out/sd.img.xz
