@@ -66,6 +66,12 @@ class Architecture(enum.Enum):
         }[self.value]
 
     @property
+    def image_extra_mb(self) -> int:
+        """What this arch adds to an image over amd64: GRUB on arm64 boots the kernel's uncompressed PE Image
+        (Debian's kernels have no EFI_ZBOOT), about 32 MB against amd64's 8 MB bzImage."""
+        return {"amd64": 0, "arm64": 32}[self.value]
+
+    @property
     def serial_console(self) -> str:
         return {"amd64": "ttyS0", "arm64": "ttyAMA0"}[self.value]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, artifacts, gc, images, keys, ui
+from .arch import Architecture
 from .boards import Board
 from .bootstrap import bootstrap
 from .debian_index import check_packages
@@ -208,17 +209,18 @@ def export_artifacts(engine: Engine, rendered: list[RenderedStage], plan: BuildP
                     engine.export(r.image, f"/out/{src}", dest)
             exported.update(_finish_artifact(dest, r, plan.profile, secret))
             result.artifacts[dest.name] = dest
-            _check_size(dest, plan.profile.get("size.iso_max_mb"), plan.board)
+            _check_size(dest, plan.profile.get("size.iso_max_mb"), plan.board, plan.arch)
     return exported
 
 
-def _check_size(dest: Path, limit_mb: int, board: Board) -> None:
-    """size.iso_max_mb, plus what the board's firmware is allowed to add (boards.py)."""
+def _check_size(dest: Path, limit_mb: int, board: Board, arch: Architecture = Architecture.amd64) -> None:
+    """size.iso_max_mb, plus what the board's firmware and the arch's kernel are allowed to add."""
     if not (dest.suffix == ".iso" and limit_mb):
         return
-    allowed = limit_mb + board.image_extra_mb
+    allowed = limit_mb + board.image_extra_mb + arch.image_extra_mb
     if dest.stat().st_size > allowed * 1024 * 1024:
         extra = f" + {board.image_extra_mb} for {board.name}'s firmware" if board.image_extra_mb else ""
+        extra += f" + {arch.image_extra_mb} for the {arch} kernel" if arch.image_extra_mb else ""
         raise BuildFailed(f"{dest} is {dest.stat().st_size / 2**20:.0f} MiB, over size.iso_max_mb={limit_mb}{extra}",
                           "prune kernel modules or packages, or raise the limit")
 

@@ -176,3 +176,6 @@ def test_iso_size_limit_allows_what_the_board_firmware_adds(tmp_path):
     with pytest.raises(BuildFailed, match=r"over size.iso_max_mb=100 \+ 48 for nuc's firmware"):
         _check_size(iso, 100, BOARDS["nuc"])
     _check_size(iso, 0, BOARDS["generic"])  # 0: no limit
+    _check_size(iso, 150, BOARDS["generic"], Architecture.arm64)  # the arm64 kernel is an uncompressed Image
+    with pytest.raises(BuildFailed, match=r"over size.iso_max_mb=130 \+ 32 for the arm64 kernel$"):
+        _check_size(iso, 130, BOARDS["generic"], Architecture.arm64)
