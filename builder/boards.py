@@ -44,7 +44,7 @@ class Board:
     firmware_keep: tuple[str, ...] = ()  # top-level /usr/lib/firmware entries kept (globs); the rest is removed
     image_extra_mb: int = 0  # what its firmware adds to an image: size.iso_max_mb is raised by this much
     early_microcode: bool = False  # intel-microcode as an early cpio in front of the initrd (no late loading)
-    disk_mb: int = 0  # default total disk / SD image size (0: just big enough)
+    disk_mb: int = 0  # default total disk / SD image size (0: just big enough; data grows on first boot)
     wireless: bool = False  # keeps wireless drivers, so node-config `wifi:` applies
     suites: tuple[str, ...] = ()  # Debian suites whose kernel and U-Boot can boot it (empty: any)
 
@@ -98,13 +98,13 @@ BOARDS: dict[str, Board] = {b.name: b for b in (
           firmware_packages=_PI_FIRMWARE, components=("non-free-firmware",), firmware_keep=_PI_FIRMWARE_KEEP,
           initrd_modules=_PI_MODULES,
           keep_modules=("drivers/net/wireless/broadcom", "net/wireless", "net/mac80211"),
-          serial={Architecture.arm64: "ttyS1"}, disk_mb=4096, wireless=True),
+          serial={Architecture.arm64: "ttyS1"}, wireless=True),
     Board("rpi5", "Raspberry Pi 5 (experimental: needs trixie's U-Boot and a 6.17+ kernel for SD, RP1, Ethernet)",
           boot={Architecture.arm64: BootFlow.rpi_firmware},
           firmware_packages=_PI_FIRMWARE, components=("non-free-firmware",), firmware_keep=_PI_FIRMWARE_KEEP,
           initrd_modules=("sdhci-brcmstb", "mmc_block", "xhci_pci", "pcie-brcmstb"),
           keep_modules=("drivers/net/wireless/broadcom", "net/wireless", "net/mac80211"),
-          serial={Architecture.arm64: "ttyAMA10"}, disk_mb=4096, wireless=True, suites=("trixie",)),
+          serial={Architecture.arm64: "ttyAMA10"}, wireless=True, suites=("trixie",)),
 )}
 
 

@@ -31,5 +31,5 @@ make_data_image
 write_at /work/data.img $((1 + esp_mb + 2 * slot_mb))
 mkdir -p /out
 layout --mbr --json > /out/layout.json
-xz -T0 -6 -c $img > /out/sd.img.xz
+xz -T0 -3 -c $img > /out/sd.img.xz  # the slots are squashfs already: -3 packs the zeros as well as -9
 cat /out/layout.json; sfdisk -d $img; ls -l $img /out/sd.img.xz
