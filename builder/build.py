@@ -235,6 +235,7 @@ def manifest(plan: BuildPlan, result: BuildResult, inputs: Inputs, exported: dic
         "version": profile.version,
         "arch": plan.arch.value,
         "board": plan.board.name,
+        "outputs": list(plan.outputs),
         "source_date_epoch": plan.sde,
         "sdk_version": __version__,
         "profile_files": [str(p) for p in profile.files],

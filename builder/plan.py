@@ -49,10 +49,6 @@ class PlannedStage:
     arch: Architecture
     inputs: tuple[tuple[str, str], ...]  # (name the template uses, plan key)
 
-    @property
-    def name(self) -> str:
-        return self.meta.name
-
 
 @dataclass(frozen=True)
 class BuildPlan:

@@ -159,6 +159,7 @@ def test_cold_build_builds_every_stage_in_order_and_exports(env):
     assert manifest["packages"] == {"bash": "5.2", "openrc": "0.45"}
     assert manifest["kernel"]["release"] == "6.1.0-1"
     assert manifest["source_date_epoch"] == 1735689600
+    assert (manifest["arch"], manifest["board"], manifest["outputs"]) == ("amd64", "generic", ["iso"])
     assert set(manifest["stages"]) == set(stages)
     assert (env / "out" / "logs" / "30-rootfs.log").read_text().startswith("# stage rootfs")
 
