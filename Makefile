@@ -12,8 +12,8 @@ setup:            ## install host packages, start dockerd, create .venv
 image:            ## build the ISO for PROFILE/ARCH into out/
 	$(VENV)/maculaos-sdk build-image --profile $(PROFILE) --arch $(ARCH)
 
-run: image        ## boot it with the serial console in this terminal
-	$(VENV)/maculaos-sdk vm start out/maculaos-$(PROFILE)-$(VERSION)-$(ARCH).iso
+run:              ## build PROFILE/ARCH if needed, boot it as a dev VM (serial console here; `maculaos-sdk vm ssh`)
+	$(VENV)/maculaos-sdk vm start --profile $(PROFILE) --arch $(ARCH)
 
 test:             ## lint + unit tests + real QEMU boot tests (builds the test profile)
 	$(VENV)/ruff check builder tests bench

@@ -46,36 +46,73 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _add_vm(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("vm", help="run MaculaOS images in QEMU")
     vsub = p.add_subparsers(dest="vm_cmd", required=True)
-    s = vsub.add_parser("start", help="boot an ISO or disk image with the serial console in this terminal")
-    s.add_argument("image", type=Path)
+    s = vsub.add_parser("start", help="boot an image (or a profile, built first) with the serial console in "
+                        "this terminal; SSH, the k3s API and the console are forwarded to free host ports")
+    s.add_argument("image", type=Path, nargs="?", help="an ISO or disk image (or use --profile)")
+    s.add_argument("--profile", help="build this profile (what is cached stays cached) and boot its ISO, "
+                   "else a copy-on-write disk over its disk image")
     s.add_argument("--arch", choices=["amd64", "arm64"], help="default: from the file name, else host")
     s.add_argument("--memory", default="1024", help="MiB of RAM (default 1024)")
     s.add_argument("--uefi", action="store_true", help="boot an ISO with UEFI firmware (OVMF) instead of BIOS; "
                    "disk images always boot UEFI")
     s.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
-    s.add_argument("--ssh-port", type=int, default=2222, help="host port forwarded to the guest's 22")
+    s.add_argument("--ssh-port", type=int, help="host port for the guest's SSH (default 2222 when free)")
+    s.add_argument("--share", type=Path, help="a host folder the guest mounts at /mnt/host (9p)")
+    s.add_argument("--no-dev", action="store_true", help="no forwards, no dev SSH key: boot the image as it is")
     s.add_argument("--disk", type=Path, action="append", default=[],
                    help="attach a disk (an install target); a missing .qcow2 is created with --disk-size")
     s.add_argument("--disk-size", default="8G", help="size of disks --disk creates (default 8G)")
     s.set_defaults(func=_cmd_vm_start)
+    h = vsub.add_parser("ssh", help="log in to the dev VM started from this checkout, with its dev key")
+    h.add_argument("--port", type=int, help="the host port of the VM's SSH (default: the last `vm start`)")
+    h.add_argument("command", nargs=argparse.REMAINDER, help="a command to run instead of a shell")
+    h.set_defaults(func=_cmd_vm_ssh)
 
 
 def _cmd_vm_start(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
-    from .vm import VmConfig, qemu_command
+    from . import devvm
+    from .vm import VmConfig, dev_forwards, qemu_command
 
+    if (args.image is None) == (args.profile is None):
+        raise BadInput("vm start: give an image or --profile, not both or neither",
+                       "e.g. `maculaos-sdk vm start --profile core`")
+    if args.share is not None and not args.share.is_dir():
+        raise BadInput(f"--share {args.share}: no such folder", "name a folder on this host")
+    image = devvm.image_for_profile(args.profile, args.arch) if args.profile else args.image
     for disk in args.disk:
         if not disk.exists():
             if disk.suffix != ".qcow2":
                 raise BadInput(f"{disk}: no such disk", "name a .qcow2 file to have it created")
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), args.disk_size], check=True)
             ui.info(f"created {disk} ({args.disk_size})")
-    cfg = VmConfig.for_image(args.image, arch=args.arch, memory=args.memory, uefi=args.uefi, accel=args.accel,
-                             ssh_port=args.ssh_port, disks=tuple(args.disk))
+    dev: dict = {}
+    if not args.no_dev:
+        forwards = dev_forwards(args.ssh_port)
+        dev = {"forwards": forwards, "guest_config": devvm.guest_config(devvm.dev_ssh_key(), forwards)}
+        devvm.save_forwards(forwards)
+        for f in forwards:
+            ui.info(f"  {f.name:8} guest :{f.guest:<5} -> 127.0.0.1:{f.host}")
+        ui.info("  [bold]maculaos-sdk vm ssh[/] logs in with this checkout's dev key")
+    cfg = VmConfig.for_image(image, arch=args.arch, memory=args.memory, uefi=args.uefi, accel=args.accel,
+                             ssh_port=None if dev else args.ssh_port, disks=tuple(args.disk),
+                             share=args.share.resolve() if args.share else None, **dev)
     cmd = qemu_command(cfg, interactive=True)
     ui.info(f"[dim]{' '.join(cmd)}[/]\n[bold]Ctrl-A X[/] quits QEMU.")
+    os.execvp(cmd[0], cmd)
+    return EXIT_OK  # not reached
+
+
+def _cmd_vm_ssh(args: argparse.Namespace) -> int:
+    import os
+
+    from . import devvm
+
+    port = args.port or devvm.saved_ssh_port()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    cmd = devvm.ssh_command(port, devvm.dev_ssh_key(), command)
     os.execvp(cmd[0], cmd)
     return EXIT_OK  # not reached
 

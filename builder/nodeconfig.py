@@ -58,6 +58,9 @@ FIELDS: tuple[Field, ...] = (
                              "--data-dir=/var/lib/rancher/k3s"], "k3s command line."),
     Field("k3s.airgap", BOOL, True, "Import the preloaded images from /var/lib/rancher/k3s/agent/images."),
     Field("network.dhcp", BOOL, True, "Configure eth0 by DHCP."),
+    Field("firewall.open_ports", LIST, [], "More inbound ports to open, each `<port>/tcp` or `<port>/udp` (e.g. "
+          "`6443/tcp` for the k3s API); SSH and the mesh roles' ports are open anyway.",
+          pattern=r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})/(tcp|udp)"),
     Field("ssh_authorized_keys", LIST, [], "Public keys allowed to log in as root (also used by recovery's sshd)."),
     Field("run_cmd", LIST, [], "Shell commands run at every boot, after the config is applied."),
     Field("upgrade.url", STR, "", "Update server (`maculaos-sdk publish` layout) for `maculaos upgrade --check`."),
@@ -157,8 +160,10 @@ def check(data: Any, where: str, lines: dict[str, int] | None = None, prefix: st
                 continue
             if spec.choices and v not in spec.choices:
                 add(f"unknown value {v!r}", f"one of {', '.join(spec.choices)}")
-            if spec.pattern and not re.match(spec.pattern, v):
-                add(f"invalid value {v!r}", f"must match {spec.pattern}")
+            for i, item in enumerate(v if spec.kind == LIST else [v]):
+                if spec.pattern and not re.fullmatch(spec.pattern, item):
+                    add(f"invalid value {item!r}", f"must match {spec.pattern}",
+                        **({"key": f"{key}[{i}]"} if spec.kind == LIST else {}))
             if key == "ssh_authorized_keys":
                 for i, entry in enumerate(v):
                     if not re.match(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-\S+|sk-\S+) [A-Za-z0-9+/=]+", entry):
@@ -248,10 +253,14 @@ def cmdline_overrides(cmdline: str) -> dict[str, Any]:
     return out
 
 
+VM_CONFIG = "run/maculaos/vm-config.yaml"
+
+
 def sources(root: Path = Path("/")) -> list[Path]:
     """The config files of a node, in merge order."""
     files = [root / "usr/share/maculaos/config.yaml", root / "var/lib/maculaos/config.yaml"]
     files += sorted((root / "var/lib/maculaos/config.d").glob("*.yaml"))
+    files.append(root / VM_CONFIG)  # a dev VM's host hands this over (overlay/etc/init.d/maculaos-vmhost)
     return [f for f in files if f.is_file()]
 
 
@@ -292,6 +301,7 @@ def plan(config: dict[str, Any], facts: dict[str, str]) -> dict[str, Any]:
                  "bootstrap_peers": mesh["bootstrap_peers"],
                  "services": [s for r in roles for s in ROLES[r]["services"]],
                  "ports": sorted({p for r in roles for p in ROLES[r]["ports"]})},
+        "open_ports": sorted({p for r in roles for p in ROLES[r]["ports"]} | set(config["firewall"]["open_ports"])),
         "upgrade": config["upgrade"],
     }
 

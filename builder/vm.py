@@ -6,6 +6,7 @@ import functools
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -62,6 +63,51 @@ def accel_args(arch: Architecture, accel: str = "auto") -> list[str]:
     return ["-accel", "tcg,thread=multi", "-cpu", arch.qemu_cpu]
 
 
+SHARE_TAG = "maculaos-share"  # overlay/etc/init.d/maculaos-vmhost mounts it at /mnt/host
+FW_CFG_CONFIG = "opt/io.maculaos/config"  # ... and reads the node config from there
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A TCP port of the guest reachable on the host's loopback."""
+
+    name: str
+    guest: int
+    host: int
+
+
+# What a dev VM forwards by default: (name, guest port, preferred host port).
+DEV_FORWARDS = (("ssh", 22, 2222), ("k3s-api", 6443, 6443), ("console", 443, 8443))
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """Some free TCP port on the host's loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dev_forwards(ssh_port: int | None = None) -> tuple[Forward, ...]:
+    """The dev VM's forwards, each on its preferred host port when free, else on any free one."""
+    picked = []
+    for name, guest, preferred in DEV_FORWARDS:
+        if name == "ssh" and ssh_port:
+            preferred = ssh_port
+        taken = {f.host for f in picked}
+        host = preferred if preferred not in taken and port_is_free(preferred) else free_port()
+        picked.append(Forward(name, guest, host))
+    return tuple(picked)
+
+
 @dataclass
 class VmConfig:
     """Everything needed to start one VM."""
@@ -77,6 +123,9 @@ class VmConfig:
     kernel: Path | None = None  # direct kernel boot (no firmware): the image is then a plain disk
     initrd: Path | None = None
     append: str = ""
+    forwards: tuple[Forward, ...] = ()  # host ports on 127.0.0.1 forwarded to guest ports
+    share: Path | None = None  # a host folder the guest mounts at /mnt/host (9p)
+    guest_config: Path | None = None  # a node config handed to the guest through fw_cfg
 
     @classmethod
     def for_image(cls, image: Path, *, arch: str | None = None, **kw: object) -> VmConfig:
@@ -116,8 +165,13 @@ def qemu_command(cfg: VmConfig, *, interactive: bool = False, extra: list[str] |
         cmd += ["-initrd", str(cfg.initrd)] if cfg.initrd else []
     elif cfg.uefi or arch is Architecture.arm64:
         cmd += ["-bios", str(firmware_path(arch))]
-    netdev = "user,id=net0" + (f",hostfwd=tcp:127.0.0.1:{cfg.ssh_port}-:22" if cfg.ssh_port else "")
+    forwards = [*cfg.forwards, *([Forward("ssh", 22, cfg.ssh_port)] if cfg.ssh_port else [])]
+    netdev = "user,id=net0" + "".join(f",hostfwd=tcp:127.0.0.1:{f.host}-:{f.guest}" for f in forwards)
     cmd += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
+    if cfg.share is not None:
+        cmd += ["-virtfs", f"local,path={cfg.share},mount_tag={SHARE_TAG},security_model=none,id=share"]
+    if cfg.guest_config is not None:
+        cmd += ["-fw_cfg", f"name={FW_CFG_CONFIG},file={cfg.guest_config}"]
     if cfg.is_iso:
         if arch is Architecture.amd64:
             cmd += ["-drive", f"file={cfg.image},media=cdrom,readonly=on,if=ide"]

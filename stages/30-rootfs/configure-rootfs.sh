@@ -17,6 +17,12 @@ for svc in bootmisc.sh checkfs.sh checkroot-bootclean.sh checkroot.sh hostname.s
   rm -f /etc/runlevels/*/"$svc" "/etc/init.d/$svc" /etc/rc?.d/[SK][0-9][0-9]"$svc"
 done
 rc-update add maculaos-sysinit sysinit
+# The same for shutdown: maculaos-shutdown ends leftover processes and unmounts the writable file systems
+# in place of these (savecache would save the deptree to the tmpfs upper layer of /, lost anyway).
+for svc in sendsigs umountnfs.sh umountfs umountroot savecache; do
+  rm -f /etc/runlevels/*/"$svc" "/etc/init.d/$svc" /etc/rc?.d/[SK][0-9][0-9]"$svc"
+done
+rc-update add maculaos-shutdown off
 rc-update add maculaos-growdata boot  # an image written to a bigger disk or card gets the space as data
 rc-update del rsync default >/dev/null 2>&1 || true  # the rsync daemon stays available, off
 ln -sf ../proc/self/mounts /etc/mtab

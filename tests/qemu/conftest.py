@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from maculaos_sdk.paths import sdk_root
 from maculaos_sdk.profile import load_profile
 from maculaos_sdk.vm import VmConfig
 
-from .machine import Machine
+from .machine import cow_disk
+from .maculaos import MaculaMachine
 
 OUT = Path(os.environ.get("MACULAOS_TEST_OUT", sdk_root() / "out"))
 LOGS = OUT / "test-logs"
@@ -45,18 +47,46 @@ def update_bundle() -> Path:
     return build_image(profile, BuildOptions(output=OUT / "update")).artifacts["maculaos-test-0.2.0-amd64.bundle"]
 
 
+@dataclass(frozen=True)
+class SavedMachine:
+    """A machine stopped at a known point: its disk (to put copy-on-write disks over) and its state."""
+
+    disk: Path
+    state: Path
+
+
+@pytest.fixture(scope="session")
+def booted_disk(test_disk: Path, tmp_path_factory: pytest.TempPathFactory) -> SavedMachine:
+    """The A/B disk booted once under UEFI to slot A with its network up, then saved: the scenarios that
+    start there resume this state (seconds) instead of each booting a fresh copy (about a minute)."""
+    work = tmp_path_factory.mktemp("booted-disk")
+    disk = cow_disk(test_disk, work / "disk-amd64.qcow2")
+    m = MaculaMachine("first-boot", VmConfig.for_image(disk), LOGS / "booted_disk")
+    try:
+        m.start()
+        assert m.wait_for_boot() == "A"
+        m.wait_for_network()
+        m.wait_until_booted()
+        m.succeed("sync")
+        m.save_state(work / "state")
+    finally:
+        m.close()
+    return SavedMachine(disk, work / "state")
+
+
 @pytest.fixture
 def make_machine(request: pytest.FixtureRequest) -> Iterator:
     """Factory for Machines; all are stopped at the end and their logs saved on failure."""
-    machines: list[Machine] = []
+    machines: list[MaculaMachine] = []
     workdir = LOGS / request.node.name
     if workdir.exists():
         shutil.rmtree(workdir)
 
-    def make(image: Path, name: str = "vm", **kw: object) -> Machine:
+    def make(image: Path, name: str = "vm", **kw: object) -> MaculaMachine:
         test_channel = bool(kw.pop("test_channel", True))
+        resume_from = kw.pop("resume_from", None)
         cfg = VmConfig.for_image(image, **kw)  # type: ignore[arg-type]
-        m = Machine(name, cfg, workdir, test_channel=test_channel)
+        m = MaculaMachine(name, cfg, workdir, test_channel=test_channel, resume_from=resume_from)  # type: ignore[arg-type]
         machines.append(m)
         return m
 

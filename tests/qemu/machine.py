@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -48,23 +49,42 @@ def _reap(process: pexpect.spawn) -> None:
         pass
 
 
+def _qmp(qmp, command: str, args: dict) -> dict:
+    """Send one QMP command on a connected QMP stream; return its result (events are skipped)."""
+    qmp.write(json.dumps({"execute": command, "arguments": args}) + "\n")
+    qmp.flush()
+    while True:
+        reply = json.loads(qmp.readline())
+        if "error" in reply:
+            raise MachineError(f"QMP {command}: {reply['error'].get('desc')}")
+        if "return" in reply:
+            return reply["return"]
+
+
 class MachineError(AssertionError):
     """A wait ran out or a command's exit code was not what the test expected."""
 
 
 class Machine:
-    """One VM: `start`, `wait_for_console_text`, `send_console`, `succeed`, `fail`, `shutdown`, `crash`."""
+    """One VM: `start`, `wait_for_console_text`, `send_console`, `succeed`, `fail`, `wait_until_succeeds`,
+    `wait_for_unit`, `wait_for_open_port`, `shutdown`, `crash`, `save_state`. Nothing MaculaOS-specific:
+    that is in tests/qemu/maculaos.py."""
 
-    def __init__(self, name: str, config: VmConfig, workdir: Path, *, test_channel: bool = True) -> None:
+    def __init__(self, name: str, config: VmConfig, workdir: Path, *, test_channel: bool = True,
+                 resume_from: Path | None = None) -> None:
         self.name = name
         self.config = config
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.serial_log = workdir / f"{name}.serial.log"
+        self.commands_log = workdir / f"{name}.commands.log"
         self.test_channel = test_channel
         # AF_UNIX paths are limited to 108 bytes, and a checkout's test-log folder can be deeper than that.
         self._sock_dir = Path(tempfile.mkdtemp(prefix="mq-"))
         self.channel_path = self._sock_dir / "test.sock"
+        self.qmp_path = self._sock_dir / "qmp.sock"
+        # A state saved by `save_state`: the first start resumes it instead of booting (reboots boot).
+        self._resume_from = resume_from
         self.process: pexpect.spawn | None = None
         self._console = bytearray()
         self._console_pos = 0
@@ -90,7 +110,11 @@ class Machine:
         self._reader.start()
 
     def _spawn(self) -> None:
-        extra: list[str] = ["-no-reboot"]
+        self.qmp_path.unlink(missing_ok=True)
+        extra: list[str] = ["-no-reboot", "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        if self._resume_from is not None:
+            extra += ["-incoming", f"exec:cat {shlex.quote(str(self._resume_from))}"]
+            self._resume_from = None
         if self.test_channel:
             self.channel_path.unlink(missing_ok=True)
             extra += ["-chardev", f"socket,id=testch,path={self.channel_path},server=on,wait=off",
@@ -163,17 +187,49 @@ class Machine:
             self._reader.join(timeout=10)
         self._close_channel()
 
-    def shutdown(self, timeout: float = 60) -> None:
-        """Power off from inside the guest and wait for QEMU to exit (kill it past the deadline)."""
+    def save_state(self, dest: Path, timeout: float = 120) -> None:
+        """Write the guest's whole state (RAM, devices) to `dest`, then end QEMU. A Machine
+        created with `resume_from=dest` on a copy-on-write disk over this one's goes on from there."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.qmp_path))
+            qmp = sock.makefile("rw")
+            qmp.readline()  # the greeting
+            # Migrated while running, so the resumed machine runs at once (a stopped one would stay paused).
+            for command, args in (("qmp_capabilities", {}),
+                                  ("migrate-set-parameters", {"max-bandwidth": 1 << 40}),
+                                  ("migrate", {"uri": f"exec:cat > {shlex.quote(str(dest))}"})):
+                _qmp(qmp, command, args)
+            deadline = time.monotonic() + timeout
+            while (status := _qmp(qmp, "query-migrate", {}).get("status")) != "completed":
+                if status == "failed" or time.monotonic() > deadline:
+                    raise MachineError(f"{self.name}: saving the machine state ended {status!r}")
+                time.sleep(0.2)
+        self.crash()
+
+    def sync_clock(self) -> None:
+        """Set the guest's clock to the host's (a resumed guest's clock goes on from when it was saved)."""
+        self.succeed(f"date -s @{int(time.time())} >/dev/null")
+
+    def shutdown(self, timeout: float = 90) -> None:
+        """Power off from inside the guest and wait for QEMU to exit. A guest that does not power off
+        within `timeout`, or whose kernel did not get to say so, fails the test (QEMU is killed)."""
         if not self.is_running():
-            return
+            raise MachineError(f"{self.name}: shutdown of a machine that is not running")
         self._stopping = True
         try:
-            if self._channel is not None:
-                self._send_channel("poweroff >/dev/null 2>&1 &\n")
+            self._send_channel("poweroff >/dev/null 2>&1 &\n") if self._channel else self.send_console("poweroff\n")
             deadline = time.monotonic() + timeout
             while self.process is not None and self.process.isalive() and time.monotonic() < deadline:
                 time.sleep(0.2)
+            if self.process is not None and self.process.isalive():
+                raise MachineError(f"{self.name}: still running {timeout:.0f}s after poweroff; last lines:\n"
+                                   f"{self.console_tail()}")
+            if self._reader is not None:
+                self._reader.join(timeout=10)
+            if not self._powered_off():
+                raise MachineError(f"{self.name}: QEMU exited without the guest powering off; last lines:\n"
+                                   f"{self.console_tail()}")
         finally:
             self.crash()
 
@@ -192,15 +248,17 @@ class Machine:
         return "\n".join(self.console_text().splitlines()[-lines:])
 
     def wait_for_console_text(self, pattern: str, timeout: float = 120) -> re.Match[str]:
-        """Wait until `pattern` (a regex) appears on the serial console after the last match."""
-        regex = re.compile(pattern.encode())
+        """Wait until `pattern` (a regex) appears on the serial console after the last match; return the
+        match, groups included. The console is read as latin-1 (one character per byte), so positions
+        in the text are positions in the log."""
+        regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         with self._lock:
             while True:
-                m = regex.search(self._console, self._console_pos)
+                m = regex.search(self._console.decode("latin-1"), self._console_pos)
                 if m:
                     self._console_pos = m.end()
-                    return re.match(r"(?s).*", m.group(0).decode(errors="replace"))  # type: ignore[return-value]
+                    return m
                 left = deadline - time.monotonic()
                 if left <= 0 or not self.is_running():
                     why = "QEMU exited" if not self.is_running() else f"{timeout:.0f}s passed"
@@ -246,9 +304,29 @@ class Machine:
         self._ready = False
 
     def execute(self, command: str, timeout: float = 60) -> tuple[int, str]:
-        """Run a shell command in the guest; return (exit code, combined stdout+stderr)."""
+        """Run a shell command in the guest; return (exit code, combined stdout+stderr). Every command,
+        its exit code, its duration and the start of its output go to `<name>.commands.log`."""
         if not self._ready:
             self.wait_for_channel()
+        assert self._channel is not None
+        started = time.monotonic()
+        try:
+            rc, out = self._run(command, timeout)
+        except MachineError:
+            self._transcript(command, None, "", started)
+            raise
+        self._transcript(command, rc, out, started)
+        return rc, out
+
+    def _transcript(self, command: str, rc: int | None, out: str, started: float) -> None:
+        took = time.monotonic() - started
+        result = "no result" if rc is None else f"exit {rc}"
+        line = f"[{started - self.started_at:7.1f}s] {self.name}$ {command}  -> {result} in {took:.1f}s"
+        print(line)
+        with self.commands_log.open("a") as log:
+            log.write(line + "\n" + "".join(f"    {row}\n" for row in out[:4000].splitlines()))
+
+    def _run(self, command: str, timeout: float) -> tuple[int, str]:
         assert self._channel is not None
         token = uuid.uuid4().hex[:12]
         script = base64.b64encode(command.encode()).decode()
@@ -277,37 +355,23 @@ class Machine:
             raise MachineError(f"{self.name}: `{command}` unexpectedly succeeded:\n{out}")
         return out
 
-    def enter_recovery_from_menu(self, timeout: float = 120) -> None:
-        """Pick Recovery in the GRUB menu by its hotkey and wait for the rescue shell's prompt."""
-        self.wait_for_console_text(r"Recovery", timeout=timeout)
-        self.send_console("r")
-        self.wait_for_console_text(r"MaculaOS recovery shell", timeout=timeout)
-        self.wait_for_console_text(r"\(recovery\) # ", timeout=30)
-
     def send_channel_nowait(self, command: str) -> None:
         """Fire a command whose shell will not live to answer (reboot, poweroff)."""
         self._send_channel(command + "\n")
         self._ready = False
 
-    def wait_for_boot(self, timeout: float = 240) -> str:
-        """Wait for the initrd of the next (re)boot to report its slot, then for the test channel."""
-        m = self.wait_for_console_text(r"maculaos-init: slot [AB]", timeout=timeout)
-        self._ready = False
-        self.wait_for_channel(timeout=timeout)
-        return m.group(0)[-1]
+    def wait_for_unit(self, service: str, timeout: float = 60) -> None:
+        """Wait until the OpenRC service `service` is started."""
+        self.wait_until_succeeds(f"rc-service {shlex.quote(service)} status >/dev/null", timeout)
 
-    def wait_for_network(self, timeout: float = 90) -> None:
-        """Wait until eth0 has its DHCP address: the test channel comes up while networking still starts."""
-        self.wait_until_succeeds("ip -4 -o addr show dev eth0 | grep -q inet", timeout=timeout)
+    def wait_for_open_port(self, port: int, timeout: float = 60) -> None:
+        """Wait until something in the guest listens on TCP `port` (IPv4 or IPv6)."""
+        state = f":{port:04X} 00000000000000000000000000000000:0000 0A|:{port:04X} 00000000:0000 0A"
+        self.wait_until_succeeds(f"grep -qE '{state}' /proc/net/tcp /proc/net/tcp6", timeout)
 
-    def reboot(self, timeout: float = 240) -> str:
-        """Reboot the guest and wait until it is back; returns the slot it booted."""
-        self.send_channel_nowait("reboot")
-        return self.wait_for_boot(timeout)
-
-    def upgrade_status(self) -> dict:
-        """`maculaos upgrade --status`, parsed: the machine-readable A/B state every scenario asserts on."""
-        return json.loads(self.succeed("maculaos upgrade --status"))
+    def wait_until_booted(self, timeout: float = 120) -> None:
+        """Wait until the guest has reached its runlevel: no openrc is left starting services."""
+        self.wait_until_succeeds("! pidof openrc >/dev/null", timeout)
 
     def wait_until_succeeds(self, command: str, timeout: float = 60) -> str:
         """Retry a command until it exits 0 or the deadline passes."""

@@ -5,14 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import uuid
 
+import docker
 import pytest
 
+from maculaos_sdk.engine import LABEL_STAGE_ID
 from maculaos_sdk.paths import sdk_root
 
 from .conftest import OUT
@@ -47,8 +50,11 @@ def test_core_iso_artifacts(core_build):
     assert manifest["packages"]["openrc"] and manifest["packages"]["htop"]
     assert manifest["kernel"]["package"].startswith("linux-image-")
     assert manifest["artifacts"][CORE_ISO.name]["sha256"] == digest
-    for stage in ("00-base", "60-iso"):
-        assert (OUT / "logs" / f"{stage}.log").exists() or manifest["stages"][stage[3:]]["cached"]
+    # every stage the manifest names is the engine's image of that id, labelled with it
+    engine = docker.from_env()
+    for key, stage in manifest["stages"].items():
+        assert re.fullmatch(r"[0-9a-f]{64}", stage["id"]) and stage["image"].endswith(":" + stage["id"][:32])
+        assert engine.images.get(stage["image"]).labels[LABEL_STAGE_ID] == stage["id"], key
 
 
 def test_no_change_rebuild_is_all_cached(core_build):

@@ -62,7 +62,7 @@ def test_arm64_update_failing_its_health_check_is_rolled_back_by_grub(arm64_buil
     s = m.upgrade_status()
     assert (s["active"], s["trial"], s["tries"], s["slots"]["B"]["version"]) == ("A", "B", 0, "0.2.0")
     m.send_channel_nowait("reboot")
-    booted = [m.wait_for_console_text(r"maculaos-init: slot [AB]", timeout=400).group(0)[-1] for _ in range(4)]
+    booted = [m.wait_for_console_text(r"maculaos-init: slot ([AB])", timeout=400).group(1) for _ in range(4)]
     assert booted == ["B", "B", "B", "A"]
     m.wait_for_channel(timeout=400)
     s = m.upgrade_status()

@@ -123,7 +123,7 @@ def apply(plan: dict) -> None:
     write(Path("/etc/default/k3s"), "K3S_ARGS='" + " ".join(a.replace("'", "") for a in plan["k3s_args"]) + "'\n")
     mesh = plan["mesh"]
     write(Path("/run/maculaos/mesh.json"), json.dumps(mesh, sort_keys=True) + "\n")
-    ruleset = firewall(mesh["ports"])
+    ruleset = firewall(plan["open_ports"])
     write(Path("/run/maculaos/firewall.nft"), ruleset)
     if Path("/usr/sbin/nft").exists():
         run(["nft", "delete", "table", "inet", "maculaos"], stderr=subprocess.DEVNULL)

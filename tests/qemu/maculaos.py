@@ -1,0 +1,56 @@
+"""MaculaOS on top of the generic Machine: slots, the A/B status, the GRUB menu, the network it waits for."""
+
+from __future__ import annotations
+
+import json
+
+from .machine import Machine
+
+
+class MaculaMachine(Machine):
+    """A Machine running MaculaOS: `wait_for_boot` and `reboot` return the slot booted."""
+
+    def wait_for_boot(self, timeout: float = 240) -> str:
+        """Wait for the initrd of the next (re)boot to report its slot, then for the test channel."""
+        slot = self.wait_for_console_text(r"maculaos-init: slot ([AB])", timeout=timeout).group(1)
+        self._ready = False
+        self.wait_for_channel(timeout=timeout)
+        return slot
+
+    def reboot(self, timeout: float = 240) -> str:
+        """Reboot the guest and wait until it is back; returns the slot it booted."""
+        self.send_channel_nowait("reboot")
+        return self.wait_for_boot(timeout)
+
+    def wait_for_network(self, timeout: float = 90) -> None:
+        """Wait until eth0 has its DHCP address: the test channel comes up while networking still starts."""
+        self.wait_until_succeeds("ip -4 -o addr show dev eth0 | grep -q inet", timeout=timeout)
+
+    def upgrade_status(self) -> dict:
+        """`maculaos upgrade --status`, parsed: the machine-readable A/B state every scenario asserts on."""
+        return json.loads(self.succeed("maculaos upgrade --status"))
+
+    def enter_recovery_from_menu(self, timeout: float = 120) -> None:
+        """Pick Recovery in the GRUB menu by its hotkey and wait for the rescue shell's prompt."""
+        self.wait_for_console_text(r"Recovery", timeout=timeout)
+        self.send_console("r")
+        self.wait_for_console_text(r"MaculaOS recovery shell", timeout=timeout)
+        self.wait_for_console_text(r"\(recovery\) # ", timeout=30)
+
+
+def accepted_ports(ruleset: dict, chain: str = "input") -> dict[str, object]:
+    """From `nft -j list ...` output: the chain's policy and the TCP/UDP destination ports it accepts."""
+    found: dict[str, object] = {"policy": None, "tcp": set(), "udp": set()}
+    for item in ruleset["nftables"]:
+        if item.get("chain", {}).get("name") == chain:
+            found["policy"] = item["chain"].get("policy")
+        rule = item.get("rule")
+        if not rule or rule["chain"] != chain or not any("accept" in e for e in rule["expr"]):
+            continue
+        for expr in rule["expr"]:
+            payload = expr.get("match", {}).get("left", {}).get("payload", {})
+            if payload.get("field") == "dport" and payload.get("protocol") in ("tcp", "udp"):
+                right = expr["match"]["right"]
+                ports = right["set"] if isinstance(right, dict) else [right]
+                found[payload["protocol"]] |= set(ports)  # type: ignore[operator]
+    return found
