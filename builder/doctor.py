@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-
-from rich.table import Table
 
 from . import ui
 from .arch import Architecture
@@ -36,14 +34,6 @@ def _docker() -> Check:
     except Exception as exc:
         msg = getattr(exc, "message", str(exc))
         return Check("docker engine", False, msg, f"{SETUP} (installs docker.io and starts dockerd)")
-
-
-def _buildkit() -> Check:
-    ok = subprocess.run(["docker", "buildx", "version"], capture_output=True).returncode == 0 \
-        if shutil.which("docker") else False
-    return Check("BuildKit (buildx)", ok, "available" if ok else "not installed; the SDK uses the engine's "
-                 "classic builder through the docker API, so it is not needed", "apt-get install docker-buildx",
-                 required=False)
 
 
 def _tool(name: str, package: str, required: bool = True) -> Check:
@@ -106,7 +96,6 @@ def run_checks() -> list[Check]:
     foreign = [a for a in Architecture if a is not host]
     return [
         _docker(),
-        _buildkit(),
         _tool("mmdebstrap", "mmdebstrap"),
         _tool("minisign", "minisign"),
         _tool("qemu-img", "qemu-utils"),
@@ -121,13 +110,20 @@ def run_checks() -> list[Check]:
     ]
 
 
+WIDTH = 80  # the report fits a standard terminal
+NAME, STATUS = 21, 10  # column widths
+
+
 def print_report(checks: list[Check]) -> None:
-    table = Table(title="maculaos-sdk doctor", show_lines=False)
-    table.add_column("check")
-    table.add_column("status")
-    table.add_column("detail")
-    table.add_column("fix")
+    """One line per check (wrapped under its detail column), and the fix below any that failed."""
+    indent = " " * (2 + NAME + STATUS)
+    ui.console.print("maculaos-sdk doctor", highlight=False)
     for c in checks:
-        status = "[green]ok[/]" if c.ok else ("[red]missing[/]" if c.required else "[yellow]optional[/]")
-        table.add_row(c.name, status, c.detail, "" if c.ok else c.fix)
-    ui.console.print(table)
+        status, colour = ("ok", "green") if c.ok else (("missing", "red") if c.required else ("optional", "yellow"))
+        lines = textwrap.wrap(c.detail, WIDTH - len(indent)) or [""]
+        ui.console.print(f"  {c.name:<{NAME}}[{colour}]{status:<{STATUS}}[/]{lines[0]}", highlight=False)
+        for line in lines[1:]:
+            ui.console.print(indent + line, highlight=False)
+        if not c.ok and c.fix:
+            for i, line in enumerate(textwrap.wrap(c.fix, WIDTH - len(indent) - 3)):
+                ui.console.print(f"{indent}{'-> ' if i == 0 else '   '}{line}", highlight=False)

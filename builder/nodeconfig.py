@@ -64,7 +64,7 @@ FIELDS: tuple[Field, ...] = (
     Field("ssh_authorized_keys", LIST, [], "Public keys allowed to log in as root (also used by recovery's sshd)."),
     Field("run_cmd", LIST, [], "Shell commands run at every boot, after the config is applied."),
     Field("upgrade.url", STR, "", "Update server (`maculaos-sdk publish` layout) for `maculaos upgrade --check`."),
-    Field("upgrade.channel", STR, "stable", "Update channel on that server.", pattern=r"^[A-Za-z0-9._-]+$"),
+    Field("upgrade.channel", STR, "stable", "Update channel on that server.", pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*"),
 )
 FIELDS_BY_KEY = {f.key: f for f in FIELDS}
 # Mapping keys that are a section (hold further keys), as opposed to free-form MAP values.
@@ -273,9 +273,11 @@ def resolve(files: list[Path], cmdline: str = "") -> dict[str, Any]:
             merged = merge(merged, load_file(f))
         except ConfigError as exc:
             problems += exc.problems
+    overrides = cmdline_overrides(cmdline)
+    problems += check(overrides, "/proc/cmdline")  # same rules as a file: a boot entry is input too
     if problems:
         raise ConfigError(problems)
-    return merge(merged, cmdline_overrides(cmdline))
+    return merge(merged, overrides)
 
 
 def expand(value: str, facts: dict[str, str]) -> str:

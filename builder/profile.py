@@ -71,9 +71,13 @@ def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise BadInput(f"{path}: cannot read profile: {exc.strerror}", "check the path") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise BadInput(f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x})",
+                       "save the profile as UTF-8") from None
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -83,7 +87,7 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise BadInput(f"{path}{where}: invalid YAML: {problem}", "fix the YAML syntax") from None
     if data is None:
-        data, node = {}, None
+        raise BadInput(f"{path}:1: the profile is empty", "start with `name: ...` and `extends: core`")
     if not isinstance(data, dict):
         raise BadInput(f"{path}:1: a profile must be a YAML mapping", "start with `name: ...`")
     return data, (_key_lines(node) if node is not None else {})
@@ -125,7 +129,8 @@ def validate_layer(path: Path, data: dict[str, Any], lines: dict[str, int]) -> l
     errors: list[BadInput] = []
 
     def err(key: str, msg: str, hint: str) -> None:
-        line = lines.get(key) or lines.get(key.split(".")[0]) or 1
+        setting_key = re.sub(r"\[\d+\]$", "", key)  # kernel.args[2] is on the line of kernel.args
+        line = lines.get(setting_key) or lines.get(setting_key.split(".")[0]) or 1
         errors.append(BadInput(f"{path}:{line}: {key}: {msg}", hint))
 
     for key, value in _flatten(data):
@@ -140,7 +145,7 @@ def validate_layer(path: Path, data: dict[str, Any], lines: dict[str, int]) -> l
         if value is None and key != "extends":
             continue  # null removes an inherited value (falls back to the default)
         if key == "packages" and isinstance(value, list):
-            bad = [v for v in value if not isinstance(v, str) or not re.match(r"^-?[a-z0-9][a-z0-9+.-]+$", v)]
+            bad = [v for v in value if not isinstance(v, str) or not re.fullmatch(r"-?[a-z0-9][a-z0-9+.-]+", v)]
             if bad:
                 err(key, f"invalid Debian package name {bad[0]!r}",
                     "names are lower case, e.g. `htop`; prefix with '-' to remove an inherited one")
@@ -156,8 +161,12 @@ def validate_layer(path: Path, data: dict[str, Any], lines: dict[str, int]) -> l
                 if v not in setting.choices:
                     err(key, f"unknown value {v!r}",
                         _suggest(v, list(setting.choices)) or f"one of: {', '.join(setting.choices)}")
-        if setting.pattern and isinstance(value, str) and not re.match(setting.pattern, value):
-            err(key, f"invalid value {value!r}", f"must match {setting.pattern}")
+        if setting.pattern:
+            items = [v[1:] if v.startswith("-") else v for v in value] if isinstance(value, list) else [value]
+            for i, v in enumerate(items):
+                if not re.fullmatch(setting.pattern, str(v)):
+                    where = f"{key}[{i}]" if isinstance(value, list) else key
+                    err(where, f"invalid value {v!r}", f"must match {setting.pattern}")
         if key == "overlay":
             errors.extend(_validate_overlay(path, value, lines))
         if key == "install.config" and value:
@@ -195,9 +204,14 @@ def _validate_overlay(path: Path, overlay: dict[str, Any], lines: dict[str, int]
             errors.append(BadInput(f"{where}.{sorted(unknown)[0]}: unknown key", "use source, content or mode"))
         if "mode" in spec and not re.match(r"^0?[0-7]{3,4}$", str(spec["mode"])):
             errors.append(BadInput(f"{where}.mode: invalid mode {spec['mode']!r}", "quote an octal mode: '0755'"))
-        if "source" in spec and not (path.parent / str(spec["source"])).exists():
-            errors.append(BadInput(f"{where}.source: missing file {spec['source']!r}",
-                                   f"paths are relative to {path.parent}"))
+        if "source" in spec:
+            source = (path.parent / str(spec["source"])).resolve()
+            if not source.is_relative_to(path.parent.resolve()):
+                errors.append(BadInput(f"{where}.source: {spec['source']!r} is outside the profile's folder",
+                                       f"keep overlay files under {path.parent}"))
+            elif not source.exists():
+                errors.append(BadInput(f"{where}.source: missing file {spec['source']!r}",
+                                       f"paths are relative to {path.parent}"))
     return errors
 
 

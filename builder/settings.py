@@ -24,15 +24,17 @@ class Setting:
     pattern: str | None = None
 
 
+VERSION = r"[0-9A-Za-z][0-9A-Za-z.+~-]*"  # versions as Debian writes them, nothing a template could misread
+
 SETTINGS: tuple[Setting, ...] = (
-    Setting("name", STR, None, "Profile name; part of every output file name.", pattern=r"^[a-z0-9][a-z0-9-]*$"),
+    Setting("name", STR, None, "Profile name; part of every output file name.", pattern=r"[a-z0-9][a-z0-9-]*"),
     Setting("version", STR, "0.0.0", "MaculaOS version written to /etc/os-release and output names.",
-            pattern=r"^[0-9A-Za-z][0-9A-Za-z.+~-]*$"),
+            pattern=VERSION),
     Setting("description", STR, "", "Free text shown by `profile show`."),
     Setting("extends", STR, None, "Another profile (name in profiles/ or path) this one builds on."),
     Setting("base", STR, None, "Custom images: `profile:version` to build on, e.g. `maculaos:1.2.0`. Like `extends`; "
             "the version becomes this image's version unless `version` is set.",
-            pattern=r"^[a-z0-9][a-z0-9-]*(:[0-9A-Za-z][0-9A-Za-z.+~-]*)?$"),
+            pattern=r"[a-z0-9][a-z0-9-]*(:" + VERSION + ")?"),
     Setting("arch", STR, "amd64", "Target architecture.", choices=("amd64", "arm64")),
     Setting("board", STR, "generic", "Target board: " + "; ".join(f"`{b.name}` {b.description}" for b in
             BOARDS.values()) + ".", choices=tuple(BOARDS)),
@@ -41,27 +43,37 @@ SETTINGS: tuple[Setting, ...] = (
             "can boot.", choices=("iso", "disk", "sdimage", "bundle")),
     Setting("source_date_epoch", INT, 1735689600,
             "Timestamp for every file in the image (env SOURCE_DATE_EPOCH wins); part of every stage id."),
-    Setting("base_image", STR, None, "Use this existing local docker image as the base instead of bootstrapping."),
-    Setting("debian.suite", STR, "bookworm", "Debian suite the base is bootstrapped from (pinned)."),
-    Setting("debian.mirror", STR, "http://deb.debian.org/debian", "Debian mirror for bootstrap and apt."),
-    Setting("debian.components", LIST, ["main"], "Archive components (add non-free-firmware for RPi)."),
+    Setting("base_image", STR, None, "Use this existing local docker image as the base instead of bootstrapping.",
+            pattern=r"[a-z0-9][a-z0-9._/-]*(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?(@sha256:[0-9a-f]{64})?"),
+    Setting("debian.suite", STR, "bookworm", "Debian suite the base is bootstrapped from (pinned).",
+            pattern=r"[a-z][a-z0-9-]*"),
+    Setting("debian.mirror", STR, "http://deb.debian.org/debian", "Debian mirror for bootstrap and apt.",
+            pattern=r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%+-]+)*/?"),
+    Setting("debian.components", LIST, ["main"], "Archive components (add non-free-firmware for RPi).",
+            pattern=r"[a-z][a-z0-9-]*"),
     Setting("packages", LIST, [], "Debian packages installed into the root filesystem."),
-    Setting("services", LIST, [], "OpenRC services added to the default runlevel."),
+    Setting("services", LIST, [], "OpenRC services added to the default runlevel.",
+            pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*"),
     Setting("overlay", MAP, {}, "Files laid over the rootfs: /path -> inline text, or {source: file-or-folder, "
             "mode: '0755'} with the source relative to the YAML file."),
     Setting("images", LIST, [], "Container images preloaded into /var/lib/rancher/k3s/agent/images/: a registry "
             "reference (pulled when reachable), an image in the local engine, or a `docker save` tarball path."),
-    Setting("firstboot", LIST, [], "Commands (scripts put in place by `overlay`) run once, on a node's first boot."),
+    Setting("firstboot", LIST, [], "Scripts (put in place by `overlay`, absolute paths) run once, on a node's "
+            "first boot.", pattern=r"(/[A-Za-z0-9._+-]+)+"),
     Setting("config", MAP, {}, "Default node config.yaml baked into the image (docs/config-reference.md); a node's "
             "own /var/lib/maculaos/config.yaml is merged over it."),
-    Setting("artifacts", LIST, [], "Pinned downloads from artifacts.lock.yaml this image ships (e.g. k3s)."),
-    Setting("kernel.package", STR, "auto", "Debian kernel package; `auto` means linux-image-<arch>."),
-    Setting("kernel.args", LIST, [], "Extra kernel command line arguments."),
-    Setting("kernel.modules", LIST, [], "Extra kernel modules loaded by the initrd."),
-    Setting("kernel.prune", LIST, [], "Module folders (under kernel/) left out of the image to save space."),
+    Setting("artifacts", LIST, [], "Pinned downloads from artifacts.lock.yaml this image ships (e.g. k3s).",
+            pattern=r"[a-z0-9][a-z0-9-]*"),
+    Setting("kernel.package", STR, "auto", "Debian kernel package; `auto` means linux-image-<arch>.",
+            pattern=r"auto|linux-image-[a-z0-9][a-z0-9.+-]*"),
+    Setting("kernel.args", LIST, [], "Extra kernel command line arguments (no quotes, spaces, `$` or `;`: each "
+            "lands in GRUB's config).", pattern=r"[A-Za-z0-9_.,:=/+@-]+"),
+    Setting("kernel.modules", LIST, [], "Extra kernel modules loaded by the initrd.", pattern=r"[A-Za-z0-9_-]+"),
+    Setting("kernel.prune", LIST, [], "Module folders (under kernel/) left out of the image to save space.",
+            pattern=r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*"),
     Setting("squashfs.compression", STR, "zstd", "squashfs compressor.", choices=("zstd", "xz", "gzip")),
     Setting("squashfs.level", INT, 15, "Compression level (zstd 1-22, ignored for xz/gzip)."),
-    Setting("iso.volume_id", STR, "MACULAOS", "ISO 9660 volume id.", pattern=r"^[A-Z0-9_]{1,32}$"),
+    Setting("iso.volume_id", STR, "MACULAOS", "ISO 9660 volume id.", pattern=r"[A-Z0-9_]{1,32}"),
     Setting("iso.timeout", INT, 3, "Seconds the GRUB menu waits before booting the default entry."),
     Setting("disk.esp_mb", INT, layout.ESP_MB,
             "Size of the FAT boot partition (GRUB, its env, one kernel+initrd per slot)."),
@@ -70,7 +82,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("disk.data_mb", INT, layout.DATA_MB,
             "Size of the data partition in the disk image (an installer grows it)."),
     Setting("disk.size_mb", INT, 0, "Total disk image size; the build fails early if two slots do not fit (0 = auto)."),
-    Setting("update.min_version", STR, "0.0.0", "Oldest running version allowed to apply this image's bundle."),
+    Setting("update.min_version", STR, "0.0.0", "Oldest running version allowed to apply this image's bundle.",
+            pattern=VERSION),
     Setting("update.signing_key", STR, "", "minisign secret key signing bundles (default: a per-checkout dev key)."),
     Setting("install.config", STR, "", "A node config.yaml (path relative to the profile) put on the ISO as "
             "maculaos/config.yaml: the ISO's unattended Install entry installs the node with it."),
@@ -106,5 +119,8 @@ def reference_markdown() -> str:
     rows = ["| key | kind | default | meaning |", "| --- | --- | --- | --- |"]
     for s in SETTINGS:
         extra = f" One of: {', '.join(s.choices)}." if s.choices else ""
+        if s.pattern:
+            each = " each" if s.kind == LIST else ""
+            extra += f" Must match{each} `{s.pattern}`.".replace("|", "\\|")
         rows.append(f"| `{s.key}` | {s.kind} | `{s.default!r}` | {s.help}{extra} |")
     return "\n".join(rows) + "\n"

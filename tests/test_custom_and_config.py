@@ -103,3 +103,12 @@ def test_unknown_debian_packages_are_reported_before_building(write_profile, tmp
     lines = exc.value.render().splitlines()
     assert lines[0].startswith(f"{path}:4: packages: 'opencv' is not a package in Debian bookworm")
     assert lines[1].startswith(f"{path}:5: packages: 'tre'") and "did you mean `tree`?" in lines[1]
+
+
+def test_kernel_command_line_overrides_are_validated_like_files():
+    for arg, key in (("macula.maculaos.hostname=$(reboot)", "maculaos.hostname"),
+                     ("macula.upgrade.channel=../../x", "upgrade.channel")):
+        with pytest.raises(nodeconfig.ConfigError) as info:
+            nodeconfig.resolve([], f"quiet {arg}")
+        assert [(p.where, p.key) for p in info.value.problems] == [("/proc/cmdline", key)]
+    assert nodeconfig.resolve([], "macula.maculaos.hostname=edge-1")["maculaos"]["hostname"] == "edge-1"

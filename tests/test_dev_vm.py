@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import socket
 
 import pytest
@@ -69,3 +70,17 @@ def test_vm_start_needs_an_image_or_a_profile_and_vm_ssh_a_started_vm(own_cache,
     err = capsys.readouterr().err
     assert "give an image or --profile" in err and "no dev VM started from this checkout" in err
     assert "Traceback" not in err
+
+
+def test_doctor_fits_80_columns_and_suggests_nothing_bookworm_lacks():
+    from maculaos_sdk import doctor, ui
+
+    checks = [doctor.Check("a check with a long name", False, "detail " * 30, "fix " * 30),
+              doctor.Check("kvm", False, "not usable", "none needed", required=False),
+              doctor.Check("disk space", True, "62 GiB free")]
+    with ui.console.capture() as captured:
+        doctor.print_report(checks)
+    lines = captured.get().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert any("-> fix fix" in line for line in lines) and not any("-> " in line and "GiB" in line for line in lines)
+    assert "buildx" not in inspect.getsource(doctor)  # docker-buildx is not in bookworm: never suggested
