@@ -39,7 +39,7 @@ def seconds_to_shell(iso: Path) -> float:
         m = Machine("bench", VmConfig.for_image(iso), Path(tmp), test_channel=False)
         m.start()
         try:
-            m.wait_for_console_text(r"root@[\w-]+:~# ", timeout=180)
+            m.wait_for_console_text(r"login: ", timeout=180)  # the console's login (or autologin) is up
             return time.monotonic() - m.started_at
         finally:
             m.close()

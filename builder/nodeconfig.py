@@ -54,7 +54,7 @@ FIELDS: tuple[Field, ...] = (
     Field("maculaos.mesh.realm", STR, "io.macula", "Realm, in reverse domain notation.",
           pattern=r"^[a-z0-9-]+(\.[a-z0-9-]+)+$"),
     Field("maculaos.mesh.tls_mode", STR, "development", "TLS mode.", choices=("development", "production")),
-    Field("k3s.args", LIST, ["server", "--disable=traefik", "--disable=servicelb", "--write-kubeconfig-mode=644",
+    Field("k3s.args", LIST, ["server", "--disable=traefik", "--disable=servicelb", "--write-kubeconfig-mode=600",
                              "--data-dir=/var/lib/rancher/k3s"], "k3s command line."),
     Field("k3s.airgap", BOOL, True, "Import the preloaded images from /var/lib/rancher/k3s/agent/images."),
     Field("network.dhcp", BOOL, True, "Configure eth0 by DHCP."),

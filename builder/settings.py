@@ -73,6 +73,9 @@ SETTINGS: tuple[Setting, ...] = (
             pattern=r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*"),
     Setting("squashfs.compression", STR, "zstd", "squashfs compressor.", choices=("zstd", "xz", "gzip")),
     Setting("squashfs.level", INT, 15, "Compression level (zstd 1-22, ignored for xz/gzip)."),
+    Setting("console.autologin", BOOL, False, "Log root in on the serial console and tty1 without a password. "
+            "For test and development images only: by default the consoles ask for a login and root has no "
+            "password, so a person at the console gets nothing; log in over SSH with a key from the node config."),
     Setting("iso.volume_id", STR, "MACULAOS", "ISO 9660 volume id.", pattern=r"[A-Z0-9_]{1,32}"),
     Setting("iso.timeout", INT, 3, "Seconds the GRUB menu waits before booting the default entry."),
     Setting("disk.esp_mb", INT, layout.ESP_MB,

@@ -238,8 +238,15 @@ def test_tampered_bundles_are_refused_with_nothing_written(disk_machine, bundle_
     manifest = json.loads((wrong_arch / "manifest.json").read_text())
     manifest["arch"] = "arm64"
     (wrong_arch / "manifest.json").write_text(json.dumps(manifest))
-    subprocess.run(["minisign", "-S", "-s", str(signing_key("")), "-m", str(wrong_arch / "manifest.json")],
-                   check=True, capture_output=True)
+    # validly signed, but a field holds a list: the old `eval` of jq's @sh output ran it as a command
+    injected = root / "injected"
+    shutil.copytree(good, injected)
+    manifest = json.loads((injected / "manifest.json").read_text())
+    manifest["version"] = ["0.2.0", "mkdir", "/tmp/pwned"]
+    (injected / "manifest.json").write_text(json.dumps(manifest))
+    for folder in (wrong_arch, injected):
+        subprocess.run(["minisign", "-S", "-s", str(signing_key("")), "-m", str(folder / "manifest.json")],
+                       check=True, capture_output=True)
 
     m = disk_machine()
     before = m.upgrade_status()
@@ -250,6 +257,8 @@ def test_tampered_bundles_are_refused_with_nothing_written(disk_machine, bundle_
 
     assert "signature" in m.fail(f"maculaos upgrade --apply {url}/bad-sig --no-reboot")
     assert "is for arm64" in m.fail(f"maculaos upgrade --apply {url}/wrong-arch --no-reboot")
+    assert "not a valid bundle manifest" in m.fail(f"maculaos upgrade --apply {url}/injected --no-reboot")
+    m.succeed("test ! -e /tmp/pwned")
     assert m.succeed(slot_b) == b_hash  # refused before a byte reached the standby slot
     assert "sha256" in m.fail(f"maculaos upgrade --apply {url}/bad-sha --no-reboot", timeout=300)
     assert m.succeed("test ! -e /run/maculaos/esp/B/vmlinuz && echo no-kernel") == "no-kernel\n"

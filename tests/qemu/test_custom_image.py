@@ -99,6 +99,9 @@ def test_custom_image_and_node_config_take_effect(custom_build, make_machine, tm
     assert m.reboot() == "A"
     m.wait_until_succeeds("test -e /run/maculaos/config.applied", timeout=90)
     assert m.succeed("hostname").strip() == "edge-amd64-1"
+    # what holds keys and k3s arguments is root's alone
+    assert m.succeed("stat -c '%a %U' /var/lib/maculaos/config.last-good.json /etc/default/k3s").split("\n")[:2] \
+        == ["600 root", "600 root"]
     mesh = json.loads(m.succeed("cat /run/maculaos/mesh.json"))
     assert mesh["roles"] == ["peer", "gateway"] and mesh["ports"] == ["443/tcp", "80/tcp"]
     firewall = accepted_ports(json.loads(m.succeed("nft -j list table inet maculaos")))

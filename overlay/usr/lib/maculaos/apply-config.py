@@ -60,19 +60,22 @@ def resolved_config() -> dict:
             say(f"keeping the last good config ({LAST_GOOD})")
             return json.loads(LAST_GOOD.read_text())
         say("no earlier good config: using the defaults")
-        return nodeconfig.merge(nodeconfig.defaults(), nodeconfig.cmdline_overrides(cmdline))
+        overrides = nodeconfig.cmdline_overrides(cmdline)
+        if nodeconfig.check(overrides, "/proc/cmdline"):
+            overrides = {}  # the problem may be on the command line itself
+        return nodeconfig.merge(nodeconfig.defaults(), overrides)
     if STATE.is_dir() and os.path.ismount(STATE):
-        tmp = LAST_GOOD.with_suffix(".tmp")
-        tmp.write_text(json.dumps(config, sort_keys=True))
-        os.replace(tmp, LAST_GOOD)
+        write(LAST_GOOD, json.dumps(config, sort_keys=True), 0o600)  # it holds the node's keys and k3s args
     return config
 
 
 def write(path: Path, text: str, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.chmod(mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)  # never readable by others, not even briefly
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, mode)  # a leftover tmp file keeps its old mode through os.open
+        f.write(text)
     os.replace(tmp, path)
 
 
@@ -120,7 +123,8 @@ def apply(plan: dict) -> None:
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", "/etc/ssh/ssh_host_ed25519_key"])
     labels = [f"{k}={v}" for k, v in plan["labels"].items()]
     write(Path("/etc/rancher/k3s/config.yaml"), json.dumps({"node-label": labels}, indent=2) + "\n")
-    write(Path("/etc/default/k3s"), "K3S_ARGS='" + " ".join(a.replace("'", "") for a in plan["k3s_args"]) + "'\n")
+    write(Path("/etc/default/k3s"), "K3S_ARGS='" + " ".join(a.replace("'", "") for a in plan["k3s_args"]) + "'\n",
+          0o600)  # k3s arguments may carry a token
     mesh = plan["mesh"]
     write(Path("/run/maculaos/mesh.json"), json.dumps(mesh, sort_keys=True) + "\n")
     ruleset = firewall(plan["open_ports"])
