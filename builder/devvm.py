@@ -13,7 +13,7 @@ import yaml
 from . import ui
 from .errors import BadInput
 from .paths import cache_dir, sdk_root
-from .vm import Forward
+from .vm import Forward, cow_disk
 
 
 def vm_dir() -> Path:
@@ -60,8 +60,7 @@ def image_for_profile(name: str, arch: str | None) -> Path:
     disk = vm_dir() / base.name
     if not disk.exists() or disk.stat().st_mtime < base.stat().st_mtime:
         disk.unlink(missing_ok=True)
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base.resolve()),
-                        str(disk)], check=True)
+        cow_disk(base, disk)
         ui.info(f"fresh dev disk {disk} over {base.name}")
     return disk
 

@@ -90,10 +90,17 @@ def port_is_free(port: int) -> bool:
 
 
 def free_port() -> int:
-    """Some free TCP port on the host's loopback."""
+    """Some free TCP port on the host's loopback (for a QEMU forward)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cow_disk(base: Path, dest: Path) -> Path:
+    """A copy-on-write qcow2 over `base`: the VM writes there and the built image stays pristine."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base.resolve()), str(dest)],
+                   check=True)
+    return dest
 
 
 def dev_forwards(ssh_port: int | None = None) -> tuple[Forward, ...]:

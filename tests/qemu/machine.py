@@ -14,7 +14,6 @@ import re
 import shlex
 import shutil
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -24,21 +23,9 @@ from pathlib import Path
 import pexpect
 import pexpect.fdpexpect
 
-from maculaos_sdk.vm import VmConfig, qemu_command, wait_for_file
+from maculaos_sdk.vm import VmConfig, cow_disk, free_port, qemu_command, wait_for_file
 
-
-def cow_disk(base: Path, dest: Path) -> Path:
-    """A copy-on-write qcow2 over `base`, so every VM starts from the pristine built image."""
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base.resolve()), str(dest)],
-                   check=True)
-    return dest
-
-
-def free_port() -> int:
-    """A free TCP port on the host's loopback (for QEMU's ssh forward)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["Machine", "MachineError", "cow_disk", "free_port"]
 
 
 def _reap(process: pexpect.spawn) -> None:
