@@ -16,7 +16,7 @@ run:              ## build PROFILE/ARCH if needed, boot it as a dev VM (serial c
 	$(VENV)/maculaos-sdk vm start --profile $(PROFILE) --arch $(ARCH)
 
 test:             ## lint + unit tests + real QEMU boot tests (builds the test profile)
-	$(VENV)/ruff check builder tests bench
+	$(VENV)/ruff check builder device tests bench overlay/usr/lib/maculaos
 	$(VENV)/python -m pytest -v -rA tests --ignore=tests/qemu/arm64
 
 test-arm64:       ## arm64 + Raspberry Pi 4: builds (rootfs emulated), UEFI boots under -M virt, SD card checks
@@ -29,7 +29,7 @@ test-qemu:
 	$(VENV)/python -m pytest -v -rA tests/qemu --ignore=tests/qemu/arm64
 
 lint:
-	$(VENV)/ruff check builder tests bench
+	$(VENV)/ruff check builder device tests bench overlay/usr/lib/maculaos
 
 bench:            ## cold/warm/overlay rebuild times, ISO size, seconds to shell
 	$(VENV)/python bench/build.py

@@ -21,6 +21,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", help="rebuild every stage")
     p.add_argument("--signing-key", type=Path, help="minisign secret key for update bundles (its .pub goes into the "
                    "image; default: profile update.signing_key, else a per-checkout development key)")
+    p.add_argument("--release", action="store_true", help="a release build: refuses the development signing key "
+                   "and console autologin")
     p.add_argument("--dry-run", nargs="?", const=Path("out/dry-run"), type=Path, metavar="DIR",
                    help="print the plan and write rendered Dockerfiles to DIR (default out/dry-run); no build")
     p.add_argument("--offline", action="store_true",
@@ -34,7 +36,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.config or args.profile or "core", {"arch": args.arch, "board": args.board})
     options = BuildOptions(output=args.output, no_cache=args.no_cache, dry_run=args.dry_run,
-                           signing_key=args.signing_key, offline=args.offline)
+                           signing_key=args.signing_key, offline=args.offline, release=args.release)
     result = build_image(profile, options)
     for path in result.artifacts.values():
         ui.info(f"[bold green]→[/] {path}")
@@ -267,7 +269,8 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_config_validate(args: argparse.Namespace) -> int:
-    from . import nodeconfig
+    from maculaos_device import nodeconfig
+
     from .profile import config_errors
 
     problems = nodeconfig.validate_files(args.files)
@@ -278,7 +281,7 @@ def _cmd_config_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_reference(args: argparse.Namespace) -> int:
-    from . import nodeconfig
+    from maculaos_device import nodeconfig
 
     print(nodeconfig.reference_markdown(), end="")
     return EXIT_OK

@@ -57,6 +57,23 @@ def signing_key(configured: str, override: Path | None = None, create: bool = Tr
     return dev
 
 
+def is_development_key(secret: Path) -> bool:
+    return secret.resolve() == (cache_dir() / "keys" / "dev.key").resolve()
+
+
+def key_id(public_text: str) -> str:
+    """minisign's key id (as `minisign -V` prints it) of a public key file's text; '' if not one."""
+    import base64
+    import binascii
+
+    lines = [line for line in public_text.splitlines() if line and not line.startswith("untrusted comment:")]
+    try:
+        raw = base64.b64decode(lines[0], validate=True)
+    except (IndexError, binascii.Error):
+        return ""
+    return raw[2:10][::-1].hex().upper() if len(raw) == 42 and raw[:2] == b"Ed" else ""
+
+
 def sign(file: Path, secret: Path, comment: str) -> Path:
     """Write `file.minisig`, a detached ed25519 signature with a signed trusted comment."""
     proc = subprocess.run([minisign_binary(), "-S", "-s", str(secret), "-m", str(file), "-t", comment],

@@ -35,7 +35,9 @@ BOOT_PACKAGES = ["sysvinit-core", "openrc", "udev", "kmod", "iproute2", "ifupdow
                  # `maculaos install`: partition, format, verify
                  "fdisk", "dosfstools", "e2fsprogs",
                  # node config (config.yaml, the schema shared with the host), firewall, ssh
-                 "python3-yaml", "nftables", "openssh-server"]
+                 "python3-yaml", "nftables", "openssh-server",
+                 # `maculaos upgrade`: bundle signatures
+                 "minisign"]
 
 HOST = "@host"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from maculaos_device import nodeconfig
 
-from . import nodeconfig
 from .arch import Architecture
 from .boards import BOARDS, Board, board_problem
 from .errors import BadInput, BadInputs

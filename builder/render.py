@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import maculaos_device
 import yaml
+from maculaos_device import layout
 
-from . import layout, nodeconfig
 from .arch import Architecture
 from .boards import BootFlow
 from .errors import BadInput
@@ -112,12 +113,12 @@ def _render_file(env: jinja2.Environment, rel: str, variables: dict[str, Any], w
 def _write_node_files(profile: Profile, dest_root: Path, extra_files: dict[str, Path]) -> None:
     """What the device needs besides the overlay: the shared config schema, the profile's default
     config.yaml, its first-boot commands, and pinned artifacts / preloaded images (hard-linked)."""
-    lib = dest_root / "usr/lib/maculaos"
+    package = Path(str(maculaos_device.__file__)).parent  # `maculaos` and what it shares with the SDK
+    lib = dest_root / "usr/lib/maculaos" / maculaos_device.__name__
     lib.mkdir(parents=True, exist_ok=True)
-    for module in (nodeconfig, layout):  # shared with the host: one schema, one disk layout
-        target = lib / Path(str(module.__file__)).name
-        shutil.copyfile(Path(str(module.__file__)), target)
-        target.chmod(0o644)
+    for module in sorted(package.glob("*.py")):
+        shutil.copyfile(module, lib / module.name)
+        (lib / module.name).chmod(0o644)
     share = dest_root / "usr/share/maculaos"
     share.mkdir(parents=True, exist_ok=True)
     config = profile.get("config")
@@ -220,8 +221,8 @@ def render_stage(planned: PlannedStage, plan: BuildPlan, inputs: dict[str, Rende
         if source == "profile-overlay":
             _write_profile_overlay(profile, context / "overlay")
             _write_node_files(profile, context / "overlay", extra_files or {})
-            if update_public_key:  # the key `maculaos upgrade` checks bundle signatures against
-                pub = context / "overlay" / "etc" / "maculaos" / "update.pub"
+            if update_public_key:  # `maculaos upgrade` checks signatures against it: read-only root, not /etc
+                pub = context / "overlay" / "usr" / "share" / "maculaos" / "update.pub"
                 pub.parent.mkdir(parents=True, exist_ok=True)
                 pub.write_text(update_public_key)
         elif source == "layout":  # the disk layout module the device's installer also uses

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import layout
+from maculaos_device import layout
+
 from .boards import BOARDS
 
 # Value kinds a setting can hold.
@@ -76,6 +77,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("console.autologin", BOOL, False, "Log root in on the serial console and tty1 without a password. "
             "For test and development images only: by default the consoles ask for a login and root has no "
             "password, so a person at the console gets nothing; log in over SSH with a key from the node config."),
+    Setting("console.grub_password", STR, "", "GRUB superuser password as `grub-mkpasswd-pbkdf2` prints it "
+            "(`grub.pbkdf2.sha512.<rounds>.<salt>.<hash>`). Set, the normal entries still boot unattended, but "
+            "editing an entry (the kernel line), the GRUB shell and Recovery ask for it. Required by "
+            "`build-image --release`.",
+            pattern=r"grub\.pbkdf2\.sha512\.[0-9]{1,7}\.[0-9A-F]{16,256}\.[0-9A-F]{16,256}"),
     Setting("iso.volume_id", STR, "MACULAOS", "ISO 9660 volume id.", pattern=r"[A-Z0-9_]{1,32}"),
     Setting("iso.timeout", INT, 3, "Seconds the GRUB menu waits before booting the default entry."),
     Setting("disk.esp_mb", INT, layout.ESP_MB,

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from maculaos_device import layout
 
-from maculaos_sdk import layout
 from maculaos_sdk.arch import Architecture
 from maculaos_sdk.boards import BOARDS, BootFlow
 from maculaos_sdk.cli import main

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from maculaos_device import nodeconfig
 
-from maculaos_sdk import debian_index, nodeconfig
+from maculaos_sdk import debian_index
 from maculaos_sdk.cli import main
 from maculaos_sdk.errors import BadInput, BadInputs
 from maculaos_sdk.profile import load_profile
@@ -112,3 +113,29 @@ def test_kernel_command_line_overrides_are_validated_like_files():
             nodeconfig.resolve([], f"quiet {arg}")
         assert [(p.where, p.key) for p in info.value.problems] == [("/proc/cmdline", key)]
     assert nodeconfig.resolve([], "macula.maculaos.hostname=edge-1")["maculaos"]["hostname"] == "edge-1"
+
+
+def _apply_config_module():
+    import importlib.util
+
+    from maculaos_sdk.paths import sdk_root
+
+    path = sdk_root() / "overlay/usr/lib/maculaos/apply-config.py"
+    spec = importlib.util.spec_from_file_location("apply_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_config_firewall_replaces_the_boot_table_in_one_transaction_and_covers_forwarding():
+    rules = _apply_config_module().firewall(["443/tcp", "5353/udp"]).splitlines()
+    # one file, loaded by one `nft -f`: create-if-missing, delete, recreate; a failure keeps the boot table
+    assert rules[:3] == ["table inet maculaos", "delete table inet maculaos", "table inet maculaos {"]
+    assert "    tcp dport { 22, 443 } accept" in rules and "    udp dport { 5353 } accept" in rules
+    forward = rules[rules.index("  chain forward {"):]
+    assert forward[1] == "    type filter hook forward priority 0; policy drop;"
+    assert "    ct status dnat meta l4proto tcp ct original proto-dst { 22, 443 } accept" in forward
+    from maculaos_sdk.paths import sdk_root
+
+    boot = (sdk_root() / "overlay/usr/share/maculaos/firewall-boot.nft").read_text()
+    assert "policy drop;" in boot and "dport 22" not in boot and "chain forward" in boot

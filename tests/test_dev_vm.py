@@ -6,8 +6,9 @@ import inspect
 import socket
 
 import pytest
+from maculaos_device import nodeconfig
 
-from maculaos_sdk import devvm, nodeconfig, vm
+from maculaos_sdk import devvm, vm
 from maculaos_sdk.arch import Architecture
 from maculaos_sdk.cli import main
 

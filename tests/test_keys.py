@@ -37,3 +37,10 @@ def test_signing_key_resolution(tmp_path, monkeypatch):
     assert keys.signing_key("") == dev  # stable: the image's public key does not change between builds
     with pytest.raises(BadInput, match="not found"):
         keys.signing_key("", tmp_path / "missing.key")
+
+
+def test_key_id_is_the_one_minisign_prints(tmp_path):
+    public = keys.generate(tmp_path / "k.key")
+    comment = public.read_text().splitlines()[0]  # "untrusted comment: minisign public key <ID>"
+    assert comment.endswith(keys.key_id(public.read_text())) and len(keys.key_id(public.read_text())) == 16
+    assert keys.key_id("not a key") == ""

@@ -40,7 +40,10 @@ def test_every_stage_renders_for_both_arches(tmp_path):
     assert "console=ttyAMA0" in iso_cfg and "serial --unit=0" not in iso_cfg
     boot = (tmp_path / "arm64" / "bootloader" / "Dockerfile").read_text()
     assert "arm64-efi" in boot and "BOOTAA64.EFI" in boot
-    assert (tmp_path / "amd64" / "rootfs" / "overlay" / "etc" / "maculaos" / "update.pub").read_text() == "PUB\n"
+    key = tmp_path / "amd64" / "rootfs" / "overlay" / "usr" / "share" / "maculaos" / "update.pub"
+    assert key.read_text() == "PUB\n"
+    lib = tmp_path / "amd64" / "rootfs" / "overlay" / "usr" / "lib" / "maculaos" / "maculaos_device"
+    assert {"cli.py", "updater.py", "layout.py", "nodeconfig.py"} <= {f.name for f in lib.iterdir()}
 
 
 

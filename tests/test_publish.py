@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -15,9 +16,13 @@ from maculaos_sdk.publish import publish
 def make_bundle(root, version, secret):
     b = root / f"maculaos-test-{version}-amd64.bundle"
     b.mkdir(parents=True)
+    files = {}
     for name in ("rootfs.squashfs", "vmlinuz", "initrd.img"):
         (b / name).write_bytes(name.encode())
-    (b / "manifest.json").write_text(json.dumps({"profile": "test", "version": version, "arch": "amd64"}))
+        files[name] = {"size": len(name), "sha256": hashlib.sha256(name.encode()).hexdigest()}
+    (b / "manifest.json").write_text(json.dumps({
+        "format": 1, "name": "maculaos", "profile": "test", "version": version, "arch": "amd64", "board": "generic",
+        "min_version": "0.0.0", "files": files}))
     keys.sign(b / "manifest.json", secret, f"test {version}")
     return b
 
@@ -33,6 +38,18 @@ def test_publish_copies_bundles_and_points_the_channel_at_the_latest(tmp_path):
     publish([make_bundle(tmp_path / "out", "0.3.0", secret)], server, "stable", public)
     assert json.loads(pointer.read_text())["version"] == "0.3.0"
     assert (server / "maculaos-test-0.2.0-amd64.bundle").is_dir()  # older bundles stay for rollbacks
+
+
+def test_the_channel_points_at_the_newest_version_whatever_the_order(tmp_path):
+    secret = tmp_path / "k.key"
+    public = keys.generate(secret)
+    server = tmp_path / "srv"
+    pointer = server / "channels" / "stable" / "test-amd64.json"
+    # shell-glob order: 0.10.0 sorts before 0.9.0
+    publish([make_bundle(tmp_path / "out", v, secret) for v in ("0.10.0", "0.9.0")], server, "stable", public)
+    assert json.loads(pointer.read_text()) == {"version": "0.10.0", "bundle": "maculaos-test-0.10.0-amd64.bundle"}
+    publish([make_bundle(tmp_path / "old", "0.9.1", secret)], server, "stable", public)  # an older one later
+    assert json.loads(pointer.read_text())["version"] == "0.10.0"
 
 
 def test_publish_refuses_a_bundle_signed_with_another_key(tmp_path):

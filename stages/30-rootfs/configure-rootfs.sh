@@ -41,6 +41,8 @@ if rc-update del networking sysinit 2>/dev/null; then rc-update add networking d
 sed -i 's/^#\?rc_parallel=.*/rc_parallel="YES"/' /etc/rc.conf
 
 ln -sf ../usr/lib/os-release /etc/os-release
+# maculaos runs from the read-only root: its bytecode is compiled here (hash-checked, reproducible)
+python3 -m compileall -q --invalidation-mode unchecked-hash /usr/lib/maculaos
 rm -f /etc/ssh/ssh_host_*  # generated per machine at first boot, never baked in
 : > /etc/machine-id
 passwd -l root >/dev/null

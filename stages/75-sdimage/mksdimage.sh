@@ -3,7 +3,7 @@
 # p1 FAT32 boot partition (Pi firmware, U-Boot, device trees, config.txt, GRUB + grubenv, slot A's kernel
 # and initrd in /A), p2 slot A = the squashfs, p3 slot B empty, p4 data (ext4). Compressed with xz.
 set -eu
-board=$1 esp_mb=$2 slot_mb=$3 data_mb=$4 size_mb=$5 sde=$6
+board=$1 esp_mb=$2 slot_mb=$3 data_mb=$4 size_mb=$5 sde=$6 version=$7 profile=$8
 sq=/work/rootfs.squashfs boot=/work/boot img=/work/sd.img
 . /src/image-parts.sh
 plan_sizes
@@ -19,6 +19,7 @@ n=$(find /work/dtbs -name "$soc-*.dtb" | wc -l)
 [ "$n" -gt 0 ] || { echo "mksdimage: the kernel ships no $soc device trees" >&2; exit 3; }
 find /work/dtbs -name "$soc-*.dtb" -exec cp {} $boot/ \;
 cp /src/config.txt /src/cmdline.txt $boot/
+slot_record "$version" "$profile" > $boot/A/slot.json
 
 find $boot -exec touch -h -d "@$sde" {} +
 mkfs.vfat -F 32 -C -n MACULA_BOOT -i "$(python3 /src/layout.py mbr-id)" /work/boot.img $((esp_mb * 1024)) >/dev/null

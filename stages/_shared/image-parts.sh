@@ -24,6 +24,13 @@ make_data_image() {
     -E root_owner=0:0,hash_seed=4d41434c-0006-4000-8000-000000000006 -d /work/data /work/data.img "${data_mb}M"
 }
 
+# slot_record VERSION PROFILE: slot A's record for the ESP (<esp>/A/slot.json), as `maculaos` writes it after
+# verifying a slot (maculaos_device.manifest.SlotRecord): without it the tool never rolls back to slot A
+slot_record() {
+  printf '{"profile": "%s", "sha256": "%s", "size": %s, "version": "%s"}\n' "$2" \
+    "$(sha256sum < "$sq" | cut -d' ' -f1)" "$(stat -c %s "$sq")" "$1"
+}
+
 # write_at FILE MIB: FILE into the image, starting MIB MiB in
 write_at() {
   dd if="$1" of="$img" bs=1M seek="$2" conv=notrunc status=none

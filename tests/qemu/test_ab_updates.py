@@ -20,6 +20,7 @@ from maculaos_sdk.keys import signing_key
 from maculaos_sdk.publish import publish
 
 from .machine import cow_disk, free_port
+from .maculaos import accepted_ports
 
 pytestmark = pytest.mark.qemu
 
@@ -97,8 +98,16 @@ def test_installed_disk_boots_slot_a_with_persistent_data_and_recovery(disk_mach
     mounts = m.succeed("cat /proc/mounts")
     assert " /var/lib/maculaos ext4 " in mounts and " /etc overlay " in mounts
     m.succeed("echo kept > /var/lib/maculaos/marker && echo etc-kept > /etc/maculaos/marker && sync")
+    # the firewall fails closed: with the config service gone (kept off through the persistent /etc), the
+    # boot-time table still drops what comes in (SSH too) and what would be forwarded
+    m.succeed("rc-update del maculaos-config default && sync")
     assert m.reboot() == "A"
     assert m.succeed("cat /var/lib/maculaos/marker /etc/maculaos/marker") == "kept\netc-kept\n"
+    m.wait_until_booted()
+    ruleset = json.loads(m.succeed("nft -j list table inet maculaos"))
+    assert accepted_ports(ruleset) == {"policy": "drop", "tcp": set(), "udp": {68}}
+    assert accepted_ports(ruleset, "forward")["policy"] == "drop"
+    m.succeed("test ! -e /run/maculaos/config.applied")
     # normal boots never write the env
     assert m.upgrade_status()["tries"] == 0
 
@@ -148,8 +157,12 @@ def test_good_update_boots_b_and_is_confirmed_then_manual_rollback(disk_machine,
     # the confirm rewrote both env copies
     m.succeed("head -c 24 /run/maculaos/esp/grub/grubenv | grep -q 'GRUB Environment Block'")
 
+    # a rollback is a trial too: slot A boots counted and is committed by its health check
     m.succeed("maculaos upgrade --rollback --no-reboot")
+    s = m.upgrade_status()
+    assert (s["active"], s["trial"], s["rolledback"]) == ("B", "A", "B")
     assert m.reboot() == "A"
+    m.wait_until_succeeds("maculaos upgrade --status | jq -e '.active == \"A\"'", timeout=120)
     s = m.upgrade_status()
     assert (s["booted"], s["active"], s["trial"], s["rolledback"], s["version"]) == ("A", "A", None, "B", "0.1.0")
 
@@ -222,31 +235,28 @@ def test_power_cut_while_writing_the_slot_or_the_env_boots_the_committed_slot(di
 
 def test_tampered_bundles_are_refused_with_nothing_written(disk_machine, bundle_server):
     url, root = bundle_server
-    good = root / "good"
-    bad_sig = root / "bad-sig"
-    shutil.copytree(good, bad_sig)
-    manifest = json.loads((bad_sig / "manifest.json").read_text())
-    manifest["min_version"] = "0.0.1"
-    (bad_sig / "manifest.json").write_text(json.dumps(manifest))
-    bad_sha = root / "bad-sha"
-    shutil.copytree(good, bad_sha)
-    with (bad_sha / "rootfs.squashfs").open("r+b") as f:
+
+    def variant(name: str, signed: bool = True, **fields: object) -> None:
+        """A copy of the good bundle with manifest fields changed, re-signed with the key the node trusts."""
+        shutil.copytree(root / "good", root / name)
+        manifest = json.loads((root / name / "manifest.json").read_text())
+        manifest.update(fields)
+        (root / name / "manifest.json").write_text(json.dumps(manifest))
+        if signed:
+            subprocess.run(["minisign", "-S", "-s", str(signing_key("")), "-m", str(root / name / "manifest.json")],
+                           check=True, capture_output=True)
+
+    variant("bad-sig", signed=False, min_version="0.0.1")
+    variant("bad-sha")
+    with (root / "bad-sha" / "rootfs.squashfs").open("r+b") as f:
         f.seek(4096)
         f.write(b"tampered")
-    wrong_arch = root / "wrong-arch"
-    shutil.copytree(good, wrong_arch)
-    manifest = json.loads((wrong_arch / "manifest.json").read_text())
-    manifest["arch"] = "arm64"
-    (wrong_arch / "manifest.json").write_text(json.dumps(manifest))
+    variant("wrong-arch", arch="arm64")
     # validly signed, but a field holds a list: the old `eval` of jq's @sh output ran it as a command
-    injected = root / "injected"
-    shutil.copytree(good, injected)
-    manifest = json.loads((injected / "manifest.json").read_text())
-    manifest["version"] = ["0.2.0", "mkdir", "/tmp/pwned"]
-    (injected / "manifest.json").write_text(json.dumps(manifest))
-    for folder in (wrong_arch, injected):
-        subprocess.run(["minisign", "-S", "-s", str(signing_key("")), "-m", str(folder / "manifest.json")],
-                       check=True, capture_output=True)
+    variant("injected", version=["0.2.0", "mkdir", "/tmp/pwned"])
+    # validly signed, but a replay of the running version, and a bundle of another profile
+    variant("replay", version="0.1.0")
+    variant("other-profile", profile="maculaos")
 
     m = disk_machine()
     before = m.upgrade_status()
@@ -259,6 +269,14 @@ def test_tampered_bundles_are_refused_with_nothing_written(disk_machine, bundle_
     assert "is for arm64" in m.fail(f"maculaos upgrade --apply {url}/wrong-arch --no-reboot")
     assert "not a valid bundle manifest" in m.fail(f"maculaos upgrade --apply {url}/injected --no-reboot")
     m.succeed("test ! -e /tmp/pwned")
+    assert "not newer than the running 0.1.0" in m.fail(f"maculaos upgrade --apply {url}/replay --no-reboot")
+    assert "is for profile maculaos, this node runs test" in \
+        m.fail(f"maculaos upgrade --apply {url}/other-profile --no-reboot")
+    # without the lab opt-in (the test profile's default config has it), plain http is refused
+    m.succeed("mkdir -p /var/lib/maculaos/config.d"
+              " && printf 'upgrade:\\n  allow_http: false\\n' > /var/lib/maculaos/config.d/90-https.yaml")
+    assert "plain http is refused" in m.fail(f"maculaos upgrade --check {url}/good")
+    m.succeed("rm /var/lib/maculaos/config.d/90-https.yaml")
     assert m.succeed(slot_b) == b_hash  # refused before a byte reached the standby slot
     assert "sha256" in m.fail(f"maculaos upgrade --apply {url}/bad-sha --no-reboot", timeout=300)
     assert m.succeed("test ! -e /run/maculaos/esp/B/vmlinuz && echo no-kernel") == "no-kernel\n"

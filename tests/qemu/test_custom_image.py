@@ -104,8 +104,9 @@ def test_custom_image_and_node_config_take_effect(custom_build, make_machine, tm
         == ["600 root", "600 root"]
     mesh = json.loads(m.succeed("cat /run/maculaos/mesh.json"))
     assert mesh["roles"] == ["peer", "gateway"] and mesh["ports"] == ["443/tcp", "80/tcp"]
-    firewall = accepted_ports(json.loads(m.succeed("nft -j list table inet maculaos")))
-    assert firewall == {"policy": "drop", "tcp": {22, 80, 443}, "udp": {68}}
+    ruleset = json.loads(m.succeed("nft -j list table inet maculaos"))
+    assert accepted_ports(ruleset) == {"policy": "drop", "tcp": {22, 80, 443}, "udp": {68}}
+    assert accepted_ports(ruleset, "forward")["policy"] == "drop"  # NodePort/hostPort only to opened ports
     assert m.succeed("cat /var/lib/maculaos/setup-runs") == "setup ran\n"  # first boot ran once, not twice
     ssh = ["ssh", "-i", str(key), "-p", str(port), "-o", "StrictHostKeyChecking=no", "-o",
            "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "root@127.0.0.1",

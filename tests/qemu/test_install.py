@@ -6,8 +6,7 @@ import json
 import subprocess
 
 import pytest
-
-from maculaos_sdk import layout
+from maculaos_device import layout
 
 pytestmark = pytest.mark.qemu
 

@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from maculaos_sdk import layout
+from maculaos_device import layout
 
 pytestmark = pytest.mark.qemu
 MIB = 1 << 20

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, "/usr/lib/maculaos")
-import nodeconfig  # noqa: E402
+from maculaos_device import nodeconfig  # noqa: E402
 
 STATE = Path("/var/lib/maculaos")
 LAST_GOOD = STATE / "config.last-good.json"
@@ -79,11 +79,21 @@ def write(path: Path, text: str, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
+# Interfaces of k3s's flannel CNI: pods reach out, and other nodes' pods reach ours.
+CNI_INTERFACES = ("cni0", "flannel.1")
+
+
 def firewall(ports: list[str]) -> str:
-    """nftables ruleset: inbound closed except replies, SSH, and the ports the mesh roles need."""
+    """The nftables ruleset, as one transaction that replaces the boot-time table (firewall-boot.nft):
+    inbound closed but for replies, SSH and the opened ports; forwarded traffic closed but for replies,
+    the pods' own traffic and what was DNATed (NodePort, hostPort) to an opened port."""
     tcp = sorted({int(p.split("/")[0]) for p in ports if p.endswith("/tcp")} | {22})
     udp = sorted({int(p.split("/")[0]) for p in ports if p.endswith("/udp")})
+    accept = [("tcp", tcp)] + ([("udp", udp)] if udp else [])
+    cni = ", ".join(f'"{name}"' for name in CNI_INTERFACES)
     rules = [
+        "table inet maculaos",  # so that the delete below never fails: the whole file is one transaction
+        "delete table inet maculaos",
         "table inet maculaos {",
         "  chain input {",
         "    type filter hook input priority 0; policy drop;",
@@ -91,11 +101,18 @@ def firewall(ports: list[str]) -> str:
         "    iif lo accept",
         "    meta l4proto { 1, 58 } accept",  # icmp, ipv6-icmp (numbers: no /etc/protocols needed)
         "    udp dport 68 accept",
-        f"    tcp dport {{ {', '.join(map(str, tcp))} }} accept",
+        *(f"    {proto} dport {{ {', '.join(map(str, nums))} }} accept" for proto, nums in accept),
+        "  }",
+        "  chain forward {",
+        "    type filter hook forward priority 0; policy drop;",
+        "    ct state established,related accept",
+        f"    iifname {{ {cni} }} accept",
+        *(f"    ct status dnat meta l4proto {proto} ct original proto-dst {{ {', '.join(map(str, nums))} }} accept"
+          for proto, nums in accept),
+        "  }",
+        "}",
     ]
-    if udp:
-        rules.append(f"    udp dport {{ {', '.join(map(str, udp))} }} accept")
-    return "\n".join([*rules, "  }", "}", ""])
+    return "\n".join(rules) + "\n"
 
 
 def apply(plan: dict) -> None:
@@ -129,10 +146,8 @@ def apply(plan: dict) -> None:
     write(Path("/run/maculaos/mesh.json"), json.dumps(mesh, sort_keys=True) + "\n")
     ruleset = firewall(plan["open_ports"])
     write(Path("/run/maculaos/firewall.nft"), ruleset)
-    if Path("/usr/sbin/nft").exists():
-        run(["nft", "delete", "table", "inet", "maculaos"], stderr=subprocess.DEVNULL)
-        if run(["nft", "-f", "/run/maculaos/firewall.nft"]) != 0:
-            say("cannot load the firewall rules")
+    if Path("/usr/sbin/nft").exists() and run(["nft", "-f", "/run/maculaos/firewall.nft"]) != 0:
+        say("cannot load the firewall rules: the boot-time firewall stays (inbound closed but for replies)")
     for service in mesh["services"]:
         if Path(f"/etc/init.d/{service}").exists():
             run(["rc-service", service, "start"])

@@ -1,9 +1,9 @@
 """The MaculaOS disk layout: one module for the SDK, the image builder stages and the device.
 
 Every fact about how an installed disk is laid out lives here: partition names and type GUIDs, the ESP
-size, the slot size rule, the data partition's folders. The same file is `maculaos_sdk.layout` on the
-host, `/src/layout.py` in the disk stage and `/usr/lib/maculaos/layout.py` on the device (`maculaos
-install`), so the three cannot disagree. Standard library only.
+size, the slot size rule, the data partition's folders. The same file is `maculaos_device.layout` on the
+host and on the device (`maculaos install`), and `/src/layout.py` in the disk and SD image stages, so the
+three cannot disagree. Standard library only.
 
     python3 layout.py sfdisk --squashfs-bytes N [--esp-mb M] [--slot-mb M] [--data-mb M] [--size-mb M]
                              [--fixed-ids] [--mbr] [--data-fills-disk] [--json|--sizes]

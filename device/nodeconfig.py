@@ -1,7 +1,7 @@
 """MaculaOS node configuration (`config.yaml`): one schema for the host and the device.
 
-The same file is `maculaos_sdk.nodeconfig` on the host (`maculaos-sdk config validate`) and
-`/usr/lib/maculaos/nodeconfig.py` on the device (`maculaos config validate|show|apply`), so both check a
+The same module is `maculaos_device.nodeconfig` on the host (`maculaos-sdk config validate`) and on the
+device (`/usr/lib/maculaos/maculaos_device/`, `maculaos config validate|show|apply`), so both check a
 config the same way. It needs only the standard library and PyYAML.
 
 Sources, merged in this order (later wins; maps merge, lists replace):
@@ -65,6 +65,8 @@ FIELDS: tuple[Field, ...] = (
     Field("run_cmd", LIST, [], "Shell commands run at every boot, after the config is applied."),
     Field("upgrade.url", STR, "", "Update server (`maculaos-sdk publish` layout) for `maculaos upgrade --check`."),
     Field("upgrade.channel", STR, "stable", "Update channel on that server.", pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*"),
+    Field("upgrade.allow_http", BOOL, False, "Accept plain `http://` update servers (a lab network only: anyone on "
+          "the path could hold updates back). Off: only https and local folders."),
 )
 FIELDS_BY_KEY = {f.key: f for f in FIELDS}
 # Mapping keys that are a section (hold further keys), as opposed to free-form MAP values.

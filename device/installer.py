@@ -1,0 +1,203 @@
+"""Install from the live ISO, grow the data partition, schedule a factory reset."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import layout
+from .manifest import SlotRecord
+from .system import Device, DeviceError, disk_of, log
+from .updater import invalidate, read_back_sha256, write_slot
+
+MEDIUM = Path("/run/maculaos/medium")
+MEDIUM_FILES = ("maculaos/rootfs.squashfs", "boot/vmlinuz", "boot/initrd.img", "maculaos/esp/grub/grub.cfg")
+GROW_MIN_SECTORS = 32768  # 16 MiB
+GPT_BACKUP_SECTORS = 34
+
+
+def run(cmd: list[str], what: str, stdin: str | None = None) -> str:
+    proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DeviceError(f"{what} failed: {(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout
+
+
+def medium_disk(dev: Device) -> str | None:
+    for line in Path("/proc/mounts").read_text().splitlines():
+        src, target = line.split()[:2]
+        if target == str(MEDIUM) and src.startswith("/dev/"):
+            return disk_of(dev.sys_block, src[5:])
+    return None
+
+
+def auto_device(dev: Device) -> str:
+    """The first fixed disk that is not the boot medium."""
+    skip = medium_disk(dev)
+    for pattern in ("vd*", "sd*", "nvme*n*", "mmcblk[0-9]*"):
+        for d in sorted(Path("/sys/block").glob(pattern)):
+            if d.name != skip and int((d / "size").read_text()) > 0:
+                return f"/dev/{d.name}"
+    raise DeviceError("install: no disk found to install to")
+
+
+def partition_node(disk: str, n: int) -> Path:
+    """Partition n of a disk: /dev/vda 1 -> /dev/vda1, /dev/nvme0n1 1 -> /dev/nvme0n1p1."""
+    return Path(f"{disk}p{n}" if disk[-1].isdigit() else f"{disk}{n}")
+
+
+def wait_node(path: Path, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise DeviceError(f"install: {path} did not appear")
+        time.sleep(0.1)
+
+
+def install(dev: Device, device: str, config: str | None, yes: bool) -> None:
+    if dev.mode() not in ("live", "install"):
+        raise DeviceError(f"install runs from the live ISO (this is mode {dev.mode()})")
+    for f in MEDIUM_FILES:
+        if not (MEDIUM / f).exists():
+            raise DeviceError(f"the boot medium has no {f}: boot the MaculaOS ISO to install")
+    if device == "auto":
+        device = auto_device(dev)
+    node = Path(device)
+    if not node.is_block_device():
+        raise DeviceError(f"install: {device} is not a block device")
+    name = node.name
+    if disk_of(dev.sys_block, name) != name:
+        raise DeviceError(f"install: {device} is a partition; give the whole disk")
+    if name == medium_disk(dev):
+        raise DeviceError(f"install: {device} is the boot medium")
+    if config:
+        from . import nodeconfig
+
+        problems = nodeconfig.validate_files([Path(config)]) if Path(config).is_file() else None
+        if problems is None:
+            raise DeviceError(f"install: cannot read the config {config}")
+        if problems:
+            raise DeviceError(f"install: {config} is not a valid config: {problems[0]}")
+
+    squashfs = MEDIUM / "maculaos/rootfs.squashfs"
+    sq_size = squashfs.stat().st_size
+    disk_mb = int((Path("/sys/block") / name / "size").read_text()) * 512 // layout.MIB
+    try:  # sizes, names and type GUIDs from the layout module the image build uses too; data gets the rest
+        plan = layout.plan(sq_size, size_mb=disk_mb)
+    except layout.LayoutError as exc:
+        raise DeviceError(f"install: {device} ({disk_mb} MiB) is too small: {exc}") from None
+    if not yes:
+        print(f"This erases everything on {device} ({disk_mb} MiB). Type yes to continue: ", end="", file=sys.stderr,
+              flush=True)
+        if sys.stdin.readline().strip() != "yes":
+            raise DeviceError("install: cancelled")
+    version = dev.release().get("VERSION_ID", "")
+    log(f"installing MaculaOS {version} to {device} (ESP {plan.esp_mb} MiB, slots 2 x {plan.slot_mb} MiB, "
+        "data the rest)")
+    mounted = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+               if line.startswith(device)]
+    for mountpoint in sorted(mounted, reverse=True):
+        subprocess.run(["umount", mountpoint])
+    with open(device, "r+b") as f:
+        f.write(bytes(2 * layout.MIB))
+        os.fsync(f.fileno())
+    run(["sfdisk", "-q", "--wipe", "always", "--wipe-partitions", "always", device], f"install: partitioning {device}",
+        stdin=plan.sfdisk_script(fixed_ids=False, data_fills_disk=True))
+    subprocess.run(["blockdev", "--rereadpt", device], capture_output=True)
+    parts = {part: partition_node(device, n) for part, n in layout.PART_NUMBERS.items()}
+    for path in parts.values():
+        wait_node(path)
+
+    log(f"slot A: writing the root filesystem ({plan.squashfs_mb} MiB)")
+    with open(squashfs, "rb") as stream:
+        write_slot(stream, parts[layout.slot_name("A")], sq_size)
+    # Slot A is read back from the disk and checked against the sha256 the build recorded on the medium,
+    # so a damaged medium and a bad disk both stop the install here.
+    try:
+        want = (MEDIUM / "maculaos/rootfs.squashfs.sha256").read_text().split()[0]
+    except (OSError, IndexError):
+        raise DeviceError("install: the medium has no rootfs.squashfs.sha256") from None
+    if read_back_sha256(parts[layout.slot_name("A")], sq_size) != want:
+        raise DeviceError("install: slot A does not read back as the medium's rootfs.squashfs (sha256 mismatch: "
+                          "a damaged medium or disk)")
+
+    log("boot partition: GRUB, its A/B environment, the kernel of slot A")
+    run(["mkfs.vfat", "-n", "MACULA_ESP", str(parts[layout.PART_ESP])], "install: mkfs.vfat")
+    target = dev.run / "install-target"
+    target.mkdir(parents=True, exist_ok=True)
+    run(["mount", "-t", "vfat", str(parts[layout.PART_ESP]), str(target)], "install: mounting the ESP")
+    try:
+        shutil.copytree(MEDIUM / "maculaos/esp", target, dirs_exist_ok=True, copy_function=shutil.copyfile)
+        (target / "A").mkdir(exist_ok=True)
+        for f in ("vmlinuz", "initrd.img"):
+            shutil.copyfile(MEDIUM / "boot" / f, target / "A" / f)
+        record = SlotRecord(version=version, profile=dev.release().get("VARIANT_ID", ""), size=sq_size, sha256=want)
+        (target / "A/slot.json").write_text(record.to_json())
+        os.sync()
+    finally:
+        subprocess.run(["umount", str(target)])
+    # slot B holds nothing bootable (zeroed start; no boot files, no record on the fresh ESP)
+    invalidate(parts[layout.slot_name("B")])
+
+    log("data partition")
+    run(["mkfs.ext4", "-q", "-F", "-L", "MACULA_DATA", str(parts[layout.PART_DATA])], "install: mkfs.ext4")
+    run(["mount", "-t", "ext4", str(parts[layout.PART_DATA]), str(target)], "install: mounting the data partition")
+    try:
+        for d in layout.data_dirs():
+            (target / d).mkdir(parents=True, exist_ok=True)
+        if config:
+            dest = target / "maculaos/config.yaml"
+            shutil.copyfile(config, dest)
+            dest.chmod(0o600)
+        os.sync()
+    finally:
+        subprocess.run(["umount", str(target)])
+    log(f"installed MaculaOS {version} to {device}")
+
+
+def grow_data(dev: Device) -> None:
+    """Grow the data partition into the free space after it, then its ext4 (online)."""
+    if dev.mode() != "disk":
+        return
+    part = dev.partition(layout.PART_DATA)
+    name = part.name
+    disk = disk_of(dev.sys_block, name)
+    sys_part = dev.sys_block / name
+    n = int((sys_part / "partition").read_text())
+    start, size = int((sys_part / "start").read_text()), int((sys_part / "size").read_text())
+    total = int((Path("/sys/block") / disk / "size").read_text())
+    free = total - start - size - GPT_BACKUP_SECTORS
+    if free < GROW_MIN_SECTORS:
+        return
+    disk_node = f"/dev/{disk}"
+    log(f"data partition {part}: growing by {free // 2048} MiB")
+    if "label: gpt" in run(["sfdisk", "-d", disk_node], "reading the partition table"):
+        subprocess.run(["sfdisk", "-q", "--relocate", "gpt-bak-std", disk_node], capture_output=True)
+    run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", "-N", str(n), disk_node], f"growing partition {n} of "
+        f"{disk_node}", stdin=", +\n")
+    new = None
+    for line in run(["sfdisk", "-d", disk_node], "reading the partition table").splitlines():
+        if line.startswith(f"{part} "):
+            fields = dict(f.strip().split("=", 1) for f in line.split(":", 1)[1].split(",") if "=" in f)
+            new = int(fields["size"].strip())
+    if new is None:
+        raise DeviceError(f"{part} is gone from the partition table of {disk_node}")
+    run(["resizepart", disk_node, str(n), str(new)], f"telling the kernel the new size of {part}")
+    run(["resize2fs", str(part)], f"resize2fs {part}")
+    log(f"data partition {part}: now {new // 2048} MiB")
+
+
+def factory_reset(dev: Device, keep_data: bool) -> None:
+    """Node state is wiped by the initrd at the next boot (it alone sees the data partition unused)."""
+    if dev.mode() != "disk":
+        raise DeviceError(f"not an installed system (mode {dev.mode()}): nothing to do")
+    marker = dev.data_root / ".factory-reset"
+    marker.write_text("keep-data\n" if keep_data else "wipe-data\n")
+    os.sync()
+    log("factory reset scheduled: node state is wiped at the next boot; rebooting")
+    dev.reboot()
+

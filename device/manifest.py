@@ -1,0 +1,113 @@
+"""The signed bundle manifest (`manifest.json`) and the per-slot record (`<esp>/<slot>/slot.json`).
+
+A bundle's manifest is written by `stages/80-bundle/mkmanifest.sh` and signed with minisign; the device
+parses it here, after the signature checked out, and never evaluates any of it. Every field must have the
+expected type and form, or the whole manifest is refused. A slot record is written on the ESP once a
+slot has been read back and matched its signed sha256; a slot without one holds nothing bootable."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from . import versions
+
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_SIGNATURE_BYTES = 64 << 10
+PAYLOAD = ("rootfs.squashfs", "vmlinuz", "initrd.img")
+SIGNED = ("manifest.json", "manifest.json.minisig")
+BUNDLE_FILES = SIGNED + PAYLOAD
+WORD = re.compile(r"[A-Za-z0-9._+~-]{1,64}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class ManifestError(ValueError):
+    """The manifest (or slot record) is not of the expected form: the message says which field."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    profile: str
+    version: str
+    arch: str
+    board: str
+    min_version: str
+    files: dict[str, FileEntry]
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    """What a verified slot holds: written after the read-back check, removed before the slot is written."""
+
+    version: str
+    profile: str
+    size: int
+    sha256: str
+
+    def to_json(self) -> str:
+        return json.dumps({"version": self.version, "profile": self.profile, "size": self.size,
+                           "sha256": self.sha256}, sort_keys=True) + "\n"
+
+
+def _word(data: dict, key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not WORD.fullmatch(value):
+        raise ManifestError(f"field {key!r} is not a plain word")
+    return value
+
+
+def _version(data: dict, key: str) -> str:
+    value = _word(data, key)
+    if not versions.PATTERN.fullmatch(value):
+        raise ManifestError(f"field {key!r} is not a version")
+    return value
+
+
+def _file(data: object, name: str) -> FileEntry:
+    if not isinstance(data, dict):
+        raise ManifestError(f"files[{name!r}] is missing")
+    size, sha = data.get("size"), data.get("sha256")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise ManifestError(f"files[{name!r}].size is not a positive integer")
+    if not isinstance(sha, str) or not SHA256.fullmatch(sha):
+        raise ManifestError(f"files[{name!r}].sha256 is not a sha256")
+    return FileEntry(size=size, sha256=sha)
+
+
+def _object(raw: bytes, limit: int) -> dict:
+    if len(raw) > limit:
+        raise ManifestError(f"larger than {limit} bytes")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ManifestError(f"not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ManifestError("not a JSON object")
+    return data
+
+
+def parse(raw: bytes) -> Manifest:
+    """The manifest's fields, each checked for type and form; raises ManifestError."""
+    data = _object(raw, MAX_MANIFEST_BYTES)
+    if data.get("format") != 1 or data.get("name") != "maculaos":
+        raise ManifestError("not a MaculaOS bundle manifest (format 1)")
+    files = data.get("files")
+    if not isinstance(files, dict):
+        raise ManifestError("field 'files' is not an object")
+    return Manifest(profile=_word(data, "profile"), version=_version(data, "version"), arch=_word(data, "arch"),
+                    board=_word(data, "board"), min_version=_version(data, "min_version"),
+                    files={name: _file(files.get(name), name) for name in PAYLOAD})
+
+
+def parse_slot_record(raw: bytes) -> SlotRecord:
+    data = _object(raw, 4096)
+    entry = _file(data, "slot")
+    return SlotRecord(version=_version(data, "version"), profile=_word(data, "profile"), size=entry.size,
+                      sha256=entry.sha256)

@@ -1,0 +1,197 @@
+"""A node as the update code sees it: paths, slot devices, the booted slot, rebooting.
+
+`Device` is the real machine. Every path is a field, and the few hardware actions are methods, so unit
+tests run the whole state machine on a temporary folder with file-backed slots (tests/test_device_*)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import layout
+
+HEALTH_HOOK_SECONDS = 120
+LOCK_SECONDS = 600
+
+
+class DeviceError(Exception):
+    """A refused or failed command: the message is printed as `maculaos: <message>`, exit 1."""
+
+
+def log(msg: str) -> None:
+    print(f"maculaos: {msg}", file=sys.stderr, flush=True)
+    try:
+        import syslog
+
+        syslog.openlog("maculaos")
+        syslog.syslog(msg)
+    except OSError:
+        pass
+
+
+def read_os_release(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = value.strip().strip('"')
+    return out
+
+
+@dataclass
+class Device:
+    run: Path = Path("/run/maculaos")
+    esp: Path = Path("/run/maculaos/esp")
+    state: Path = Path("/var/lib/maculaos")          # node state on the data partition (factory reset wipes it)
+    data_root: Path = Path("/run/maculaos/data")     # the data partition itself (factory reset keeps this)
+    os_release: Path = Path("/etc/os-release")
+    update_key: Path = Path("/usr/share/maculaos/update.pub")  # in the read-only root, never the /etc overlay
+    health_dirs: tuple[Path, ...] = (Path("/etc/maculaos/health.d"), Path("/var/lib/maculaos/health.d"))
+    cmdline_path: Path = Path("/proc/cmdline")
+    config_root: Path = Path("/")
+    sys_block: Path = Path("/sys/class/block")
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    # --- what the initrd recorded ------------------------------------------------------------------
+    def mode(self) -> str:
+        try:
+            return (self.run / "mode").read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def booted(self) -> str:
+        try:
+            slot = (self.run / "slot").read_text().strip()
+        except OSError:
+            return ""
+        return slot if slot in layout.SLOTS else ""
+
+    def cmdline(self) -> str:
+        try:
+            return self.cmdline_path.read_text()
+        except OSError:
+            return ""
+
+    def release(self) -> dict[str, str]:
+        return read_os_release(self.os_release)
+
+    @property
+    def highest_file(self) -> Path:
+        """The highest version ever committed on this node: kept through factory resets."""
+        return self.data_root / "highest-version"
+
+    # --- hardware --------------------------------------------------------------------------------
+    def boot_disk(self) -> str | None:
+        """The disk holding the booted slot (`vda`), from the mount of the running root squashfs."""
+        try:
+            mounts = Path("/proc/mounts").read_text().splitlines()
+        except OSError:
+            return None
+        for line in mounts:
+            src, target = line.split()[:2]
+            if target == str(self.run / "lower") and src.startswith("/dev/"):
+                return disk_of(self.sys_block, src[5:])
+        return None
+
+    def partition(self, name: str) -> Path:
+        """The /dev node of partition `name` (`esp`, `rootfs-A`, ...) on the boot disk."""
+        if " macula.mbr=" in f" {self.cmdline()}":  # Raspberry Pi cards: MBR, found by number
+            found = layout.find_mbr_partition(name, _cmdline_value(self.cmdline(), "macula.mbr") or layout.MBR_DISK_ID)
+            if found:
+                return Path(found)
+            raise DeviceError(f"no partition {name} on the MaculaOS card")
+        disk = self.boot_disk()
+        for uevent in sorted(self.sys_block.glob("*/uevent")):
+            try:
+                lines = uevent.read_text().splitlines()
+            except OSError:
+                continue
+            dev = uevent.parent.name
+            if f"PARTNAME={name}" in lines and (disk is None or disk_of(self.sys_block, dev) == disk):
+                return Path("/dev") / dev
+        raise DeviceError(f"no partition named {name} on the boot disk {disk or '(unknown)'}")
+
+    def slot_device(self, slot: str) -> Path:
+        return self.partition(layout.slot_name(slot))
+
+    def mount_esp(self) -> None:
+        if _mounted(self.esp):
+            return
+        self.esp.mkdir(parents=True, exist_ok=True)
+        dev = self.partition(layout.PART_ESP)
+        proc = subprocess.run(["mount", "-t", "vfat", "-o", "rw,noatime", str(dev), str(self.esp)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0 and not _mounted(self.esp):
+            raise DeviceError(f"cannot mount the boot partition {dev}: {proc.stderr.strip()}")
+
+    def reboot(self, force: bool = False) -> None:
+        subprocess.run(["sync"])
+        subprocess.run(["reboot", "-f"] if force else ["reboot"])
+
+    def root_mounted(self) -> str | None:
+        """The first missing mount a healthy installed system has, or None."""
+        mounts = Path("/proc/mounts").read_text()
+        if f" {self.run / 'lower'} squashfs ro" not in mounts:
+            return "root squashfs not mounted"
+        if f" {self.state} " not in mounts:
+            return "data partition not mounted"
+        return None
+
+    def health(self) -> str | None:
+        """Every check must pass: None, or the first failure."""
+        why = self.root_mounted()
+        if why:
+            return why
+        for folder in self.health_dirs:
+            for hook in sorted(folder.glob("*")) if folder.is_dir() else []:
+                if not (hook.is_file() and os.access(hook, os.X_OK)):
+                    continue
+                try:
+                    proc = subprocess.run([str(hook)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, timeout=HEALTH_HOOK_SECONDS)
+                except subprocess.TimeoutExpired:
+                    return f"health hook {hook} timed out"
+                if proc.returncode != 0:
+                    return f"health hook {hook} failed"
+        return None
+
+    def lock(self) -> int:
+        """One maculaos command at a time touches the boot state (boot-time confirm vs. a user's apply)."""
+        self.run.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run / "maculaos.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + LOCK_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise DeviceError("another maculaos command holds the lock") from None
+                time.sleep(0.2)
+
+
+def disk_of(sys_block: Path, dev: str) -> str:
+    """The whole disk holding block device `dev` (itself when it is a disk): vda2 -> vda."""
+    node = sys_block / dev
+    if (node / "partition").exists():
+        return node.resolve().parent.name
+    return dev
+
+
+def _cmdline_value(cmdline: str, key: str) -> str | None:
+    for arg in cmdline.split():
+        if arg.startswith(key + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _mounted(path: Path) -> bool:
+    try:
+        return any(line.split()[1] == str(path) for line in Path("/proc/mounts").read_text().splitlines())
+    except OSError:
+        return False

@@ -1,0 +1,378 @@
+"""The update state machine of an installed node (RAUC-like, over the GRUB env of `bootenv`).
+
+    committed(active=X)  --apply-->     trial(Y)      Y written, read back, boot files checked; GRUB
+                                                      boots Y at most 3 times, counting each boot
+    trial(Y), booted Y   --confirm-->   committed(Y)  health checks passed
+    trial(Y), booted Y   --unhealthy--> reboot        (GRUB gives up after 3 tries: committed(X), rolledback=Y)
+    committed(X)         --rollback-->  trial(Y)      only a verified Y; the same counting and health gate
+
+A slot is "verified" when `<esp>/<slot>/slot.json` exists: it is written after the slot read back as its
+signed sha256, and removed (with the slot's kernel and initrd, and the slot's first MiB zeroed) before a
+single byte of a new image is written. Every failure of an apply leaves the target in that state."""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import stat
+import subprocess
+import tempfile
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from . import bootenv, manifest, versions
+from .bootenv import EnvStore, other
+from .manifest import Manifest, SlotRecord
+from .system import Device, DeviceError, log
+
+if TYPE_CHECKING:
+    from .source import Source
+
+CHUNK = 4 << 20
+ALIGN = 4096
+INVALIDATE_BYTES = 1 << 20
+BOOT_FILES = ("vmlinuz", "initrd.img")
+DEFAULT_CONFIRM_SECONDS = 600
+
+
+def store(dev: Device) -> EnvStore:
+    dev.mount_esp()
+    return EnvStore(dev.esp / "grub")
+
+
+def need_disk(dev: Device) -> None:
+    if dev.mode() != "disk":
+        raise DeviceError(f"not an installed system (mode {dev.mode()}): nothing to do")
+
+
+# --- slot records --------------------------------------------------------------------------------
+def slot_record(dev: Device, slot: str) -> SlotRecord | None:
+    """The verified content of `slot`, or None when the slot holds nothing bootable."""
+    folder = dev.esp / slot
+    if not all((folder / f).is_file() and (folder / f).stat().st_size > 0 for f in BOOT_FILES):
+        return None
+    try:
+        return manifest.parse_slot_record((folder / "slot.json").read_bytes())
+    except (OSError, manifest.ManifestError):
+        return None
+
+
+def forget_slot(dev: Device, slot: str, device: Path) -> None:
+    """Nothing of `slot` stays bootable: record and boot files removed, the filesystem's start zeroed."""
+    folder = dev.esp / slot
+    for name in ("slot.json", *BOOT_FILES):
+        (folder / name).unlink(missing_ok=True)
+    for tmp in folder.glob("*.tmp") if folder.is_dir() else []:
+        tmp.unlink(missing_ok=True)
+    invalidate(device)
+
+
+def invalidate(device: Path) -> None:
+    """No filesystem is found at the start of `device` any more."""
+    with open(device, "r+b") as f:
+        f.write(bytes(INVALIDATE_BYTES))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def slot_version(dev: Device, slot: str) -> str | None:
+    if slot == dev.booted():
+        return dev.release().get("VERSION_ID")
+    record = slot_record(dev, slot)
+    return record.version if record else None
+
+
+# --- status and bundle checks --------------------------------------------------------------------
+def status(dev: Device) -> dict:
+    version = dev.release().get("VERSION_ID", "")
+    if dev.mode() != "disk":
+        return {"mode": dev.mode(), "version": version, "booted": None, "active": None, "trial": None, "tries": 0,
+                "rolledback": None, "slots": {}}
+    env = store(dev).load()
+    return {"mode": "disk", "version": version, "booted": dev.booted() or None, "active": env.active,
+            "trial": env.trial or None, "tries": env.tries, "rolledback": env.rolledback or None,
+            "slots": {s: {"version": slot_version(dev, s)} for s in ("A", "B")}}
+
+
+def highest_committed(dev: Device) -> str | None:
+    try:
+        value = dev.highest_file.read_text().strip()
+    except OSError:
+        return None
+    return value if versions.PATTERN.fullmatch(value) else None
+
+
+def record_committed(dev: Device) -> None:
+    """Raise the anti-rollback floor to the running version (never lowers it)."""
+    running = dev.release().get("VERSION_ID", "")
+    highest = highest_committed(dev)
+    if not versions.PATTERN.fullmatch(running) or (highest and not versions.newer(running, highest)):
+        return
+    tmp = dev.highest_file.with_name(".highest-version.tmp")
+    tmp.write_text(running + "\n")
+    os.replace(tmp, dev.highest_file)
+
+
+def verify_bundle(dev: Device, src: Source) -> Manifest:
+    """Fetch the manifest and its signature, check both; nothing is written to any slot."""
+    if not dev.update_key.is_file() or dev.update_key.stat().st_size == 0:
+        raise DeviceError(f"no update key at {dev.update_key}: refusing unsigned updates")
+    raw = src.read("manifest.json", manifest.MAX_MANIFEST_BYTES)
+    sig = src.read("manifest.json.minisig", manifest.MAX_SIGNATURE_BYTES)
+    with tempfile.TemporaryDirectory(dir=dev.run, prefix="verify.") as tmp:
+        (Path(tmp) / "manifest.json").write_bytes(raw)
+        (Path(tmp) / "manifest.json.minisig").write_bytes(sig)
+        proc = subprocess.run(["minisign", "-Vqm", f"{tmp}/manifest.json", "-p", str(dev.update_key)],
+                              capture_output=True)
+    if proc.returncode != 0:
+        raise DeviceError(f"bundle signature does not verify against {dev.update_key}: refused, nothing written")
+    try:
+        m = manifest.parse(raw)
+    except manifest.ManifestError as exc:
+        raise DeviceError(f"manifest.json is not a valid bundle manifest ({exc}): refused") from None
+    rel = dev.release()
+    if m.arch != rel.get("MACULAOS_ARCH"):
+        raise DeviceError(f"bundle is for {m.arch}, this machine is {rel.get('MACULAOS_ARCH')}: refused")
+    if m.board != rel.get("MACULAOS_BOARD"):
+        raise DeviceError(f"bundle is for board {m.board}, not {rel.get('MACULAOS_BOARD')}: refused")
+    if m.profile != rel.get("VARIANT_ID"):
+        raise DeviceError(f"bundle is for profile {m.profile}, this node runs {rel.get('VARIANT_ID')}: refused")
+    running = rel.get("VERSION_ID", "")
+    if versions.newer(m.min_version, running):
+        raise DeviceError(f"bundle needs version >= {m.min_version}, running {running}: refused")
+    return m
+
+
+def downgrade_reason(dev: Device, m: Manifest) -> str | None:
+    """Why applying `m` would not move this node forward, or None."""
+    running = dev.release().get("VERSION_ID", "")
+    if not versions.newer(m.version, running):
+        return f"bundle version {m.version} is not newer than the running {running}"
+    highest = highest_committed(dev)
+    if highest and not versions.newer(m.version, highest):
+        return f"bundle version {m.version} is not newer than {highest}, the highest this node ever committed"
+    return None
+
+
+def check(dev: Device, src: Source) -> dict:
+    m = verify_bundle(dev, src)
+    return {"current": dev.release().get("VERSION_ID", ""), "available": m.version,
+            "update": downgrade_reason(dev, m) is None}
+
+
+# --- apply ----------------------------------------------------------------------------------------
+def _is_block(path: Path) -> bool:
+    return stat.S_ISBLK(os.stat(path).st_mode)
+
+
+def _fill(stream: BinaryIO, view: memoryview) -> int:
+    """Read until `view` is full or the stream ends; returns the bytes read."""
+    got = 0
+    while got < len(view):
+        n = stream.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def write_slot(stream: BinaryIO, device: Path, size: int) -> None:
+    """Exactly `size` bytes of `stream` to the start of `device`, with direct I/O on block devices.
+    A stream that ends early or runs past `size` fails."""
+    direct = _is_block(device)
+    fd = os.open(device, os.O_WRONLY | (os.O_DIRECT if direct else 0))
+    buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT wants
+    view = memoryview(buf)
+    try:
+        written = 0
+        while written < size:
+            want = min(CHUNK, size - written)
+            n = _fill(stream, view[:want])
+            if n < want:
+                raise DeviceError(f"the download ended after {written + n} of {size} bytes")
+            padded = -(-n // ALIGN) * ALIGN if direct else n
+            view[n:padded] = bytes(padded - n)
+            os.write(fd, view[:padded])
+            written += n
+        if stream.read(1):
+            raise DeviceError(f"the download is longer than the signed {size} bytes")
+        os.fsync(fd)
+    finally:
+        view.release()
+        buf.close()
+        os.close(fd)
+
+
+def read_back_sha256(device: Path, size: int) -> str:
+    """sha256 of the first `size` bytes as the device holds them, not as a cache remembers them."""
+    direct = _is_block(device)
+    fd = os.open(device, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    if not direct:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    buf = mmap.mmap(-1, CHUNK)
+    view = memoryview(buf)
+    digest = hashlib.sha256()
+    try:
+        done = 0
+        while done < size:
+            want = min(CHUNK, -(-(size - done) // ALIGN) * ALIGN)
+            n = os.readv(fd, [view[:want]])
+            if n <= 0:
+                break
+            take = min(n, size - done)
+            digest.update(view[:take])
+            done += take
+    finally:
+        view.release()
+        buf.close()
+        os.close(fd)
+    return digest.hexdigest() if done == size else ""
+
+
+def fetch_boot_files(src: Source, m: Manifest, folder: Path) -> None:
+    """The bundle's kernel and initrd into `folder`, each checked against its signed sha256."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in BOOT_FILES:
+        entry = m.files[name]
+        data = src.read(name, entry.size)
+        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise DeviceError(f"{name} does not match the signed sha256: refused")
+        tmp = folder / f"{name}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    for name in BOOT_FILES:
+        os.replace(folder / f"{name}.tmp", folder / name)
+    bootenv.fsync_dir(folder)
+
+
+def apply(dev: Device, src: Source, allow_downgrade: bool = False) -> str:
+    """Write the bundle to the standby slot and put it on trial; returns the slot."""
+    need_disk(dev)
+    envs = store(dev)
+    env = envs.load()
+    booted = dev.booted()
+    if booted != env.active:
+        raise DeviceError(f"booted slot {booted} is not the committed slot {env.active}: confirm or roll back first")
+    if env.trial:
+        raise DeviceError(f"an update to slot {env.trial} is pending: reboot into it or roll back first")
+    m = verify_bundle(dev, src)
+    reason = downgrade_reason(dev, m)
+    if reason and not allow_downgrade:
+        raise DeviceError(f"{reason}: refused (maculaos upgrade --apply ... --allow-downgrade to force)")
+    target = other(env.active)
+    device = dev.slot_device(target)
+    rootfs = m.files["rootfs.squashfs"]
+    capacity = _capacity(device)
+    if rootfs.size > capacity:
+        raise DeviceError(f"rootfs ({rootfs.size} bytes) is larger than slot {target} ({capacity} bytes)")
+    forget_slot(dev, target, device)
+    log(f"writing {m.version} to slot {target} ({device})")
+    try:
+        stream, _ = src.open("rootfs.squashfs", rootfs.size)
+        with stream:
+            write_slot(stream, device, rootfs.size)
+        got: list[str] = []
+        reader = threading.Thread(target=lambda: got.append(read_back_sha256(device, rootfs.size)))
+        reader.start()  # the slot is read back while the boot files are fetched
+        try:
+            fetch_boot_files(src, m, dev.esp / target)
+        finally:
+            reader.join()
+        if got != [rootfs.sha256]:
+            raise DeviceError(f"slot {target} does not read back as the signed rootfs.squashfs (sha256 mismatch: a "
+                              "corrupt or tampered download, or bad storage)")
+        record = SlotRecord(version=m.version, profile=m.profile, size=rootfs.size, sha256=rootfs.sha256)
+        (dev.esp / target / "slot.json").write_text(record.to_json())
+        envs.save(replace(env, trial=target, tries=0, rolledback=""))
+    except BaseException as exc:
+        forget_slot(dev, target, device)
+        if isinstance(exc, DeviceError):
+            raise DeviceError(f"{exc}: slot {target} invalidated, boot state unchanged") from None
+        if isinstance(exc, OSError):
+            raise DeviceError(f"writing slot {target} failed ({exc}): slot {target} invalidated, "
+                              "boot state unchanged") from None
+        raise
+    log(f"slot {target} holds {m.version} on trial; it is committed after a healthy boot")
+    return target
+
+
+def _capacity(device: Path) -> int:
+    with open(device, "rb") as f:
+        return f.seek(0, os.SEEK_END)
+
+
+# --- rollback, confirm, watchdog ------------------------------------------------------------------
+def rollback(dev: Device, force: bool = False) -> str:
+    """Put the other slot on trial (counted and health-gated like an update); returns the slot."""
+    need_disk(dev)
+    envs = store(dev)
+    env = envs.load()
+    booted = dev.booted()
+    if booted != env.active or env.trial:
+        raise DeviceError(f"rollback needs a committed system (booted {booted}, active {env.active}, "
+                          f"trial {env.trial or 'none'})")
+    target = other(booted)
+    record = slot_record(dev, target)
+    if record is None:
+        raise DeviceError(f"slot {target} holds no verified system to roll back to")
+    if env.rolledback == target and not force:
+        raise DeviceError(f"slot {target} is the one last rolled back from: refused (--force to boot it anyway)")
+    if read_back_sha256(dev.slot_device(target), record.size) != record.sha256:
+        raise DeviceError(f"slot {target} no longer reads back as the {record.version} it was verified as: refused")
+    envs.save(replace(env, trial=target, tries=0, rolledback=booted))
+    log(f"slot {target} ({record.version}) is on trial; it is committed after a healthy boot")
+    return target
+
+
+def confirm(dev: Device) -> str:
+    """Boot service: repair the env, then commit a healthy trial (or reboot an unhealthy one)."""
+    if dev.mode() != "disk":
+        return "not an installed system"
+    envs = store(dev)
+    done = envs.repair()
+    if done:
+        log(done)
+    for slot in ("A", "B"):
+        for tmp in (dev.esp / slot).glob("*.tmp") if (dev.esp / slot).is_dir() else []:
+            tmp.unlink(missing_ok=True)  # what a power cut left half-written takes ESP space
+    env = envs.load()
+    booted = dev.booted()
+    if not env.trial or env.trial != booted:
+        if booted == env.active:
+            record_committed(dev)
+        return "nothing on trial"
+    why = dev.health()
+    if why:
+        log(f"slot {booted} failed its health check ({why}): rebooting (try {env.tries} of {bootenv.MAX_TRIES})")
+        dev.reboot()
+        return "rebooting"
+    envs.save(replace(env, active=booted, trial="", tries=0))
+    record_committed(dev)
+    log(f"slot {booted} passed its health checks: committed")
+    return "committed"
+
+
+def confirm_seconds(dev: Device) -> int:
+    for arg in dev.cmdline().split():
+        if arg.startswith("macula.confirm_timeout=") and arg.split("=", 1)[1].isdigit():
+            return int(arg.split("=", 1)[1])
+    return DEFAULT_CONFIRM_SECONDS
+
+
+def trial_booted(dev: Device) -> bool:
+    if dev.mode() != "disk":
+        return False
+    env = store(dev).load()
+    return bool(env.trial) and env.trial == dev.booted()
+
+
+def watchdog_expired(dev: Device, seconds: int) -> None:
+    """Called once the deadline passed: a trial still unconfirmed is rebooted."""
+    if trial_booted(dev):
+        log(f"trial slot {dev.booted()} not confirmed within {seconds} s: rebooting")
+        dev.reboot(force=True)

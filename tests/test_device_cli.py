@@ -1,0 +1,120 @@
+"""The `maculaos` command on a file-backed node: JSON status, exit codes, the channel over HTTP, and the
+version order shared with `maculaos-sdk publish`."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import shutil
+import threading
+
+import pytest
+from device_fixtures import make_bundle, make_key, make_node
+from maculaos_device import versions
+from maculaos_device.cli import main
+
+
+@pytest.fixture
+def node(tmp_path):
+    secret, public = make_key(tmp_path)
+    dev = make_node(tmp_path / "node", public)
+    dev.secret = secret
+    return dev
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", root
+    httpd.shutdown()
+
+
+def config(node, text: str) -> None:
+    folder = node.config_root / "var/lib/maculaos/config.d"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "50-test.yaml").write_text(text)
+
+
+def test_status_is_json(node, capsys):
+    assert main(["upgrade", "--status"], node) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["mode"], s["booted"], s["active"], s["trial"], s["slots"]["B"]) == ("disk", "A", "A", None,
+                                                                                  {"version": None})
+
+
+def test_refusals_are_one_line_and_exit_1_usage_is_exit_2(node, capsys):
+    assert main(["upgrade", "--rollback", "--no-reboot"], node) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("maculaos: slot B holds no verified system") and err.count("\n") == 1
+    assert main(["factory-reset"], node) == 1
+    assert "--confirm" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["upgrade", "--frobnicate"], node)
+    assert exc.value.code == 2
+
+
+def test_apply_through_the_channel_over_http_needs_the_lab_opt_in(node, server, tmp_path, capsys):
+    url, root = server
+    bundle = make_bundle(root / "maculaos-test-0.2.0-amd64.bundle", node.secret, "0.2.0")
+    (root / "channels/stable").mkdir(parents=True)
+    (root / "channels/stable/test-amd64.json").write_text(json.dumps({"bundle": bundle.name}))
+    config(node, f"upgrade:\n  url: {url}\n")
+    assert main(["upgrade", "--check"], node) == 1
+    assert "plain http is refused" in capsys.readouterr().err
+    config(node, f"upgrade:\n  url: {url}\n  allow_http: true\n")
+    assert main(["upgrade", "--check"], node) == 0
+    assert json.loads(capsys.readouterr().out) == {"current": "0.1.0", "available": "0.2.0", "update": True}
+    assert main(["upgrade", "--apply", "--no-reboot"], node) == 0
+    assert node.reboots == []
+    assert main(["upgrade", "--status"], node) == 0
+    assert json.loads(capsys.readouterr().out)["slots"]["B"] == {"version": "0.2.0"}
+
+
+def test_a_channel_pointer_cannot_leave_the_server_folder(node, server, capsys):
+    url, root = server
+    (root / "channels/stable").mkdir(parents=True)
+    config(node, f"upgrade:\n  url: {url}\n  allow_http: true\n")
+    for bad in ("../../etc", "/abs", ["list"], "a b"):
+        (root / "channels/stable/test-amd64.json").write_text(json.dumps({"bundle": bad}))
+        assert main(["upgrade", "--check"], node) == 1
+        assert "names no usable bundle" in capsys.readouterr().err
+
+
+def test_a_server_sending_more_than_a_manifest_may_be_is_cut_off(node, server, capsys):
+    url, root = server
+    bundle = make_bundle(root / "big", node.secret, "0.2.0")
+    with (bundle / "manifest.json").open("ab") as f:
+        f.write(b" " * (1 << 20))
+    assert main(["upgrade", "--check", f"{url}/big"], node) == 1  # no config: the explicit source is a folder
+    assert "plain http is refused" in capsys.readouterr().err
+    config(node, "upgrade:\n  allow_http: true\n")
+    assert main(["upgrade", "--check", f"{url}/big"], node) == 1
+    assert "more than the 1048576 allowed" in capsys.readouterr().err
+
+
+def test_a_local_folder_source_and_a_confirm_after_reboot(node, tmp_path, capsys):
+    bundle = make_bundle(tmp_path / "usb", node.secret, "0.2.0")
+    assert main(["upgrade", "--apply", str(bundle)], node) == 0
+    assert node.reboots == [False]
+    node.boot("B", "0.2.0")
+    assert main(["confirm"], node) == 0
+    assert main(["upgrade", "--status"], node) == 0
+    s = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (s["booted"], s["active"], s["trial"], s["version"]) == ("B", "B", None, "0.2.0")
+    shutil.rmtree(bundle)
+
+
+@pytest.mark.parametrize(("low", "high"), [
+    ("0.9.0", "0.10.0"), ("1.0~rc1", "1.0"), ("1.0", "1.0.1"), ("1.0", "1.0+local1"), ("0.1.0", "0.1.1~beta"),
+    ("1.2", "1.10"), ("1.0a", "1.0b"),
+])
+def test_versions_order_as_debian_does(low, high):
+    assert versions.newer(high, low) and not versions.newer(low, high)
+    assert versions.compare(low, low) == 0
+    assert versions.newest([low, high]) == versions.newest([high, low]) == high
