@@ -45,8 +45,13 @@ class Board:
     image_extra_mb: int = 0  # what its firmware adds to an image: size.iso_max_mb is raised by this much
     early_microcode: bool = False  # intel-microcode as an early cpio in front of the initrd (no late loading)
     disk_mb: int = 0  # default total disk / SD image size (0: just big enough; data grows on first boot)
-    wireless: bool = False  # keeps wireless drivers, so node-config `wifi:` applies
+    wireless: bool = False  # keeps wireless drivers and installs WIRELESS_PACKAGES: node-config `wifi:` applies
     suites: tuple[str, ...] = ()  # Debian suites whose kernel and U-Boot can boot it (empty: any)
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        """Userland the board needs in its root filesystem besides the profile's packages."""
+        return WIRELESS_PACKAGES if self.wireless else ()
 
     @property
     def arches(self) -> tuple[Architecture, ...]:
@@ -75,6 +80,7 @@ class Board:
 
 _PI_MODULES = ("sdhci-iproc", "mmc_block", "bcm2835-dma", "bcm2835_wdt", "genet", "broadcom", "xhci_pci",
                "reset-raspberrypi", "pcie-brcmstb")
+WIRELESS_PACKAGES = ("wpasupplicant",)  # node-config `wifi:` (apply-config starts it)
 _PI_FIRMWARE = ("firmware-brcm80211",)
 _PI_FIRMWARE_KEEP = ("brcm", "cypress", "regulatory.db*")
 

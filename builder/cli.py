@@ -192,7 +192,10 @@ def _add_publish(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channel", default="stable", help="channel to point at the bundles (default stable)")
     p.add_argument("--public-key", type=Path, help="verify each bundle's signature with this key first "
                    "(default: the .pub of --signing-key, else the development key)")
-    p.add_argument("--signing-key", type=Path, help="the secret key the bundles were signed with")
+    p.add_argument("--signing-key", type=Path, help="the secret key the bundles were signed with; it signs the "
+                   "channel pointer too (default: the development key)")
+    p.add_argument("--valid-days", type=int, default=30, help="days devices trust the pointer (default 30): "
+                   "publish again before then")
     p.set_defaults(func=_cmd_publish)
 
 
@@ -200,8 +203,12 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     from .keys import public_key_path, signing_key
     from .publish import publish
 
-    public = args.public_key or public_key_path(signing_key("", args.signing_key))
-    for item in publish(args.bundles, args.dest, args.channel, public):
+    if not 1 <= args.valid_days <= 3650:
+        raise BadInput(f"--valid-days {args.valid_days}: out of range", "give 1 to 3650 days")
+    secret = signing_key("", args.signing_key)
+    public = args.public_key or public_key_path(secret)
+    for item in publish(args.bundles, args.dest, args.channel, public, signing_key=secret,
+                        valid_days=args.valid_days):
         ui.info(f"[green]✓[/] {args.channel}: {item.pointer.relative_to(args.dest)} -> {item.bundle.name}")
     return EXIT_OK
 

@@ -1,18 +1,21 @@
 """Lay signed update bundles out as an update server serves them, with a pointer per channel.
 
     DIR/maculaos-<profile>-<version>-<arch>.bundle/     the bundle folder, as build-image wrote it
-    DIR/channels/<channel>/<profile>-<arch>.json       {"version": ..., "bundle": "<folder name>"}
+    DIR/channels/<channel>/<profile>-<arch>.json       the pointer: version, bundle folder, published, expires
+    DIR/channels/<channel>/<profile>-<arch>.json.minisig   its signature
 
 A device with `upgrade.url: <where DIR is served>` and `upgrade.channel: <channel>` finds its update with
-`maculaos upgrade --check`. The pointer is not trusted: the bundle's signed manifest is what the device
-checks, so a server can be a plain static file host (or a USB stick)."""
+`maculaos upgrade --check`. The pointer is signed with the bundles' key and expires (default 30 days): a
+device refuses an expired pointer, or one older than the last it saw, so whoever controls the network or
+the server cannot keep a node on a stale release without it saying so. Re-publish before the expiry
+(publishing the same bundles again refreshes the pointer). The server can stay a static file host."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from maculaos_device import versions
 from maculaos_device.manifest import BUNDLE_FILES
 
 from .errors import BadInput
-from .keys import minisign_binary
+from .keys import minisign_binary, sign
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,11 @@ def read_bundle(bundle: Path, public_key: Path | None) -> bundle_manifest.Manife
     return manifest
 
 
-def publish(bundles: list[Path], dest: Path, channel: str, public_key: Path | None = None) -> list[Published]:
+VALID_DAYS = 30
+
+
+def publish(bundles: list[Path], dest: Path, channel: str, public_key: Path | None = None, *,
+            signing_key: Path, valid_days: int = VALID_DAYS, now: int | None = None) -> list[Published]:
     """Copy each bundle into `dest`; each channel pointer (one per profile and arch) names the newest version
     among those bundles and the one it named before, so publishing an older bundle never moves it back."""
     if not channel or "/" in channel or channel.startswith("."):
@@ -69,22 +76,30 @@ def publish(bundles: list[Path], dest: Path, channel: str, public_key: Path | No
             tmp.rename(target)
         pointer = dest / "channels" / channel / f"{manifest.profile}-{manifest.arch}.json"
         done.append(Published(bundle=target, pointer=pointer, version=manifest.version))
+    published = int(time.time()) if now is None else now
     for pointer in sorted({p.pointer for p in done}):
-        _point(pointer, [p for p in done if p.pointer == pointer])
+        candidates = [p for p in done if p.pointer == pointer]
+        _point(pointer, candidates, channel, signing_key, published, published + valid_days * 86400)
     return done
 
 
-def _point(pointer: Path, candidates: list[Published]) -> None:
-    """Replace `pointer` atomically with the newest of `candidates` and what it names now."""
+def _point(pointer: Path, candidates: list[Published], channel: str, secret: Path, published: int,
+           expires: int) -> None:
+    """Replace `pointer` (and its signature) with the newest of `candidates` and what it names now."""
     best = {p.version: p.bundle.name for p in candidates}
     try:
-        current = json.loads(pointer.read_text())
-        if versions.PATTERN.fullmatch(current["version"]):
-            best.setdefault(current["version"], current["bundle"])
-    except (OSError, ValueError, KeyError, TypeError):
+        current = bundle_manifest.parse_pointer(pointer.read_bytes())
+        best.setdefault(current.version, current.bundle)
+    except (OSError, bundle_manifest.ManifestError):
         pass
     newest = versions.newest(sorted(best))
+    profile, arch = pointer.stem.rsplit("-", 1)
+    body = bundle_manifest.Pointer(profile=profile, arch=arch, channel=channel, version=newest, bundle=best[newest],
+                                   published=published, expires=expires)
     pointer.parent.mkdir(parents=True, exist_ok=True)
-    tmp_pointer = pointer.with_suffix(".json.tmp")
-    tmp_pointer.write_text(json.dumps({"version": newest, "bundle": best[newest]}) + "\n")
-    os.replace(tmp_pointer, pointer)
+    tmp = pointer.with_name(f".{pointer.name}.tmp")
+    tmp.write_text(body.to_json())
+    sign(tmp, secret, f"maculaos channel {channel} {profile}-{arch} {newest}")
+    # the signature first: a device reading between the two renames sees a mismatch and retries later
+    os.replace(tmp.with_name(tmp.name + ".minisig"), pointer.with_name(pointer.name + ".minisig"))
+    os.replace(tmp, pointer)

@@ -85,7 +85,7 @@ def template_vars(profile: Profile, arch: Architecture, input_images: dict[str, 
         "kernel_package": arch.kernel_package if package == "auto" else package,
         "initrd_modules": list(dict.fromkeys([*INITRD_MODULES[arch.value], *board.initrd_modules,
                                               *profile.get("kernel.modules")])),
-        "boot_packages": BOOT_PACKAGES,
+        "boot_packages": [*BOOT_PACKAGES, *board.packages],
         "cmdline": kernel_cmdline(profile),
         "layout": layout,
     }

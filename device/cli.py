@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -33,9 +32,6 @@ from .system import Device, DeviceError, log
 
 if TYPE_CHECKING:
     from .source import Source
-
-BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}")
-
 
 def node_config(dev: Device) -> dict:
     from . import nodeconfig  # PyYAML: imported only by the commands that read the config
@@ -58,14 +54,9 @@ def source_for(dev: Device, location: str | None) -> Source:
     server = Source(upgrade["url"], allow_http)
     rel = dev.release()
     name = f"channels/{upgrade['channel']}/{rel.get('VARIANT_ID')}-{rel.get('MACULAOS_ARCH')}.json"
-    try:
-        pointer = json.loads(server.read(name, 65536))
-    except ValueError:
-        raise DeviceError(f"{server.where(name)}: the channel pointer is not JSON") from None
-    bundle = pointer.get("bundle") if isinstance(pointer, dict) else None
-    if not isinstance(bundle, str) or not BUNDLE_NAME.fullmatch(bundle) or ".." in bundle:
-        raise DeviceError(f"{server.where(name)}: the channel pointer names no usable bundle")
-    return Source(server.where(bundle), allow_http)
+    pointer = updater.verify_pointer(dev, server.read(name, 65536), server.read(name + ".minisig", 65536),
+                                     upgrade["channel"], int(time.time()))
+    return Source(server.where(pointer.bundle), allow_http)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

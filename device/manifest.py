@@ -111,3 +111,44 @@ def parse_slot_record(raw: bytes) -> SlotRecord:
     entry = _file(data, "slot")
     return SlotRecord(version=_version(data, "version"), profile=_word(data, "profile"), size=entry.size,
                       sha256=entry.sha256)
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """A channel pointer (`channels/<channel>/<profile>-<arch>.json` + `.minisig`), signed by `publish`:
+    which bundle a channel names, since when, and until when a device may trust that it is current."""
+
+    profile: str
+    arch: str
+    channel: str
+    version: str
+    bundle: str
+    published: int
+    expires: int
+
+    def to_json(self) -> str:
+        return json.dumps({"format": 1, "profile": self.profile, "arch": self.arch, "channel": self.channel,
+                           "version": self.version, "bundle": self.bundle, "published": self.published,
+                           "expires": self.expires}, sort_keys=True) + "\n"
+
+
+BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}")
+
+
+def _epoch(data: dict, key: str) -> int:
+    value = data.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ManifestError(f"field {key!r} is not a time")
+    return value
+
+
+def parse_pointer(raw: bytes) -> Pointer:
+    data = _object(raw, 65536)
+    if data.get("format") != 1:
+        raise ManifestError("not a MaculaOS channel pointer (format 1)")
+    bundle = data.get("bundle")
+    if not isinstance(bundle, str) or not BUNDLE_NAME.fullmatch(bundle) or ".." in bundle:
+        raise ManifestError("field 'bundle' names no bundle folder")
+    return Pointer(profile=_word(data, "profile"), arch=_word(data, "arch"), channel=_word(data, "channel"),
+                   version=_version(data, "version"), bundle=bundle, published=_epoch(data, "published"),
+                   expires=_epoch(data, "expires"))

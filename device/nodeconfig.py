@@ -63,6 +63,15 @@ FIELDS: tuple[Field, ...] = (
           pattern=r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})/(tcp|udp)"),
     Field("ssh_authorized_keys", LIST, [], "Public keys allowed to log in as root (also used by recovery's sshd)."),
     Field("run_cmd", LIST, [], "Shell commands run at every boot, after the config is applied."),
+    Field("wifi.ssid", STR, "", "Wi-Fi network to join at boot (boards that keep wireless drivers: nuc, rpi4, rpi5; "
+          "and any image with wpasupplicant and a wireless interface). Empty: no Wi-Fi.", pattern=r"[\x20-\x7e]{1,32}"),
+    Field("wifi.psk", STR, "", "WPA passphrase (8-63 printable characters, no quotes or backslashes) or the 64 hex "
+          "digits of the key. Stored on the node only as the derived key (WPA-PSK).",
+          pattern=r"[\x20\x21\x23-\x5b\x5d-\x7e]{8,63}|[0-9A-Fa-f]{64}"),
+    Field("wifi.key_mgmt", STR, "WPA-PSK", "Wi-Fi security.", choices=("WPA-PSK", "SAE", "NONE")),
+    Field("wifi.country", STR, "", "Regulatory domain, ISO 3166 code (e.g. DE); empty: the driver's default.",
+          pattern=r"[A-Z]{2}"),
+    Field("wifi.interface", STR, "wlan0", "The wireless interface.", pattern=r"[a-z][a-z0-9]{0,14}"),
     Field("upgrade.url", STR, "", "Update server (`maculaos-sdk publish` layout) for `maculaos upgrade --check`."),
     Field("upgrade.channel", STR, "stable", "Update channel on that server.", pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*"),
     Field("upgrade.allow_http", BOOL, False, "Accept plain `http://` update servers (a lab network only: anyone on "
@@ -172,6 +181,10 @@ def check(data: Any, where: str, lines: dict[str, int] | None = None, prefix: st
                         add("not an SSH public key", "paste a whole line of id_ed25519.pub", key=f"{key}[{i}]")
 
     walk(data, "")
+    wifi = data.get("wifi") if isinstance(data.get("wifi"), dict) else {}
+    if wifi.get("ssid") and wifi.get("key_mgmt", "WPA-PSK") != "NONE" and not wifi.get("psk") and not problems:
+        problems.append(Problem(where, lines.get(prefix + "wifi.ssid", 1), prefix + "wifi.psk",
+                                f"network {wifi['ssid']!r} needs a passphrase", "set wifi.psk (or key_mgmt: NONE)"))
     return problems
 
 
@@ -307,7 +320,28 @@ def plan(config: dict[str, Any], facts: dict[str, str]) -> dict[str, Any]:
                  "ports": sorted({p for r in roles for p in ROLES[r]["ports"]})},
         "open_ports": sorted({p for r in roles for p in ROLES[r]["ports"]} | set(config["firewall"]["open_ports"])),
         "upgrade": config["upgrade"],
+        # what apply does for Wi-Fi; the passphrase stays out of the plan (it is written to /run 0644)
+        "wifi": {k: config["wifi"][k] for k in ("ssid", "key_mgmt", "country", "interface")},
     }
+
+
+def wpa_supplicant_conf(wifi: dict[str, str]) -> str:
+    """wpa_supplicant's config for the node's Wi-Fi: the SSID written as hex and a WPA passphrase as its
+    derived key, so no value is ever parsed as config syntax and the passphrase is not stored."""
+    import hashlib
+
+    ssid = wifi["ssid"].encode()
+    lines = ["ctrl_interface=/run/wpa_supplicant", "update_config=0"]
+    if wifi.get("country"):
+        lines.append(f"country={wifi['country']}")
+    network = [f"ssid={ssid.hex()}", f"key_mgmt={wifi['key_mgmt']}", "scan_ssid=1"]
+    psk = wifi.get("psk", "")
+    if wifi["key_mgmt"] == "WPA-PSK":
+        key = psk.lower() if len(psk) == 64 else hashlib.pbkdf2_hmac("sha1", psk.encode(), ssid, 4096, 32).hex()
+        network.append(f"psk={key}")
+    elif wifi["key_mgmt"] == "SAE":
+        network += [f'sae_password="{psk}"', "ieee80211w=2"]
+    return "\n".join([*lines, "network={", *(f"    {n}" for n in network), "}"]) + "\n"
 
 
 def reference_markdown() -> str:

@@ -81,6 +81,11 @@ class Device:
         return read_os_release(self.os_release)
 
     @property
+    def seen_pointers_file(self) -> Path:
+        """Per channel, when the newest channel pointer this node followed was published (anti-replay)."""
+        return self.data_root / "channels.json"
+
+    @property
     def highest_file(self) -> Path:
         """The highest version ever committed on this node: kept through factory resets."""
         return self.data_root / "highest-version"

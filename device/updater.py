@@ -13,6 +13,7 @@ single byte of a new image is written. Every failure of an apply leaves the targ
 from __future__ import annotations
 
 import hashlib
+import json
 import mmap
 import os
 import stat
@@ -116,18 +117,56 @@ def record_committed(dev: Device) -> None:
     os.replace(tmp, dev.highest_file)
 
 
-def verify_bundle(dev: Device, src: Source) -> Manifest:
-    """Fetch the manifest and its signature, check both; nothing is written to any slot."""
+def signed(dev: Device, data: bytes, signature: bytes) -> bool:
+    """`signature` is a minisign signature of exactly `data` by the update key in the read-only root."""
     if not dev.update_key.is_file() or dev.update_key.stat().st_size == 0:
         raise DeviceError(f"no update key at {dev.update_key}: refusing unsigned updates")
-    raw = src.read("manifest.json", manifest.MAX_MANIFEST_BYTES)
-    sig = src.read("manifest.json.minisig", manifest.MAX_SIGNATURE_BYTES)
     with tempfile.TemporaryDirectory(dir=dev.run, prefix="verify.") as tmp:
-        (Path(tmp) / "manifest.json").write_bytes(raw)
-        (Path(tmp) / "manifest.json.minisig").write_bytes(sig)
-        proc = subprocess.run(["minisign", "-Vqm", f"{tmp}/manifest.json", "-p", str(dev.update_key)],
-                              capture_output=True)
-    if proc.returncode != 0:
+        (Path(tmp) / "data").write_bytes(data)
+        (Path(tmp) / "data.minisig").write_bytes(signature)
+        proc = subprocess.run(["minisign", "-Vqm", f"{tmp}/data", "-p", str(dev.update_key)], capture_output=True)
+    return proc.returncode == 0
+
+
+def verify_pointer(dev: Device, raw: bytes, signature: bytes, channel: str, now: int) -> manifest.Pointer:
+    """A channel pointer this node may follow: signed, for its profile, arch and channel, not expired, and not
+    older than the last one it followed (kept on the data partition)."""
+    if not signed(dev, raw, signature):
+        raise DeviceError(f"the {channel} channel pointer's signature does not verify against {dev.update_key}")
+    try:
+        p = manifest.parse_pointer(raw)
+    except manifest.ManifestError as exc:
+        raise DeviceError(f"the {channel} channel pointer is not valid ({exc})") from None
+    rel = dev.release()
+    if (p.profile, p.arch, p.channel) != (rel.get("VARIANT_ID"), rel.get("MACULAOS_ARCH"), channel):
+        raise DeviceError(f"the {channel} channel pointer is for {p.profile}-{p.arch} on {p.channel}: refused")
+    if p.expires <= now:
+        raise DeviceError(f"the {channel} channel pointer expired {now - p.expires} s ago: the update server is stale "
+                          "or replays an old state (publish again to refresh it)")
+    seen = _seen_pointers(dev)
+    if p.published < seen.get(channel, 0):
+        raise DeviceError(f"the {channel} channel pointer (published {p.published}) is older than one this node "
+                          f"already followed ({seen[channel]}): a replay, refused")
+    if p.published > seen.get(channel, 0):
+        seen[channel] = p.published
+        tmp = dev.seen_pointers_file.with_name(".channels.tmp")
+        tmp.write_text(json.dumps(seen, sort_keys=True) + "\n")
+        os.replace(tmp, dev.seen_pointers_file)
+    return p
+
+
+def _seen_pointers(dev: Device) -> dict[str, int]:
+    try:
+        data = json.loads(dev.seen_pointers_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, int)} if isinstance(data, dict) else {}
+
+
+def verify_bundle(dev: Device, src: Source) -> Manifest:
+    """Fetch the manifest and its signature, check both; nothing is written to any slot."""
+    raw = src.read("manifest.json", manifest.MAX_MANIFEST_BYTES)
+    if not signed(dev, raw, src.read("manifest.json.minisig", manifest.MAX_SIGNATURE_BYTES)):
         raise DeviceError(f"bundle signature does not verify against {dev.update_key}: refused, nothing written")
     try:
         m = manifest.parse(raw)

@@ -139,3 +139,28 @@ def test_the_config_firewall_replaces_the_boot_table_in_one_transaction_and_cove
 
     boot = (sdk_root() / "overlay/usr/share/maculaos/firewall-boot.nft").read_text()
     assert "policy drop;" in boot and "dport 22" not in boot and "chain forward" in boot
+
+
+def test_wifi_config_is_validated_and_written_without_the_passphrase(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('wifi:\n  ssid: lab\n  psk: \'short"\'\n  country: de\n')
+    problems = nodeconfig.validate_files([bad])
+    assert {p.key for p in problems} == {"wifi.psk", "wifi.country"}
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("wifi:\n  ssid: lab\n")
+    assert [p.message for p in nodeconfig.validate_files([missing])] == ["network 'lab' needs a passphrase"]
+    # the IEEE 802.11i test vector: passphrase "password", SSID "IEEE"
+    conf = nodeconfig.wpa_supplicant_conf({"ssid": "IEEE", "psk": "password", "key_mgmt": "WPA-PSK",
+                                           "country": "DE", "interface": "wlan0"})
+    assert "    psk=f42c6fc52df0ebef9ebb4b90b38a5f902e83fe1b135a70e23aed762e9710a12e" in conf.splitlines()
+    assert "    ssid=49454545" in conf.splitlines() and "password" not in conf and "country=DE" in conf
+    config = nodeconfig.merge(nodeconfig.defaults(), {"wifi": {"ssid": "IEEE", "psk": "password"}})
+    assert nodeconfig.plan(config, {})["wifi"] == {"ssid": "IEEE", "key_mgmt": "WPA-PSK", "country": "",
+                                                   "interface": "wlan0"}
+
+
+def test_wireless_boards_get_wpa_supplicant(tmp_path):
+    from maculaos_sdk.boards import BOARDS
+
+    assert BOARDS["nuc"].packages == ("wpasupplicant",) and BOARDS["rpi4"].packages == ("wpasupplicant",)
+    assert BOARDS["generic"].packages == ()

@@ -8,11 +8,14 @@ import http.server
 import json
 import shutil
 import threading
+import time
 
 import pytest
-from device_fixtures import make_bundle, make_key, make_node
+from device_fixtures import make_bundle, make_key, make_node, sign
 from maculaos_device import versions
 from maculaos_device.cli import main
+
+from maculaos_sdk.publish import publish
 
 
 @pytest.fixture
@@ -59,11 +62,16 @@ def test_refusals_are_one_line_and_exit_1_usage_is_exit_2(node, capsys):
     assert exc.value.code == 2
 
 
+def publish_channel(node, root, tmp_path, version="0.2.0", **kw):
+    """What `maculaos-sdk publish` puts on the update server for this node's profile: bundle + signed pointer."""
+    bundle = make_bundle(tmp_path / "out" / f"maculaos-test-{version}-amd64.bundle", node.secret, version)
+    publish([bundle], root, "stable", signing_key=node.secret, **kw)
+    return root / "channels/stable/test-amd64.json"
+
+
 def test_apply_through_the_channel_over_http_needs_the_lab_opt_in(node, server, tmp_path, capsys):
     url, root = server
-    bundle = make_bundle(root / "maculaos-test-0.2.0-amd64.bundle", node.secret, "0.2.0")
-    (root / "channels/stable").mkdir(parents=True)
-    (root / "channels/stable/test-amd64.json").write_text(json.dumps({"bundle": bundle.name}))
+    publish_channel(node, root, tmp_path)
     config(node, f"upgrade:\n  url: {url}\n")
     assert main(["upgrade", "--check"], node) == 1
     assert "plain http is refused" in capsys.readouterr().err
@@ -76,14 +84,43 @@ def test_apply_through_the_channel_over_http_needs_the_lab_opt_in(node, server, 
     assert json.loads(capsys.readouterr().out)["slots"]["B"] == {"version": "0.2.0"}
 
 
-def test_a_channel_pointer_cannot_leave_the_server_folder(node, server, capsys):
+def test_a_stale_or_replayed_channel_pointer_is_refused(node, server, tmp_path, capsys):
     url, root = server
-    (root / "channels/stable").mkdir(parents=True)
     config(node, f"upgrade:\n  url: {url}\n  allow_http: true\n")
+    now = int(time.time())
+    pointer = publish_channel(node, root, tmp_path, now=now - 40 * 86400)  # 30 days valid: expired 10 days ago
+    assert main(["upgrade", "--check"], node) == 1
+    assert "channel pointer expired" in capsys.readouterr().err
+    old = (pointer.read_bytes(), pointer.with_name(pointer.name + ".minisig").read_bytes())
+    publish_channel(node, root, tmp_path / "again", now=now - 3600)
+    yesterday = (pointer.read_bytes(), pointer.with_name(pointer.name + ".minisig").read_bytes())
+    publish_channel(node, root, tmp_path / "fresh", now=now)
+    assert main(["upgrade", "--check"], node) == 0  # follows the fresh pointer
+    capsys.readouterr()
+    pointer.write_bytes(yesterday[0])  # an attacker serves the older, still valid, signed pointer
+    pointer.with_name(pointer.name + ".minisig").write_bytes(yesterday[1])
+    assert main(["upgrade", "--check"], node) == 1
+    assert "older than one this node already followed" in capsys.readouterr().err
+    assert old[0] != yesterday[0]
+
+
+def test_a_channel_pointer_must_be_signed_and_name_a_folder_on_the_server(node, server, tmp_path, capsys):
+    url, root = server
+    config(node, f"upgrade:\n  url: {url}\n  allow_http: true\n")
+    pointer = publish_channel(node, root, tmp_path)
+    body = json.loads(pointer.read_text())
+    pointer.write_text(json.dumps({**body, "bundle": "maculaos-test-0.1.0-amd64.bundle"}))  # edited, not re-signed
+    assert main(["upgrade", "--check"], node) == 1
+    assert "pointer's signature does not verify" in capsys.readouterr().err
     for bad in ("../../etc", "/abs", ["list"], "a b"):
-        (root / "channels/stable/test-amd64.json").write_text(json.dumps({"bundle": bad}))
+        pointer.write_text(json.dumps({**body, "bundle": bad}))
+        sign(node.secret, pointer)
         assert main(["upgrade", "--check"], node) == 1
-        assert "names no usable bundle" in capsys.readouterr().err
+        assert "names no bundle folder" in capsys.readouterr().err
+    pointer.write_text(json.dumps({**body, "channel": "beta"}))  # signed for another channel
+    sign(node.secret, pointer)
+    assert main(["upgrade", "--check"], node) == 1
+    assert "is for test-amd64 on beta: refused" in capsys.readouterr().err
 
 
 def test_a_server_sending_more_than_a_manifest_may_be_is_cut_off(node, server, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 
 import pytest
 
@@ -31,11 +32,16 @@ def test_publish_copies_bundles_and_points_the_channel_at_the_latest(tmp_path):
     secret = tmp_path / "k.key"
     public = keys.generate(secret)
     server = tmp_path / "srv"
-    publish([make_bundle(tmp_path / "out", "0.2.0", secret)], server, "stable", public)
+    publish([make_bundle(tmp_path / "out", "0.2.0", secret)], server, "stable", public, signing_key=secret)
     pointer = server / "channels" / "stable" / "test-amd64.json"
-    assert json.loads(pointer.read_text()) == {"version": "0.2.0", "bundle": "maculaos-test-0.2.0-amd64.bundle"}
+    body = json.loads(pointer.read_text())
+    assert {k: body[k] for k in ("version", "bundle", "profile", "arch", "channel")} == {
+        "version": "0.2.0", "bundle": "maculaos-test-0.2.0-amd64.bundle", "profile": "test", "arch": "amd64",
+        "channel": "stable"}
+    assert body["expires"] - body["published"] == 30 * 86400
+    assert subprocess.run(["minisign", "-Vqm", str(pointer), "-p", str(public)]).returncode == 0  # signed
     assert (server / "maculaos-test-0.2.0-amd64.bundle" / "manifest.json.minisig").is_file()
-    publish([make_bundle(tmp_path / "out", "0.3.0", secret)], server, "stable", public)
+    publish([make_bundle(tmp_path / "out", "0.3.0", secret)], server, "stable", public, signing_key=secret)
     assert json.loads(pointer.read_text())["version"] == "0.3.0"
     assert (server / "maculaos-test-0.2.0-amd64.bundle").is_dir()  # older bundles stay for rollbacks
 
@@ -46,9 +52,11 @@ def test_the_channel_points_at_the_newest_version_whatever_the_order(tmp_path):
     server = tmp_path / "srv"
     pointer = server / "channels" / "stable" / "test-amd64.json"
     # shell-glob order: 0.10.0 sorts before 0.9.0
-    publish([make_bundle(tmp_path / "out", v, secret) for v in ("0.10.0", "0.9.0")], server, "stable", public)
-    assert json.loads(pointer.read_text()) == {"version": "0.10.0", "bundle": "maculaos-test-0.10.0-amd64.bundle"}
-    publish([make_bundle(tmp_path / "old", "0.9.1", secret)], server, "stable", public)  # an older one later
+    publish([make_bundle(tmp_path / "out", v, secret) for v in ("0.10.0", "0.9.0")], server, "stable", public,
+            signing_key=secret)
+    assert json.loads(pointer.read_text())["bundle"] == "maculaos-test-0.10.0-amd64.bundle"
+    publish([make_bundle(tmp_path / "old", "0.9.1", secret)], server, "stable", public,  # an older one later
+            signing_key=secret)
     assert json.loads(pointer.read_text())["version"] == "0.10.0"
 
 
@@ -58,7 +66,7 @@ def test_publish_refuses_a_bundle_signed_with_another_key(tmp_path):
     public = keys.generate(tmp_path / "mine.key")
     bundle = make_bundle(tmp_path / "out", "0.2.0", other)
     with pytest.raises(BadInput, match="signature does not verify"):
-        publish([bundle], tmp_path / "srv", "stable", public)
+        publish([bundle], tmp_path / "srv", "stable", public, signing_key=other)
     assert not (tmp_path / "srv").exists()
 
 

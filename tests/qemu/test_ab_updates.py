@@ -37,7 +37,7 @@ def bundle_server(update_bundle: Path, tmp_path_factory) -> Iterator[tuple[str, 
     """Serve a folder of bundles over HTTP on the host (the guest reaches it as 10.0.2.2)."""
     root = tmp_path_factory.mktemp("bundles")
     shutil.copytree(update_bundle, root / "good")
-    publish([update_bundle], root, "stable")  # also as an update server with a channel
+    publish([update_bundle], root, "stable", signing_key=signing_key(""))  # an update server with a signed channel
     handler = functools.partial(QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -257,6 +257,8 @@ def test_tampered_bundles_are_refused_with_nothing_written(disk_machine, bundle_
     # validly signed, but a replay of the running version, and a bundle of another profile
     variant("replay", version="0.1.0")
     variant("other-profile", profile="maculaos")
+    # an update server whose signed channel pointer expired (a frozen or replaying server)
+    publish([root / "good"], root / "stale", "stable", signing_key=signing_key(""), now=int(time.time()) - 40 * 86400)
 
     m = disk_machine()
     before = m.upgrade_status()
@@ -276,6 +278,8 @@ def test_tampered_bundles_are_refused_with_nothing_written(disk_machine, bundle_
     m.succeed("mkdir -p /var/lib/maculaos/config.d"
               " && printf 'upgrade:\\n  allow_http: false\\n' > /var/lib/maculaos/config.d/90-https.yaml")
     assert "plain http is refused" in m.fail(f"maculaos upgrade --check {url}/good")
+    m.succeed(f"printf 'upgrade:\\n  url: {url}/stale\\n' > /var/lib/maculaos/config.d/90-https.yaml")
+    assert "channel pointer expired" in m.fail("maculaos upgrade --check")
     m.succeed("rm /var/lib/maculaos/config.d/90-https.yaml")
     assert m.succeed(slot_b) == b_hash  # refused before a byte reached the standby slot
     assert "sha256" in m.fail(f"maculaos upgrade --apply {url}/bad-sha --no-reboot", timeout=300)

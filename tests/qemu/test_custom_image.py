@@ -54,6 +54,11 @@ def custom_build(tmp_path_factory) -> tuple[dict[str, Path], str]:
     return result.artifacts, image_id
 
 
+WIFI_PSK = "correct-horse-battery"
+HOSTAPD = ("interface=wlan1\ndriver=nl80211\nssid=maculaos-lab\nhw_mode=g\nchannel=6\ncountry_code=DE\nwpa=2\n"
+           f"wpa_key_mgmt=WPA-PSK\nrsn_pairwise=CCMP\nwpa_passphrase={WIFI_PSK}\n")
+
+
 def ssh_when_up(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run ssh, retrying while the guest's sshd is not listening yet (QEMU's forward then resets the
     connection); any other failure, such as a refused key, is returned at once."""
@@ -92,8 +97,14 @@ def test_custom_image_and_node_config_take_effect(custom_build, make_machine, tm
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     pub = key.with_suffix(".pub").read_text().strip()
+    # Wi-Fi: two simulated radios; hostapd (started by run_cmd) serves a WPA2 network on wlan1, the node
+    # joins it on wlan0 from the config alone
+    m.succeed(f"cat > /var/lib/maculaos/lab-ap.conf <<'EOF'\n{HOSTAPD}EOF\n")
     config = (f"maculaos:\n  hostname: edge-${{ARCH}}-1\n  dns_nameservers: [10.0.2.3, 192.0.2.53]\n"
-              f"  mesh:\n    roles:\n      gateway: true\nssh_authorized_keys:\n  - {pub}\n")
+              f"  modules: [mac80211_hwsim]\n"
+              f"  mesh:\n    roles:\n      gateway: true\nssh_authorized_keys:\n  - {pub}\n"
+              f"wifi:\n  ssid: maculaos-lab\n  psk: {WIFI_PSK}\n  country: DE\n"
+              f"run_cmd:\n  - hostapd -B /var/lib/maculaos/lab-ap.conf\n")
     m.succeed(f"cat > /var/lib/maculaos/config.yaml <<'EOF'\n{config}EOF\n"
               "maculaos config validate /var/lib/maculaos/config.yaml && sync")
     assert m.reboot() == "A"
@@ -108,6 +119,12 @@ def test_custom_image_and_node_config_take_effect(custom_build, make_machine, tm
     assert accepted_ports(ruleset) == {"policy": "drop", "tcp": {22, 80, 443}, "udp": {68}}
     assert accepted_ports(ruleset, "forward")["policy"] == "drop"  # NodePort/hostPort only to opened ports
     assert m.succeed("cat /var/lib/maculaos/setup-runs") == "setup ran\n"  # first boot ran once, not twice
+    m.wait_until_succeeds("wpa_cli -i wlan0 status | grep -qx wpa_state=COMPLETED", timeout=90)
+    wifi = dict(line.split("=", 1) for line in m.succeed("wpa_cli -i wlan0 status").splitlines() if "=" in line)
+    assert (wifi["ssid"], wifi["key_mgmt"]) == ("maculaos-lab", "WPA2-PSK")
+    assert m.succeed("stat -c '%a' /run/maculaos/wpa_supplicant.conf") == "600\n"
+    # what /run holds has the derived key only, never the passphrase
+    m.fail(f"grep -q '{WIFI_PSK}' /run/maculaos/wpa_supplicant.conf /run/maculaos/config.applied")
     ssh = ["ssh", "-i", str(key), "-p", str(port), "-o", "StrictHostKeyChecking=no", "-o",
            "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "root@127.0.0.1",
            "hostname"]

@@ -58,7 +58,8 @@ def resolved_config() -> dict:
             say(f"invalid config: {problem}")
         if LAST_GOOD.is_file():
             say(f"keeping the last good config ({LAST_GOOD})")
-            return json.loads(LAST_GOOD.read_text())
+            # over today's defaults: a config saved by an older release lacks the keys added since
+            return nodeconfig.merge(nodeconfig.defaults(), json.loads(LAST_GOOD.read_text()))
         say("no earlier good config: using the defaults")
         overrides = nodeconfig.cmdline_overrides(cmdline)
         if nodeconfig.check(overrides, "/proc/cmdline"):
@@ -156,6 +157,31 @@ def apply(plan: dict) -> None:
     say(f"applied: hostname {host}, roles {'+'.join(mesh['roles'])}, open {', '.join(mesh['ports']) or 'ssh only'}")
 
 
+WPA_CONF = Path("/run/maculaos/wpa_supplicant.conf")
+
+
+def wifi(settings: dict) -> None:
+    """Join the configured Wi-Fi network (wpa_supplicant in the background, then DHCP on it)."""
+    if not settings["ssid"]:
+        return
+    iface = settings["interface"]
+    if not Path("/sbin/wpa_supplicant").exists():
+        say(f"wifi: {settings['ssid']!r} configured, but this image has no wpa_supplicant")
+        return
+    if not Path(f"/sys/class/net/{iface}").exists():
+        say(f"wifi: no interface {iface} (this board's wireless driver is not loaded or pruned)")
+        return
+    write(WPA_CONF, nodeconfig.wpa_supplicant_conf(settings), 0o600)  # holds the derived key
+    pidfile = Path(f"/run/wpa_supplicant.{iface}.pid")
+    if pidfile.is_file():
+        run(["kill", pidfile.read_text().strip()], stderr=subprocess.DEVNULL)
+    if run(["wpa_supplicant", "-B", "-i", iface, "-c", str(WPA_CONF), "-P", str(pidfile)]) != 0:
+        say(f"wifi: wpa_supplicant did not start on {iface}")
+        return
+    run(["udhcpc", "-i", iface, "-b", "-s", "/etc/udhcpc/default.script"], stdout=subprocess.DEVNULL)
+    say(f"wifi: joining {settings['ssid']!r} on {iface}")
+
+
 def firstboot() -> None:
     """Run each first-boot command once per node (recorded on the data partition when it succeeds)."""
     if not FIRSTBOOT_LIST.is_file():
@@ -178,6 +204,7 @@ def main() -> int:
     config = resolved_config()
     plan = nodeconfig.plan(config, facts())
     apply(plan)
+    wifi(config["wifi"])
     firstboot()
     for command in plan["run_cmd"]:
         rc = run(command)
