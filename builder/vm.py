@@ -127,6 +127,7 @@ class VmConfig:
     ssh_port: int | None = None
     cpus: int = 2
     disks: tuple[Path, ...] = ()  # more virtio disks (an install target, say)
+    disks_first: tuple[Path, ...] = ()  # disks ahead of the image on the bus (Linux names them first), not booted
     kernel: Path | None = None  # direct kernel boot (no firmware): the image is then a plain disk
     initrd: Path | None = None
     append: str = ""
@@ -186,9 +187,15 @@ def qemu_command(cfg: VmConfig, *, interactive: bool = False, extra: list[str] |
             cmd += ["-drive", f"file={cfg.image},media=cdrom,readonly=on,if=none,id=cd0",
                     "-device", "virtio-scsi-pci", "-device", "scsi-cd,drive=cd0"]
     disks = cfg.disks if cfg.is_iso else (cfg.image, *cfg.disks)
-    for disk in disks:
+    for n, disk in enumerate((*cfg.disks_first, *disks)):
         fmt = "qcow2" if disk.suffix == ".qcow2" else "raw"
-        cmd += ["-drive", f"file={disk},format={fmt},if=virtio"]
+        if not cfg.disks_first:
+            cmd += ["-drive", f"file={disk},format={fmt},if=virtio"]
+            continue
+        # the firmware boots the image, whatever sits ahead of it on the bus
+        boot = ",bootindex=0" if disk == cfg.image else ""
+        cmd += ["-drive", f"file={disk},format={fmt},if=none,id=disk{n}",
+                "-device", f"virtio-blk-pci,drive=disk{n}{boot}"]
     cmd += ["-device", "virtio-rng-pci"]
     return cmd + (extra or [])
 

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from . import layout
@@ -159,10 +160,26 @@ def install(dev: Device, device: str, config: str | None, yes: bool) -> None:
     log(f"installed MaculaOS {version} to {device}")
 
 
+def unique_ids(dev: Device) -> None:
+    """A disk written from a built image carries the image's fixed GUIDs, the same on every copy: give this
+    disk its own, so that from the next boot GRUB's macula.esp= names this disk alone."""
+    disk = f"/dev/{disk_of(dev.sys_block, dev.partition(layout.PART_ESP).name)}"
+    table = run(["sfdisk", "-d", disk], "reading the partition table")
+    if f"label-id: {layout.FIXED_DISK_ID}" not in table.splitlines():
+        return
+    quiet = ["sfdisk", "-q", "--no-reread", "--no-tell-kernel"]
+    run([*quiet, "--disk-id", disk, str(uuid.uuid4()).upper()], f"giving {disk} its own id")
+    for n in sorted(layout.PART_NUMBERS.values()):
+        run([*quiet, "--part-uuid", disk, str(n), str(uuid.uuid4()).upper()], f"giving partition {n} its own id")
+    log(f"{disk}: the built image's fixed partition ids replaced by this disk's own")
+
+
 def grow_data(dev: Device) -> None:
     """Grow the data partition into the free space after it, then its ext4 (online)."""
     if dev.mode() != "disk":
         return
+    if " macula.mbr=" not in f" {dev.cmdline()}":  # MBR cards are found by their signature, kept
+        unique_ids(dev)
     part = dev.partition(layout.PART_DATA)
     name = part.name
     disk = disk_of(dev.sys_block, name)

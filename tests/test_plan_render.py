@@ -44,6 +44,10 @@ def test_every_stage_renders_for_both_arches(tmp_path):
     assert key.read_text() == "PUB\n"
     lib = tmp_path / "amd64" / "rootfs" / "overlay" / "usr" / "lib" / "maculaos" / "maculaos_device"
     assert {"cli.py", "updater.py", "layout.py", "nodeconfig.py"} <= {f.name for f in lib.iterdir()}
+    # every disk boot entry names the disk GRUB came from; the embedded GRUB can probe it and check passwords
+    disk_cfg = (tmp_path / "amd64" / "bootloader" / "grub.cfg").read_text()
+    assert 'probe --set=esp_uuid --part-uuid "$root"' in disk_cfg and disk_cfg.count("macula.esp=$esp_uuid") == 3
+    assert " probe password_pbkdf2" in (tmp_path / "amd64" / "bootloader" / "Dockerfile").read_text()
 
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from maculaos_device import layout
 
 from maculaos_sdk.keys import signing_key
 from maculaos_sdk.publish import publish
@@ -304,3 +305,22 @@ def test_factory_reset_wipes_node_state_and_keeps_os_and_user_data(disk_machine)
     assert m.succeed("cat /var/lib/data/user-file") == "c\n"
     s = m.upgrade_status()
     assert (s["booted"], s["active"], s["version"]) == ("A", "A", "0.1.0")
+
+
+def test_a_second_disk_carrying_a_maculaos_image_is_ignored(booted_disk, test_disk, make_machine, tmp_path):
+    """A USB stick flashed with a MaculaOS image, ahead of the boot disk on the bus (Linux names it vda),
+    supplies neither the root, nor the data partition with its /etc overlay and node config, nor the ESP
+    `maculaos` writes: GRUB names the disk it was loaded from (macula.esp=) and only that disk counts."""
+    stick = cow_disk(test_disk, tmp_path / "stick.qcow2")  # the built image as it was flashed: fixed ids
+    m = make_machine(cow_disk(booted_disk.disk, tmp_path / "main.qcow2"), "two-disks", disks_first=(stick,))
+    m.start()
+    assert m.wait_for_boot() == "A"
+    mounts = {line.split()[1]: line.split()[0] for line in m.succeed("cat /proc/mounts").splitlines()}
+    assert (mounts["/run/maculaos/lower"], mounts["/run/maculaos/data"]) == ("/dev/vdb2", "/dev/vdb4")
+    s = m.upgrade_status()
+    assert (s["booted"], s["active"], s["slots"]["A"]) == ("A", "A", {"version": "0.1.0"})
+    assert m.succeed("awk '$2 == \"/run/maculaos/esp\" {print $1}' /proc/mounts") == "/dev/vdb1\n"
+    # the first boot gave the installed disk ids of its own; the stick keeps the image's fixed ones
+    fixed = f"label-id: {layout.FIXED_DISK_ID}"
+    assert fixed not in m.succeed("sfdisk -d /dev/vdb").splitlines()
+    assert fixed in m.succeed("sfdisk -d /dev/vda").splitlines()
