@@ -73,7 +73,8 @@ def fault_point(name: str) -> None:
         time.sleep(3600)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """`data` as `path`, or the old file: tmp file, fsync, rename, fsync of the folder."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -85,6 +86,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Remove the `*.tmp` files an interrupted write left in `folder` (on the ESP they take space)."""
+    for tmp in folder.glob("*.tmp") if folder.is_dir() else []:
+        tmp.unlink(missing_ok=True)
 
 
 def fsync_dir(path: Path) -> None:
@@ -114,23 +121,22 @@ class EnvStore:
 
     def save(self, env: BootEnv) -> None:
         block = env.normalized().render()
-        _write_atomic(self.backup, block)
+        write_atomic(self.backup, block)
         fault_point("env-backup-written")
-        _write_atomic(self.primary, block)
+        write_atomic(self.primary, block)
 
     def repair(self) -> str | None:
         """After a power cut between the two writes (or a try count GRUB saved to one copy), make both
         copies equal again, taking the one GRUB reads. Returns what was done, None if nothing."""
-        for tmp in self.primary.parent.glob("*.tmp"):
-            tmp.unlink(missing_ok=True)
+        remove_leftovers(self.primary.parent)
         primary = self.primary.read_bytes() if self.primary.is_file() else b""
         backup = self.backup.read_bytes() if self.backup.is_file() else b""
         if parse(primary[:BLOCK_BYTES]) is not None:
             if primary == backup:
                 return None
-            _write_atomic(self.backup, primary)
+            write_atomic(self.backup, primary)
             return "grubenv.bak resynced from grubenv"
         if parse(backup[:BLOCK_BYTES]) is not None:
-            _write_atomic(self.primary, backup)
+            write_atomic(self.primary, backup)
             return "grubenv restored from grubenv.bak"
         return None

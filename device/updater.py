@@ -66,8 +66,7 @@ def forget_slot(dev: Device, slot: str, device: Path) -> None:
     folder = dev.esp / slot
     for name in ("slot.json", *BOOT_FILES):
         (folder / name).unlink(missing_ok=True)
-    for tmp in folder.glob("*.tmp") if folder.is_dir() else []:
-        tmp.unlink(missing_ok=True)
+    bootenv.remove_leftovers(folder)
     invalidate(device)
 
 
@@ -112,9 +111,7 @@ def record_committed(dev: Device) -> None:
     highest = highest_committed(dev)
     if not versions.PATTERN.fullmatch(running) or (highest and not versions.newer(running, highest)):
         return
-    tmp = dev.highest_file.with_name(".highest-version.tmp")
-    tmp.write_text(running + "\n")
-    os.replace(tmp, dev.highest_file)
+    bootenv.write_atomic(dev.highest_file, (running + "\n").encode())
 
 
 def signed(dev: Device, data: bytes, signature: bytes) -> bool:
@@ -149,9 +146,7 @@ def verify_pointer(dev: Device, raw: bytes, signature: bytes, channel: str, now:
                           f"already followed ({seen[channel]}): a replay, refused")
     if p.published > seen.get(channel, 0):
         seen[channel] = p.published
-        tmp = dev.seen_pointers_file.with_name(".channels.tmp")
-        tmp.write_text(json.dumps(seen, sort_keys=True) + "\n")
-        os.replace(tmp, dev.seen_pointers_file)
+        bootenv.write_atomic(dev.seen_pointers_file, (json.dumps(seen, sort_keys=True) + "\n").encode())
     return p
 
 
@@ -326,7 +321,7 @@ def apply(dev: Device, src: Source, allow_downgrade: bool = False) -> str:
             raise DeviceError(f"slot {target} does not read back as the signed rootfs.squashfs (sha256 mismatch: a "
                               "corrupt or tampered download, or bad storage)")
         record = SlotRecord(version=m.version, profile=m.profile, size=rootfs.size, sha256=rootfs.sha256)
-        (dev.esp / target / "slot.json").write_text(record.to_json())
+        bootenv.write_atomic(dev.esp / target / "slot.json", record.to_json().encode())
         envs.save(replace(env, trial=target, tries=0, rolledback=""))
     except BaseException as exc:
         forget_slot(dev, target, device)
@@ -377,8 +372,7 @@ def confirm(dev: Device) -> str:
     if done:
         log(done)
     for slot in ("A", "B"):
-        for tmp in (dev.esp / slot).glob("*.tmp") if (dev.esp / slot).is_dir() else []:
-            tmp.unlink(missing_ok=True)  # what a power cut left half-written takes ESP space
+        bootenv.remove_leftovers(dev.esp / slot)
     env = envs.load()
     booted = dev.booted()
     if not env.trial or env.trial != booted:
