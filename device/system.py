@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import layout
@@ -55,7 +55,6 @@ class Device:
     cmdline_path: Path = Path("/proc/cmdline")
     config_root: Path = Path("/")
     sys_block: Path = Path("/sys/class/block")
-    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
 
     # --- what the initrd recorded ------------------------------------------------------------------
     def mode(self) -> str:
