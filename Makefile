@@ -15,9 +15,11 @@ image:            ## build the ISO for PROFILE/ARCH into out/
 run:              ## build PROFILE/ARCH if needed, boot it as a dev VM (serial console here; `maculaos-sdk vm ssh`)
 	$(VENV)/maculaos-sdk vm start --profile $(PROFILE) --arch $(ARCH)
 
-test:             ## lint + unit tests + real QEMU boot tests (builds the test profile)
+TEST_WORKERS ?= auto
+
+test:             ## lint + unit tests + real QEMU boot tests, amd64 and arm64, one worker per core
 	$(VENV)/ruff check builder device tests bench overlay/usr/lib/maculaos
-	$(VENV)/python -m pytest -v -rA tests --ignore=tests/qemu/arm64
+	$(VENV)/python -m pytest -v -rA -n $(TEST_WORKERS) --dist worksteal --durations=25 tests
 
 test-arm64:       ## arm64 + Raspberry Pi 4: builds (rootfs emulated), UEFI boots under -M virt, SD card checks
 	$(VENV)/python -m pytest -v -rA tests/qemu/arm64
@@ -26,7 +28,7 @@ test-unit:
 	$(VENV)/python -m pytest -q tests --ignore=tests/qemu
 
 test-qemu:
-	$(VENV)/python -m pytest -v -rA tests/qemu --ignore=tests/qemu/arm64
+	$(VENV)/python -m pytest -v -rA -n $(TEST_WORKERS) --dist worksteal tests/qemu
 
 lint:
 	$(VENV)/ruff check builder device tests bench overlay/usr/lib/maculaos

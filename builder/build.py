@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,8 +290,44 @@ def dry_run(plan: BuildPlan, rendered: list[RenderedStage], dest: Path) -> None:
     ui.info(f"rendered Dockerfiles written to {dest}")
 
 
+@contextlib.contextmanager
+def build_lock(what: str) -> Iterator[None]:
+    """One build at a time per cache folder: builds share the dev key, the bootstrap tarballs, the render
+    folders and the engine's stage images, so a second build (another terminal, a parallel test worker)
+    waits here, then finds what the first one built in the cache. The kernel drops the lock when a
+    build is killed."""
+    path = cache_dir() / "build.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as fd:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fd.seek(0)
+            holder = fd.read().strip() or "another build"
+            ui.info(f"waiting for {holder} to finish (it holds {path})")
+            t0 = time.monotonic()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            ui.info(f"  waited {time.monotonic() - t0:.1f}s")
+        fd.seek(0)
+        fd.truncate()
+        fd.write(f"the build of {what} (pid {os.getpid()})\n")
+        fd.flush()
+        try:
+            yield
+        finally:
+            fd.seek(0)
+            fd.truncate()
+
+
 def build_image(profile: Profile, options: BuildOptions, engine: Engine | None = None) -> BuildResult:
     """Build every stage the profile needs and export its artifacts into `options.output`."""
+    if options.dry_run is not None:
+        return _build_image(profile, options, engine)
+    with build_lock(f"{profile.name} {profile.version}"):
+        return _build_image(profile, options, engine)
+
+
+def _build_image(profile: Profile, options: BuildOptions, engine: Engine | None) -> BuildResult:
     plan = make_plan(profile)
     gc.cache_max()  # a bad MACULAOS_SDK_CACHE_MAX or stage deadline stops the build before any stage
     Deadlines.for_stage(emulated=False)

@@ -210,6 +210,26 @@ def test_second_build_is_all_cached(env):
     assert all(s.cached for s in result.stages)
 
 
+def test_a_second_build_on_the_same_cache_waits_for_the_first_then_finds_it_cached(env):
+    import fcntl
+    import threading
+
+    client = FakeClient()
+    lock = env / "cache" / "build.lock"
+    lock.parent.mkdir(parents=True)
+    with lock.open("a+") as held:  # a first build, in another process, holds the lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("the build of core 0.1.0 (pid 1)\n")
+        held.flush()
+        second = threading.Thread(target=_build, args=(client, env / "out"))
+        second.start()
+        second.join(1.0)
+        assert second.is_alive() and client.builds == []  # waiting, nothing built meanwhile
+    second.join(30)
+    assert not second.is_alive() and len(client.builds) == 8
+    assert lock.read_text() == ""  # released, and no stale holder named
+
+
 def test_interrupted_build_resumes_at_the_interrupted_stage(env):
     client = FakeClient()
     client.interrupt_at = "rootfs"

@@ -3,10 +3,12 @@ hand each test fresh Machines whose serial logs are kept in out/test-logs/."""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 
 from maculaos_sdk.build import BuildOptions, build_image
 from maculaos_sdk.paths import sdk_root
-from maculaos_sdk.profile import load_profile
+from maculaos_sdk.profile import Profile, load_profile
 from maculaos_sdk.vm import VmConfig
 
 from .machine import cow_disk
@@ -24,10 +26,30 @@ OUT = Path(os.environ.get("MACULAOS_TEST_OUT", sdk_root() / "out"))
 LOGS = OUT / "test-logs"
 
 
+def once_per_run(factory: pytest.TempPathFactory, name: str, make: Callable[[], dict[str, Path]]) -> dict[str, Path]:
+    """`make()` once per test run: with parallel workers (pytest -n), the first to get here builds and the
+    others wait for it and read what it built instead of exporting the same files again under running VMs."""
+    root = factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # shared by the run's workers
+    record = root / f"{name}.json"
+    with (root / f"{name}.lock").open("a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if record.is_file():
+            return {k: Path(v) for k, v in json.loads(record.read_text()).items()}
+        made = make()
+        record.write_text(json.dumps({k: str(v) for k, v in made.items()}))
+        return made
+
+
+def build_once(factory: pytest.TempPathFactory, name: str, profile: Profile, out: Path) -> dict[str, Path]:
+    """A profile built through the real docker engine (never skipped), once per test run."""
+    return once_per_run(factory, name, lambda: build_image(profile, BuildOptions(output=out)).artifacts)
+
+
 @pytest.fixture(scope="session")
-def test_build() -> dict[str, Path]:
-    """The test profile (ISO, A/B disk, bundle), built through the real docker engine (never skipped)."""
-    return build_image(load_profile("test"), BuildOptions(output=OUT)).artifacts
+def test_build(tmp_path_factory) -> dict[str, Path]:
+    """The test profile (ISO, A/B disk, bundle)."""
+    return build_once(tmp_path_factory, "test-amd64", load_profile("test"), OUT)
 
 
 @pytest.fixture(scope="session")
@@ -41,10 +63,10 @@ def test_disk(test_build) -> Path:
 
 
 @pytest.fixture(scope="session")
-def update_bundle() -> Path:
+def update_bundle(tmp_path_factory) -> Path:
     """A signed 0.2.0 bundle of the test profile (same signing key as the 0.1.0 disk)."""
     profile = load_profile(str(Path(__file__).parent / "profiles" / "test-update.yaml"))
-    return build_image(profile, BuildOptions(output=OUT / "update")).artifacts["maculaos-test-0.2.0-amd64.bundle"]
+    return build_once(tmp_path_factory, "update-amd64", profile, OUT / "update")["maculaos-test-0.2.0-amd64.bundle"]
 
 
 @dataclass(frozen=True)

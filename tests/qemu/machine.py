@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shlex
 import shutil
@@ -46,6 +47,17 @@ def _qmp(qmp, command: str, args: dict) -> dict:
             raise MachineError(f"QMP {command}: {reply['error'].get('desc')}")
         if "return" in reply:
             return reply["return"]
+
+
+def stretch(timeout: float) -> float:
+    """A deadline scaled for a shared CPU: MACULAOS_TEST_TIME_SCALE if set, else by how many vCPUs the
+    parallel test workers' guests (pytest -n N, two vCPUs each) put on each host core. Only deadlines
+    stretch: a wait that is met returns as soon as it is met."""
+    scale = os.environ.get("MACULAOS_TEST_TIME_SCALE")
+    if not scale:
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        scale = str(2 * workers / (os.cpu_count() or 1))
+    return timeout * max(1.0, float(scale))
 
 
 class MachineError(AssertionError):
@@ -158,6 +170,7 @@ class Machine:
 
     def wait_for_poweroff(self, timeout: float = 120) -> None:
         """Wait until the guest powers itself off and QEMU exits."""
+        timeout = stretch(timeout)
         if self._reader is not None:
             self._reader.join(timeout)
         if self.is_running():
@@ -177,6 +190,7 @@ class Machine:
     def save_state(self, dest: Path, timeout: float = 120) -> None:
         """Write the guest's whole state (RAM, devices) to `dest`, then end QEMU. A Machine
         created with `resume_from=dest` on a copy-on-write disk over this one's goes on from there."""
+        timeout = stretch(timeout)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(self.qmp_path))
@@ -201,6 +215,7 @@ class Machine:
     def shutdown(self, timeout: float = 90) -> None:
         """Power off from inside the guest and wait for QEMU to exit. A guest that does not power off
         within `timeout`, or whose kernel did not get to say so, fails the test (QEMU is killed)."""
+        timeout = stretch(timeout)
         if not self.is_running():
             raise MachineError(f"{self.name}: shutdown of a machine that is not running")
         self._stopping = True
@@ -238,6 +253,7 @@ class Machine:
         """Wait until `pattern` (a regex) appears on the serial console after the last match; return the
         match, groups included. The console is read as latin-1 (one character per byte), so positions
         in the text are positions in the log."""
+        timeout = stretch(timeout)
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         with self._lock:
@@ -264,6 +280,7 @@ class Machine:
     # -- test channel -----------------------------------------------------------------------
     def wait_for_channel(self, timeout: float = 120) -> float:
         """Wait until the guest's test shell answers; returns seconds since start."""
+        timeout = stretch(timeout)
         if self._channel is None:
             raise MachineError(f"{self.name}: started without a test channel")
         self._ready = False
@@ -293,6 +310,7 @@ class Machine:
     def execute(self, command: str, timeout: float = 60) -> tuple[int, str]:
         """Run a shell command in the guest; return (exit code, combined stdout+stderr). Every command,
         its exit code, its duration and the start of its output go to `<name>.commands.log`."""
+        timeout = stretch(timeout)
         if not self._ready:
             self.wait_for_channel()
         assert self._channel is not None
@@ -362,6 +380,7 @@ class Machine:
 
     def wait_until_succeeds(self, command: str, timeout: float = 60) -> str:
         """Retry a command until it exits 0 or the deadline passes."""
+        timeout = stretch(timeout)
         deadline = time.monotonic() + timeout
         while True:
             rc, out = self.execute(command, timeout=max(5.0, deadline - time.monotonic()))

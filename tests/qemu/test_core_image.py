@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import docker
 import pytest
@@ -18,7 +19,7 @@ import pytest
 from maculaos_sdk.engine import LABEL_STAGE_ID
 from maculaos_sdk.paths import sdk_root
 
-from .conftest import OUT
+from .conftest import OUT, once_per_run
 
 pytestmark = pytest.mark.qemu
 CLI = [sys.executable, "-m", "maculaos_sdk.cli"]
@@ -32,10 +33,15 @@ def _build(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str
 
 
 @pytest.fixture(scope="module")
-def core_build() -> subprocess.CompletedProcess[str]:
-    proc = _build("--profile", "core", "--arch", "amd64", "-o", str(OUT))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+def core_build(tmp_path_factory) -> None:
+    """The README's build command, run once per test run (parallel workers share it)."""
+
+    def build() -> dict[str, Path]:
+        proc = _build("--profile", "core", "--arch", "amd64", "-o", str(OUT))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return {CORE_ISO.name: CORE_ISO}
+
+    once_per_run(tmp_path_factory, "core-amd64", build)
 
 
 def test_core_iso_artifacts(core_build):
@@ -77,7 +83,7 @@ def test_killed_build_leaves_cache_usable(core_build, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "TMPDIR": str(tmp_path)})  # what the killed build leaves stays here
     squashfs_log = out / "logs" / "50-squashfs.log"
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 1500  # it may first wait for another worker's build to finish
     while not (squashfs_log.exists() and "Step 4/" in squashfs_log.read_text()):
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
         assert time.monotonic() < deadline, "squashfs stage never started"

@@ -19,7 +19,7 @@ import pytest
 from maculaos_sdk.build import BuildOptions, build_image
 from maculaos_sdk.profile import load_profile
 
-from .conftest import OUT
+from .conftest import OUT, once_per_run
 from .machine import cow_disk, free_port
 from .maculaos import accepted_ports
 
@@ -49,9 +49,15 @@ def _hello_image_tarball(dest: Path) -> str:
 def custom_build(tmp_path_factory) -> tuple[dict[str, Path], str]:
     folder = tmp_path_factory.mktemp("custom")
     shutil.copy(PROFILE, folder / PROFILE.name)
-    image_id = _hello_image_tarball(folder / "hello.tar")
-    result = build_image(load_profile(str(folder / PROFILE.name)), BuildOptions(output=OUT / "custom"))
-    return result.artifacts, image_id
+
+    def build() -> dict[str, object]:
+        image_id = _hello_image_tarball(folder / "hello.tar")
+        profile = load_profile(str(folder / PROFILE.name))
+        return {"image_id": image_id, **build_image(profile, BuildOptions(output=OUT / "custom")).artifacts}
+
+    made = once_per_run(tmp_path_factory, "custom-amd64", build)  # type: ignore[arg-type]
+    image_id = str(made.pop("image_id"))
+    return made, image_id
 
 
 WIFI_PSK = "correct-horse-battery"
