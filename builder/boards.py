@@ -47,6 +47,8 @@ class Board:
     disk_mb: int = 0  # default total disk / SD image size (0: just big enough; data grows on first boot)
     wireless: bool = False  # keeps wireless drivers and installs WIRELESS_PACKAGES: node-config `wifi:` applies
     suites: tuple[str, ...] = ()  # Debian suites whose kernel and U-Boot can boot it (empty: any)
+    vm_nic: str = "virtio-net-pci"  # how QEMU imitates its hardware (the dev VM and the boot tests):
+    vm_disk: str = "virtio"  # the NIC model and the disk bus (virtio or nvme)
 
     @property
     def packages(self) -> tuple[str, ...]:
@@ -98,7 +100,8 @@ BOARDS: dict[str, Board] = {b.name: b for b in (
                          "iwlwifi-Qu*", "iwlwifi-so-a0-*", "iwlwifi-ty-a0-*", "rtl_nic", "rtw88", "rtw89",
                          "regulatory.db*"),
           image_extra_mb=48,
-          early_microcode=True, wireless=True),
+          early_microcode=True, wireless=True,
+          vm_nic="e1000e", vm_disk="nvme"),  # QEMU's Intel 82574L (e1000e) and an NVMe drive, as in a NUC
     Board("rpi4", "Raspberry Pi 4 / 400 / CM4: Pi firmware, then U-Boot's EFI loader, then GRUB (A/B in grubenv)",
           boot={Architecture.arm64: BootFlow.rpi_firmware},
           firmware_packages=_PI_FIRMWARE, components=("non-free-firmware",), firmware_keep=_PI_FIRMWARE_KEEP,

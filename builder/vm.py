@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .arch import Architecture
+from .boards import BOARDS, BootFlow
 from .errors import BadInput
 
 # A 512-byte boot sector that writes "KVMOK" to COM1 and halts: boots in SeaBIOS in milliseconds.
@@ -134,17 +135,24 @@ class VmConfig:
     forwards: tuple[Forward, ...] = ()  # host ports on 127.0.0.1 forwarded to guest ports
     share: Path | None = None  # a host folder the guest mounts at /mnt/host (9p)
     guest_config: Path | None = None  # a node config handed to the guest through fw_cfg
+    nic: str = "virtio-net-pci"  # the NIC model and disk bus the board's hardware is imitated with
+    disk_bus: str = "virtio"
 
     @classmethod
     def for_image(cls, image: Path, *, arch: str | None = None, **kw: object) -> VmConfig:
-        """Config for an image file; the arch comes from the flag, else the file name, else the host."""
+        """Config for an image file; the arch comes from the flag, else the file name, else the host. A
+        board named in the file name (`-amd64-nuc.qcow2`) brings the NIC and disk bus that imitate it."""
         if not image.is_file():
             raise BadInput(f"{image}: no such image", "build one with `maculaos-sdk build-image`")
+        m = re.search(r"-(amd64|arm64)(?:-([a-z0-9]+))?\.", image.name)
         if arch is None:
-            m = re.search(r"-(amd64|arm64)\.", image.name)
             arch = m.group(1) if m else Architecture.host().value
-        if image.suffix != ".iso":
-            kw["uefi"] = True  # installed A/B disks boot only through UEFI
+        board = BOARDS.get(m.group(2) or "generic") if m else None
+        if board is not None:
+            kw = {"nic": board.vm_nic, "disk_bus": board.vm_disk, **kw}
+        uefi_only = board is not None and board.boot.get(Architecture(arch)) is BootFlow.grub_efi
+        if image.suffix != ".iso" or uefi_only:
+            kw["uefi"] = True  # installed A/B disks and UEFI-only boards boot only through UEFI
         return cls(image=image, arch=Architecture(arch), **kw)  # type: ignore[arg-type]
 
     @property
@@ -175,7 +183,7 @@ def qemu_command(cfg: VmConfig, *, interactive: bool = False, extra: list[str] |
         cmd += ["-bios", str(firmware_path(arch))]
     forwards = [*cfg.forwards, *([Forward("ssh", 22, cfg.ssh_port)] if cfg.ssh_port else [])]
     netdev = "user,id=net0" + "".join(f",hostfwd=tcp:127.0.0.1:{f.host}-:{f.guest}" for f in forwards)
-    cmd += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
+    cmd += ["-netdev", netdev, "-device", f"{cfg.nic},netdev=net0"]
     if cfg.share is not None:
         cmd += ["-virtfs", f"local,path={cfg.share},mount_tag={SHARE_TAG},security_model=none,id=share"]
     if cfg.guest_config is not None:
@@ -189,13 +197,13 @@ def qemu_command(cfg: VmConfig, *, interactive: bool = False, extra: list[str] |
     disks = cfg.disks if cfg.is_iso else (cfg.image, *cfg.disks)
     for n, disk in enumerate((*cfg.disks_first, *disks)):
         fmt = "qcow2" if disk.suffix == ".qcow2" else "raw"
-        if not cfg.disks_first:
+        if not cfg.disks_first and cfg.disk_bus == "virtio":
             cmd += ["-drive", f"file={disk},format={fmt},if=virtio"]
             continue
         # the firmware boots the image, whatever sits ahead of it on the bus
-        boot = ",bootindex=0" if disk == cfg.image else ""
-        cmd += ["-drive", f"file={disk},format={fmt},if=none,id=disk{n}",
-                "-device", f"virtio-blk-pci,drive=disk{n}{boot}"]
+        boot = ",bootindex=0" if disk == cfg.image and cfg.disks_first else ""
+        device = f"nvme,serial=maculaos{n}" if cfg.disk_bus == "nvme" else "virtio-blk-pci"
+        cmd += ["-drive", f"file={disk},format={fmt},if=none,id=disk{n}", "-device", f"{device},drive=disk{n}{boot}"]
     cmd += ["-device", "virtio-rng-pci"]
     return cmd + (extra or [])
 

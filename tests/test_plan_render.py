@@ -126,3 +126,13 @@ def test_vm_command_for_iso_and_disk(tmp_path):
     cmd = qemu_command(VmConfig.for_image(disk, accel="tcg"))
     assert "-bios" in cmd and f"file={disk},format=qcow2,if=virtio" in cmd
     assert cmd[cmd.index("-accel") + 1].startswith("tcg")
+    # a NUC image is booted as a NUC: UEFI only, Intel e1000e NIC, its disk on NVMe
+    nuc_iso, nuc_disk = tmp_path / "maculaos-test-0.1.0-amd64-nuc.iso", tmp_path / "maculaos-test-0.1.0-amd64-nuc.qcow2"
+    nuc_iso.write_bytes(b"")
+    nuc_disk.write_bytes(b"")
+    cmd = qemu_command(VmConfig.for_image(nuc_iso, accel="tcg"))
+    assert "-bios" in cmd and "e1000e,netdev=net0" in cmd
+    cmd = qemu_command(VmConfig.for_image(nuc_disk, accel="tcg"))
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "-device" and cmd[i + 1].startswith("nvme")] == \
+        ["nvme,serial=maculaos0,drive=disk0"]
+    assert f"file={nuc_disk},format=qcow2,if=none,id=disk0" in cmd
