@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, artifacts, gc, images, keys, ui
+from rich.markup import escape
+
+from . import __version__, artifacts, explain, gc, images, keys, ui
 from .arch import Architecture
 from .boards import Board
 from .bootstrap import bootstrap
@@ -39,6 +41,7 @@ class BuildOptions:
     offline: bool = False  # pinned artifacts and preloaded images from the local caches only
     check_packages: bool = True  # look the package names up in Debian's index before building
     release: bool = False  # a release: a real signing key, no console autologin
+    explain: bool = False  # say why each stage that is not cached is built
 
 
 @dataclass
@@ -177,19 +180,22 @@ def resolve_inputs(plan: BuildPlan, options: BuildOptions, engine: Engine | None
     return Inputs(secret, public, pinned, image_files, image_records)
 
 
-def build_stages(engine: Engine, rendered: list[RenderedStage], no_cache: bool, logs: Path,
+def build_stages(engine: Engine, rendered: list[RenderedStage], options: BuildOptions, logs: Path,
                  plan: BuildPlan) -> list[StageResult]:
     """Build each stage whose image is not cached, in plan order."""
     results: list[StageResult] = []
     keep = {r.image for r in rendered}
-    space_checked = False
+    space_checked, no_cache = False, options.no_cache
     for r in rendered:
         t0 = time.monotonic()
         if not no_cache and engine.has_image(r.image):
             results.append(StageResult(r, True, 0.0))
             ui.stage_line(r.key, "cached", 0.0, r.image)
             gc.mark_used([r.image])
+            explain.remember(plan.basename, [r])
             continue
+        if options.explain:
+            ui.info(f"  {r.key:<10} [dim]rebuilds: {escape(explain.why(plan.basename, r, no_cache))}[/]")
         if not space_checked:
             ensure_space(engine, keep)
             space_checked = True
@@ -204,6 +210,7 @@ def build_stages(engine: Engine, rendered: list[RenderedStage], no_cache: bool, 
             raise
         seconds = time.monotonic() - t0
         gc.mark_used([r.image])
+        explain.remember(plan.basename, [r])
         results.append(StageResult(r, False, seconds))
         ui.stage_line(r.key, "done", seconds, r.image)
     return results
@@ -345,7 +352,7 @@ def _build_image(profile: Profile, options: BuildOptions, engine: Engine | None)
     out = options.output
     (out / "logs").mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    result.stages = build_stages(engine, rendered, options.no_cache, out / "logs", plan)
+    result.stages = build_stages(engine, rendered, options, out / "logs", plan)
     result.manifest = out / f"{plan.basename}.manifest.json"
     previous = _previous_manifest(result.manifest)
     exported = export_artifacts(engine, rendered, plan, inputs.secret, out, previous, result)

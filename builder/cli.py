@@ -19,6 +19,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--board", help="override the profile's board (`maculaos-sdk profile keys` lists them)")
     p.add_argument("--output", "-o", type=Path, default=Path("out"), help="output folder (default: out)")
     p.add_argument("--no-cache", action="store_true", help="rebuild every stage")
+    p.add_argument("--explain", action="store_true", help="say, for every stage not reused from the cache, what "
+                   "changed since this profile last built it (files, parent stages, arch, date); --debug too")
     p.add_argument("--signing-key", type=Path, help="minisign secret key for update bundles (its .pub goes into the "
                    "image; default: profile update.signing_key, else a per-checkout development key)")
     p.add_argument("--release", action="store_true", help="a release build: refuses the development signing key "
@@ -36,7 +38,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.config or args.profile or "core", {"arch": args.arch, "board": args.board})
     options = BuildOptions(output=args.output, no_cache=args.no_cache, dry_run=args.dry_run,
-                           signing_key=args.signing_key, offline=args.offline, release=args.release)
+                           signing_key=args.signing_key, offline=args.offline, release=args.release,
+                           explain=args.explain or getattr(args, "debug", False))
     result = build_image(profile, options)
     for path in result.artifacts.values():
         ui.info(f"[bold green]→[/] {path}")
@@ -332,7 +335,8 @@ def _cmd_test(args: argparse.Namespace) -> int:
 
     root = sdk_root()
     paths = {"unit": ["tests", "--ignore=tests/qemu"], "qemu": ["tests/qemu"], "all": ["tests"]}[args.target]
-    cmd = [sys.executable, "-m", "pytest", *paths, *args.pytest_args]
+    parallel = ["-n", "auto", "--dist", "worksteal"] if args.target != "unit" else []  # one worker per core
+    cmd = [sys.executable, "-m", "pytest", *parallel, *paths, *args.pytest_args]
     return subprocess.call(cmd, cwd=root)
 
 

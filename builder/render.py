@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ class RenderedStage:
     context: Path
     dockerfile: str
     stage_id: str
+    id_inputs: dict[str, Any] = field(default_factory=dict, compare=False)  # what the id was hashed from
 
     @property
     def meta(self) -> StageMeta:
@@ -162,9 +163,10 @@ def _write_profile_overlay(profile: Profile, dest_root: Path) -> None:
             target.chmod(0o644 if not os.access(target, os.X_OK) else 0o755)
 
 
-def tree_digest(root: Path) -> str:
-    """Hash of a folder's names, types, permission bits and contents (not mtimes), sorted."""
-    h = hashlib.sha256()
+def tree_entries(root: Path) -> dict[str, str]:
+    """Each entry of a folder as the stage id sees it: type, permission bits and content digest (not
+    mtimes), in the order `tree_digest` hashes them. `build-image --explain` diffs two of these."""
+    entries: dict[str, str] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(dirnames + filenames):
@@ -172,14 +174,25 @@ def tree_digest(root: Path) -> str:
             rel = path.relative_to(root).as_posix()
             st = path.lstat()
             if stat.S_ISLNK(st.st_mode):
-                h.update(f"L {rel} {os.readlink(path)}\n".encode())
+                entries[rel] = f"L {os.readlink(path)}"
             elif stat.S_ISDIR(st.st_mode):
-                h.update(f"D {rel} {st.st_mode & 0o7777:o}\n".encode())
+                entries[rel] = f"D {st.st_mode & 0o7777:o}"
             else:
-                h.update(f"F {rel} {st.st_mode & 0o7777:o} ".encode())
                 with path.open("rb") as f:
-                    h.update(hashlib.file_digest(f, "sha256").digest())
-                h.update(b"\n")
+                    entries[rel] = f"F {st.st_mode & 0o7777:o} {hashlib.file_digest(f, 'sha256').hexdigest()}"
+    return entries
+
+
+def tree_digest(root: Path, entries: dict[str, str] | None = None) -> str:
+    """Hash of a folder's names, types, permission bits and contents (not mtimes), sorted."""
+    h = hashlib.sha256()
+    for rel, entry in (tree_entries(root) if entries is None else entries).items():
+        kind, rest = entry.split(" ", 1)
+        if kind == "F":
+            mode, digest = rest.split(" ")
+            h.update(f"F {rel} {mode} ".encode() + bytes.fromhex(digest) + b"\n")
+        else:
+            h.update(f"{kind} {rel} {rest}\n".encode())
     return h.hexdigest()
 
 
@@ -239,13 +252,20 @@ def render_stage(planned: PlannedStage, plan: BuildPlan, inputs: dict[str, Rende
     if meta.bootstrap and not profile.get("base_image"):
         (context / "bootstrap.json").write_text(json.dumps(bootstrap_params(profile, arch, sde), sort_keys=True))
     dockerfile = (context / "Dockerfile").read_text()
+    files = tree_entries(context)
     key = {
         "schema": ID_SCHEMA,
         "stage": meta.name,
-        "context": tree_digest(context),
+        "context": tree_digest(context, files),
         "inputs": {n: r.stage_id for n, r in sorted(inputs.items())},
         "arch": arch.value,
         "sde": sde,
     }
     stage_id = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return RenderedStage(planned=planned, context=context, dockerfile=dockerfile, stage_id=stage_id)
+    # for --explain: the Dockerfile apart from the parent image tags it names (those are "inputs")
+    own = dockerfile
+    for n, r in inputs.items():
+        own = own.replace(r.image, f"<{n}>")
+    files["Dockerfile"] = "F own " + hashlib.sha256(own.encode()).hexdigest()
+    return RenderedStage(planned=planned, context=context, dockerfile=dockerfile, stage_id=stage_id,
+                         id_inputs={**key, "files": files})

@@ -230,6 +230,34 @@ def test_a_second_build_on_the_same_cache_waits_for_the_first_then_finds_it_cach
     assert lock.read_text() == ""  # released, and no stale holder named
 
 
+def test_explain_names_the_changed_file_and_the_parent_stage_for_each_rebuilt_stage(env, monkeypatch):
+    from maculaos_sdk import ui
+    from maculaos_sdk.paths import sdk_root
+
+    profile = env / "p.yaml"
+    write = lambda motd: profile.write_text(  # noqa: E731
+        f"name: core\nextends: {sdk_root() / 'profiles' / 'core.yaml'}\noverlay:\n  /etc/motd: '{motd}'\n")
+    said: list[str] = []
+    monkeypatch.setattr(ui, "info", lambda msg: said.append(msg))
+    client = FakeClient()
+    options = BuildOptions(output=env / "out", check_packages=False, explain=True)
+    write("one")
+    build_image(load_profile(str(profile)), options, engine=Engine(client))
+    assert any("base" in m and "never built for maculaos-core-0.1.0-amd64 on this cache" in m for m in said)
+    said.clear()
+    write("two")
+    second = build_image(load_profile(str(profile)), options, engine=Engine(client))
+    why = {m.split()[0]: m.split("rebuilds: ", 1)[1].removesuffix("[/]") for m in said if "rebuilds: " in m}
+    assert why == {"rootfs": "overlay/etc/motd changed", "squashfs": "input stage rootfs changed",
+                   "iso": "input stage squashfs changed"}
+    said.clear()
+    client.tags.discard(next(s.stage.image for s in second.stages if s.stage.key == "iso"))
+    build_image(load_profile(str(profile)), options, engine=Engine(client))
+    assert [m for m in said if "rebuilds: " in m] == \
+        ["  iso        [dim]rebuilds: built before with these inputs, but its image is gone (gc, docker rmi or "
+         "another engine)[/]"]
+
+
 def test_interrupted_build_resumes_at_the_interrupted_stage(env):
     client = FakeClient()
     client.interrupt_at = "rootfs"
