@@ -71,12 +71,26 @@ def kernel_cmdline(profile: Profile) -> str:
     return " ".join([consoles, *mbr, *profile.get("kernel.args")])
 
 
-def template_vars(profile: Profile, arch: Architecture, input_images: dict[str, str], sde: int) -> dict[str, Any]:
+def declared_view(profile: Profile, options: tuple[str, ...]) -> dict[str, Any]:
+    """The profile as a stage's templates see it: only the keys its stage.yaml declares under `options`,
+    nested as in the profile (`disk.slot_mb` -> profile.disk.slot_mb); reading any other is an error."""
+    view: dict[str, Any] = {}
+    for key in options:
+        *parents, leaf = key.split(".")
+        node = view
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = profile.get(key)
+    return view
+
+
+def template_vars(profile: Profile, arch: Architecture, input_images: dict[str, str], sde: int,
+                  options: tuple[str, ...] = ()) -> dict[str, Any]:
     """Everything a stage template may use; anything else is an error (StrictUndefined)."""
     package = profile.get("kernel.package")
     board = profile.board
     return {
-        "profile": profile.data,
+        "profile": declared_view(profile, options),
         "arch": arch,
         "host_arch": Architecture.host(),
         "board": board,
@@ -106,7 +120,7 @@ def _render_file(env: jinja2.Environment, rel: str, variables: dict[str, Any], w
         return env.get_template(rel).render(**variables)
     except jinja2.UndefinedError as exc:
         raise BadInput(f"{where}: template uses an undefined value: {exc.message}",
-                       "add it to the profile or fix the template") from None
+                       "a profile key must be listed under `options:` in the stage's stage.yaml") from None
     except jinja2.TemplateError as exc:
         raise BadInput(f"{where}: template error: {exc}", "fix the template") from None
 
@@ -218,7 +232,7 @@ def render_stage(planned: PlannedStage, plan: BuildPlan, inputs: dict[str, Rende
     if context.exists():
         shutil.rmtree(context)
     context.mkdir(parents=True)
-    variables = template_vars(profile, arch, {n: r.image for n, r in inputs.items()}, sde)
+    variables = template_vars(profile, arch, {n: r.image for n, r in inputs.items()}, sde, meta.options)
     env = _env(meta.folder)
     for src in sorted(meta.folder.rglob("*")):
         rel = src.relative_to(meta.folder).as_posix()

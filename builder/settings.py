@@ -125,11 +125,18 @@ def _copy(value: Any) -> Any:
 
 def reference_markdown() -> str:
     """A markdown table of all settings, generated so the docs cannot drift from the code."""
-    rows = ["| key | kind | default | meaning |", "| --- | --- | --- | --- |"]
+    from .stages import load_stages
+
+    readers: dict[str, list[str]] = {}
+    for meta in load_stages().values():
+        for key in meta.options:
+            readers.setdefault(key, []).append(meta.name)
+    rows = ["| key | kind | default | meaning | stages reading it |", "| --- | --- | --- | --- | --- |"]
     for s in SETTINGS:
         extra = f" One of: {', '.join(s.choices)}." if s.choices else ""
         if s.pattern:
             each = " each" if s.kind == LIST else ""
             extra += f" Must match{each} `{s.pattern}`.".replace("|", "\\|")
-        rows.append(f"| `{s.key}` | {s.kind} | `{s.default!r}` | {s.help}{extra} |")
+        read_by = ", ".join(readers.get(s.key, []))
+        rows.append(f"| `{s.key}` | {s.kind} | `{s.default!r}` | {s.help}{extra} | {read_by} |")
     return "\n".join(rows) + "\n"

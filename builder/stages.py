@@ -11,7 +11,8 @@ import yaml
 from .errors import BadInput
 from .paths import stages_dir
 
-_META_KEYS = {"name", "description", "inputs", "arches", "context", "exports", "provides", "bootstrap", "runs"}
+_META_KEYS = {"name", "description", "inputs", "arches", "context", "exports", "provides", "bootstrap", "runs",
+              "options"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class StageMeta:
     provides: str | None = None
     bootstrap: bool = False
     runs_on_host: bool = False  # `runs: host`: its build environment is native (tools), never emulated
+    options: tuple[str, ...] = ()  # profile keys its templates may read (as `profile.<key>`); no others
 
     @property
     def order(self) -> int:
@@ -48,6 +50,12 @@ def load_stage(folder: Path) -> StageMeta:
         raise BadInput(f"{meta_file}: {sorted(unknown)[0]}: unknown key", f"one of {sorted(_META_KEYS)}")
     if raw.get("runs", "target") not in ("host", "target"):
         raise BadInput(f"{meta_file}: runs: must be host or target", "host: native tools; target: the image's arch")
+    from .settings import SETTINGS_BY_KEY
+
+    options = tuple(raw.get("options") or ())
+    for key in options:
+        if key not in SETTINGS_BY_KEY:
+            raise BadInput(f"{meta_file}: options: {key!r} is not a profile key", "see `maculaos-sdk profile keys`")
     if not (folder / "Dockerfile.j2").is_file():
         raise BadInput(f"{folder}: stage has no Dockerfile.j2", "every stage folder needs a template")
     return StageMeta(
@@ -61,6 +69,7 @@ def load_stage(folder: Path) -> StageMeta:
         provides=raw.get("provides"),
         bootstrap=bool(raw.get("bootstrap", False)),
         runs_on_host=raw.get("runs", "target") == "host",
+        options=options,
     )
 
 

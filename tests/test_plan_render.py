@@ -60,6 +60,23 @@ def test_strict_undefined_is_an_error(tmp_path, monkeypatch):
         render_plan(plan, tmp_path / "ctx")
 
 
+def test_a_template_sees_only_the_profile_keys_its_stage_declares(tmp_path):
+    stages = tmp_path / "stages"
+    shutil.copytree(Path(__file__).parents[1] / "stages", stages)
+    # squashfs declares squashfs.*: a real profile key it did not declare is as undefined as a made-up one
+    (stages / "50-squashfs" / "Dockerfile.j2").write_text("FROM {{ inputs.tools }}\nRUN echo {{ profile.version }}\n")
+    plan = make_plan(load_profile("core"), load_stages(stages), sde=SDE)
+    with pytest.raises(BadInput, match=r"50-squashfs/Dockerfile.j2: template uses an undefined value") as exc:
+        render_plan(plan, tmp_path / "ctx")
+    assert "options:" in exc.value.hint
+    meta = stages / "50-squashfs" / "stage.yaml"
+    meta.write_text(meta.read_text().replace("options: [", "options: [version, "))
+    render_plan(make_plan(load_profile("core"), load_stages(stages), sde=SDE), tmp_path / "ctx")  # declared: fine
+    meta.write_text(meta.read_text().replace("options: [", "options: [squashfs.nosuch, "))
+    with pytest.raises(BadInput, match=r"stage.yaml: options: 'squashfs.nosuch' is not a profile key"):
+        load_stages(stages)
+
+
 def _ids(tmp_path, profile, sde=SDE):
     return {r.key: r.stage_id for r in render_plan(make_plan(profile, sde=sde), tmp_path)}
 
