@@ -49,7 +49,7 @@ def bootstrap(params: dict[str, Any], tarball: Path, log: IO[str]) -> None:
         raise BuildFailed("mmdebstrap is not installed", "run `make setup` (apt-get install mmdebstrap)")
     check_foreign_arch(params["arch"])
     tarball.parent.mkdir(parents=True, exist_ok=True)
-    partial = tarball.with_name(tarball.name + ".partial.tar")
+    partial = tarball.with_name(f"{tarball.name}.{os.getpid()}.partial.tar")
     cmd = mmdebstrap_command(params, partial)
     log.write("$ " + " ".join(cmd) + "\n")
     log.flush()

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ from .bootstrap import bootstrap
 from .debian_index import check_packages
 from .engine import LABEL_STAGE_ID, Deadlines, Engine, connect, read_text_from_image
 from .errors import BadInput, BuildFailed
+from .locks import cache_lock
 from .paths import cache_dir
 from .plan import BuildPlan, make_plan
 from .profile import Profile
@@ -182,38 +180,43 @@ def resolve_inputs(plan: BuildPlan, options: BuildOptions, engine: Engine | None
 
 def build_stages(engine: Engine, rendered: list[RenderedStage], options: BuildOptions, logs: Path,
                  plan: BuildPlan) -> list[StageResult]:
-    """Build each stage whose image is not cached, in plan order."""
+    """Build each stage whose image is not cached, in plan order. A stage another build is building
+    right now (same id) is waited for, then reused."""
     results: list[StageResult] = []
-    keep = {r.image for r in rendered}
-    space_checked, no_cache = False, options.no_cache
+    space = {"checked": False, "keep": {r.image for r in rendered}}
     for r in rendered:
-        t0 = time.monotonic()
-        if not no_cache and engine.has_image(r.image):
-            results.append(StageResult(r, True, 0.0))
-            ui.stage_line(r.key, "cached", 0.0, r.image)
-            gc.mark_used([r.image])
-            explain.remember(plan.basename, [r])
-            continue
-        if options.explain:
-            ui.info(f"  {r.key:<10} [dim]rebuilds: {escape(explain.why(plan.basename, r, no_cache))}[/]")
-        if not space_checked:
-            ensure_space(engine, keep)
-            space_checked = True
-        log_path = logs / f"{r.label}.log"
-        try:
-            with ui.console.status(f"  {r.key:<10} building ... (log: {log_path})"):
-                _build_stage(engine, r, plan, log_path, no_cache)
-        except BuildFailed as exc:
-            ui.stage_line(r.key, "failed", time.monotonic() - t0, str(log_path))
-            exc.message = f"stage {r.key}: {exc.message}"
-            exc.hint = f"{exc.hint}; full log: {log_path}" if exc.hint else f"full log: {log_path}"
-            raise
-        seconds = time.monotonic() - t0
+        with cache_lock(f"stage-{r.stage_id[:32]}", f"another build's {r.key} stage"):
+            results.append(_build_or_reuse(engine, r, options, logs, plan, space))
+    return results
+
+
+def _build_or_reuse(engine: Engine, r: RenderedStage, options: BuildOptions, logs: Path, plan: BuildPlan,
+                    space: dict[str, Any]) -> StageResult:
+    t0 = time.monotonic()
+    if not options.no_cache and engine.has_image(r.image):
+        ui.stage_line(r.key, "cached", 0.0, r.image)
         gc.mark_used([r.image])
         explain.remember(plan.basename, [r])
-        results.append(StageResult(r, False, seconds))
-        ui.stage_line(r.key, "done", seconds, r.image)
-    return results
+        return StageResult(r, True, 0.0)
+    if options.explain:
+        ui.info(f"  {r.key:<10} [dim]rebuilds: {escape(explain.why(plan.basename, r, options.no_cache))}[/]")
+    if not space["checked"]:
+        ensure_space(engine, space["keep"])
+        space["checked"] = True
+    log_path = logs / f"{r.label}.log"
+    try:
+        with ui.console.status(f"  {r.key:<10} building ... (log: {log_path})"):
+            _build_stage(engine, r, plan, log_path, options.no_cache)
+    except BuildFailed as exc:
+        ui.stage_line(r.key, "failed", time.monotonic() - t0, str(log_path))
+        exc.message = f"stage {r.key}: {exc.message}"
+        exc.hint = f"{exc.hint}; full log: {log_path}" if exc.hint else f"full log: {log_path}"
+        raise
+    seconds = time.monotonic() - t0
+    gc.mark_used([r.image])
+    explain.remember(plan.basename, [r])
+    ui.stage_line(r.key, "done", seconds, r.image)
+    return StageResult(r, False, seconds)
 
 
 def export_artifacts(engine: Engine, rendered: list[RenderedStage], plan: BuildPlan, secret: Path, out: Path,
@@ -297,40 +300,14 @@ def dry_run(plan: BuildPlan, rendered: list[RenderedStage], dest: Path) -> None:
     ui.info(f"rendered Dockerfiles written to {dest}")
 
 
-@contextlib.contextmanager
-def build_lock(what: str) -> Iterator[None]:
-    """One build at a time per cache folder: builds share the dev key, the bootstrap tarballs, the render
-    folders and the engine's stage images, so a second build (another terminal, a parallel test worker)
-    waits here, then finds what the first one built in the cache. The kernel drops the lock when a
-    build is killed."""
-    path = cache_dir() / "build.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+") as fd:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fd.seek(0)
-            holder = fd.read().strip() or "another build"
-            ui.info(f"waiting for {holder} to finish (it holds {path})")
-            t0 = time.monotonic()
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            ui.info(f"  waited {time.monotonic() - t0:.1f}s")
-        fd.seek(0)
-        fd.truncate()
-        fd.write(f"the build of {what} (pid {os.getpid()})\n")
-        fd.flush()
-        try:
-            yield
-        finally:
-            fd.seek(0)
-            fd.truncate()
-
-
 def build_image(profile: Profile, options: BuildOptions, engine: Engine | None = None) -> BuildResult:
     """Build every stage the profile needs and export its artifacts into `options.output`."""
     if options.dry_run is not None:
         return _build_image(profile, options, engine)
-    with build_lock(f"{profile.name} {profile.version}"):
+    # Two builds of one output take turns (they share its render folder and output files); builds of
+    # different outputs run side by side and take turns only on the stages they share (build_stages).
+    basename = make_plan(profile).basename
+    with cache_lock(f"out-{basename}", f"the build of {basename}"):
         return _build_image(profile, options, engine)
 
 

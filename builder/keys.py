@@ -52,8 +52,12 @@ def signing_key(configured: str, override: Path | None = None, create: bool = Tr
     if not dev.is_file():
         if not create:
             return None
-        generate(dev, force=True)
-        ui.info(f"[yellow]note:[/] generated development signing key {dev} (use --signing-key for releases)")
+        from .locks import cache_lock
+
+        with cache_lock("dev-key", "the generation of the development key"):  # one key, whoever is first
+            if not dev.is_file():
+                generate(dev, force=True)
+                ui.info(f"[yellow]note:[/] generated development signing key {dev} (use --signing-key for releases)")
     return dev
 
 

@@ -210,24 +210,51 @@ def test_second_build_is_all_cached(env):
     assert all(s.cached for s in result.stages)
 
 
-def test_a_second_build_on_the_same_cache_waits_for_the_first_then_finds_it_cached(env):
+def test_a_second_build_of_an_output_waits_for_the_first_and_other_outputs_do_not(env):
     import fcntl
     import threading
 
     client = FakeClient()
-    lock = env / "cache" / "build.lock"
-    lock.parent.mkdir(parents=True)
-    with lock.open("a+") as held:  # a first build, in another process, holds the lock
+    locks = env / "cache" / "locks"
+    locks.mkdir(parents=True)
+    with (locks / "out-maculaos-core-0.1.0-amd64.lock").open("a+") as held:  # a build of core, elsewhere
         fcntl.flock(held, fcntl.LOCK_EX)
-        held.write("the build of core 0.1.0 (pid 1)\n")
+        held.write("the build of maculaos-core-0.1.0-amd64 (pid 1)\n")
         held.flush()
         second = threading.Thread(target=_build, args=(client, env / "out"))
         second.start()
         second.join(1.0)
         assert second.is_alive() and client.builds == []  # waiting, nothing built meanwhile
+        other = env / "other.yaml"  # another output: core 0.2.0, which builds meanwhile
+        other.write_text(f"name: core\nextends: {Path(__file__).parents[1] / 'profiles' / 'core.yaml'}\n"
+                         "version: 0.2.0\n")
+        _build(client, env / "other", str(other))
+        built_by_other = len(client.builds)
     second.join(30)
-    assert not second.is_alive() and len(client.builds) == 8
-    assert lock.read_text() == ""  # released, and no stale holder named
+    assert not second.is_alive() and built_by_other == 8  # every stage: none was cached
+    assert [b["labels"]["io.maculaos.stage"] for b in client.builds[built_by_other:]] == ["rootfs", "squashfs", "iso"]
+    assert (locks / "out-maculaos-core-0.1.0-amd64.lock").read_text() == ""
+
+
+def test_a_stage_another_build_is_building_is_waited_for_then_reused(env):
+    import fcntl
+    import threading
+
+    client = FakeClient()
+    _build(client, env / "out")
+    rootfs = next(t for t in client.tags if t.startswith("maculaos-sdk/rootfs:"))
+    client.tags.discard(rootfs)  # as if never built ...
+    client.builds.clear()
+    lock = env / "cache" / "locks" / f"stage-{rootfs.split(':')[1]}.lock"
+    with lock.open("a+") as held:  # ... and another build is building it right now
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=_build, args=(client, env / "out2"))
+        waiting.start()
+        waiting.join(1.0)
+        assert waiting.is_alive() and client.builds == []
+        client.tags.add(rootfs)  # the other build finishes it
+    waiting.join(30)
+    assert not waiting.is_alive() and client.builds == []  # reused, not built twice
 
 
 def test_explain_names_the_changed_file_and_the_parent_stage_for_each_rebuilt_stage(env, monkeypatch):

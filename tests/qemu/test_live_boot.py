@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
+from maculaos_sdk.profile import load_profile
+
+from .conftest import OUT, build_once
+
 pytestmark = pytest.mark.qemu
+GRUB_PASSWORD = "maculaos-test-grub"  # tests/qemu/profiles/test-locked.yaml holds its pbkdf2 hash
+
+
+@pytest.fixture(scope="session")
+def locked_iso(tmp_path_factory) -> Path:
+    """The test profile's ISO with a GRUB superuser password (only the bootloader and ISO stages differ)."""
+    profile = load_profile(str(Path(__file__).parent / "profiles" / "test-locked.yaml"))
+    return build_once(tmp_path_factory, "locked-amd64", profile, OUT / "locked")["maculaos-test-0.1.0-amd64.iso"]
 
 
 def test_live_boot_bios(test_iso, make_machine, record_property):
@@ -58,3 +71,38 @@ def test_recovery_from_boot_menu_uefi(test_iso, make_machine):
     # the shell is PID 1 itself (the initrd's busybox): the OS's init never ran
     m.send_console("echo pid1=$(readlink /proc/1/exe) sum=$((6 * 7))\n")
     assert m.wait_for_console_text(r"pid1=(\S+) sum=(\d+)", timeout=30).groups() == ("/bin/busybox", "42")
+
+
+def _grub_login(m, password: str) -> None:
+    m.wait_for_console_text(r"Enter username: ", timeout=30)
+    m.send_console("root\n")
+    m.wait_for_console_text(r"Enter password: ", timeout=30)
+    m.send_console(password + "\n")
+
+
+def test_a_grub_password_locks_editing_and_recovery_and_still_boots_unattended(locked_iso, make_machine):
+    """With console.grub_password (required by --release), a person at the console cannot edit the kernel
+    line or open Recovery without the password; with it, Recovery opens; nobody at all: the default
+    entry boots by itself."""
+    m = make_machine(locked_iso, "locked-keys", test_channel=False)
+    m.start()
+    m.wait_for_console_text(r"MaculaOS \S+ \(live\)", timeout=60)
+    m.send_console("e")  # edit the highlighted entry: superuser only
+    _grub_login(m, "not-the-password")
+    m.wait_for_console_text(r"access denied", timeout=30)
+    m.send_console("r")  # Recovery is not --unrestricted either
+    _grub_login(m, "wrong-again")
+    m.wait_for_console_text(r"access denied", timeout=30)
+    assert "macula.mode=" not in m.console_text()  # no kernel started so far
+    m.send_console("r")
+    _grub_login(m, GRUB_PASSWORD)
+    m.wait_for_console_text(r"MaculaOS recovery shell", timeout=120)
+    m.wait_for_console_text(r"\(recovery\) # ", timeout=30)
+    m.close()
+
+    unattended = make_machine(locked_iso, "locked-unattended")
+    unattended.start()
+    unattended.wait_for_channel(timeout=180)
+    assert unattended.succeed("cat /proc/cmdline").count("macula.mode=live") == 1
+    assert "Enter username" not in unattended.console_text()
+    unattended.shutdown()
