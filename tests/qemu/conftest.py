@@ -19,7 +19,7 @@ from maculaos_sdk.paths import sdk_root
 from maculaos_sdk.profile import Profile, load_profile
 from maculaos_sdk.vm import VmConfig
 
-from .machine import cow_disk
+from .machine import cow_disk, guest_cpus
 from .maculaos import MaculaMachine
 
 OUT = Path(os.environ.get("MACULAOS_TEST_OUT", sdk_root() / "out"))
@@ -83,7 +83,7 @@ def booted_disk(test_disk: Path, tmp_path_factory: pytest.TempPathFactory) -> Sa
     start there resume this state (seconds) instead of each booting a fresh copy (about a minute)."""
     work = tmp_path_factory.mktemp("booted-disk")
     disk = cow_disk(test_disk, work / "disk-amd64.qcow2")
-    m = MaculaMachine("first-boot", VmConfig.for_image(disk), LOGS / "booted_disk")
+    m = MaculaMachine("first-boot", VmConfig.for_image(disk, cpus=guest_cpus()), LOGS / "booted_disk")
     try:
         m.start()
         assert m.wait_for_boot() == "A"
@@ -107,7 +107,7 @@ def make_machine(request: pytest.FixtureRequest) -> Iterator:
     def make(image: Path, name: str = "vm", **kw: object) -> MaculaMachine:
         test_channel = bool(kw.pop("test_channel", True))
         resume_from = kw.pop("resume_from", None)
-        cfg = VmConfig.for_image(image, **kw)  # type: ignore[arg-type]
+        cfg = VmConfig.for_image(image, **{"cpus": guest_cpus(), **kw})  # type: ignore[arg-type]
         m = MaculaMachine(name, cfg, workdir, test_channel=test_channel, resume_from=resume_from)  # type: ignore[arg-type]
         machines.append(m)
         return m

@@ -60,6 +60,14 @@ def stretch(timeout: float) -> float:
     return timeout * max(1.0, float(scale))
 
 
+def guest_cpus() -> int:
+    """vCPUs per test guest: the host's cores shared out among the parallel test workers (pytest -n), at
+    least 1 and at most 2. TCG runs each vCPU as a host thread; guests with more vCPUs than their share of
+    cores spin on locks whose holder is not running, and every boot gets slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, (os.cpu_count() or 1) // workers))
+
+
 class MachineError(AssertionError):
     """A wait ran out or a command's exit code was not what the test expected."""
 
