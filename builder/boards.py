@@ -47,6 +47,7 @@ class Board:
     disk_mb: int = 0  # default total disk / SD image size (0: just big enough; data grows on first boot)
     wireless: bool = False  # keeps wireless drivers and installs WIRELESS_PACKAGES: node-config `wifi:` applies
     suites: tuple[str, ...] = ()  # Debian suites whose kernel and U-Boot can boot it (empty: any)
+    kernel_pocket: str = ""  # the kernel comes from <suite><pocket> (e.g. -backports) instead of the suite
     vm_nic: str = "virtio-net-pci"  # how QEMU imitates its hardware (the dev VM and the boot tests):
     vm_disk: str = "virtio"  # the NIC model and the disk bus (virtio or nvme)
 
@@ -108,12 +109,12 @@ BOARDS: dict[str, Board] = {b.name: b for b in (
           initrd_modules=_PI_MODULES,
           keep_modules=("drivers/net/wireless/broadcom", "net/wireless", "net/mac80211"),
           serial={Architecture.arm64: "ttyS1"}, wireless=True),
-    Board("rpi5", "Raspberry Pi 5 (experimental: needs trixie's U-Boot and a 6.17+ kernel for SD, RP1, Ethernet)",
+    Board("rpi5", "Raspberry Pi 5 (experimental: trixie's U-Boot and trixie-backports' kernel for SD, RP1, Ethernet)",
           boot={Architecture.arm64: BootFlow.rpi_firmware},
           firmware_packages=_PI_FIRMWARE, components=("non-free-firmware",), firmware_keep=_PI_FIRMWARE_KEEP,
           initrd_modules=("sdhci-brcmstb", "mmc_block", "xhci_pci", "pcie-brcmstb"),
           keep_modules=("drivers/net/wireless/broadcom", "net/wireless", "net/mac80211"),
-          serial={Architecture.arm64: "ttyAMA10"}, wireless=True, suites=("trixie",)),
+          serial={Architecture.arm64: "ttyAMA10"}, wireless=True, suites=("trixie",), kernel_pocket="-backports"),
 )}
 
 

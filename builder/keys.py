@@ -66,16 +66,10 @@ def is_development_key(secret: Path) -> bool:
 
 
 def key_id(public_text: str) -> str:
-    """minisign's key id (as `minisign -V` prints it) of a public key file's text; '' if not one."""
-    import base64
-    import binascii
+    """minisign's key id of a public key file's text ('' if not one): the device's own parser, one place."""
+    from maculaos_device.manifest import key_id as device_key_id
 
-    lines = [line for line in public_text.splitlines() if line and not line.startswith("untrusted comment:")]
-    try:
-        raw = base64.b64decode(lines[0], validate=True)
-    except (IndexError, binascii.Error):
-        return ""
-    return raw[2:10][::-1].hex().upper() if len(raw) == 42 and raw[:2] == b"Ed" else ""
+    return device_key_id(public_text)
 
 
 def sign(file: Path, secret: Path, comment: str) -> Path:

@@ -32,6 +32,8 @@ INITRD_MODULES: dict[str, list[str]] = {
 # Packages the boot path itself needs, whatever the profile asks for.
 BOOT_PACKAGES = ["sysvinit-core", "openrc", "udev", "kmod", "iproute2", "ifupdown", "udhcpc", "procps",
                  "util-linux", "ca-certificates",
+                 # udev and openssh-server want a sysusers: this one, not trixie's whole systemd (10 MB)
+                 "systemd-standalone-sysusers",
                  # `maculaos install`: partition, format, verify
                  "fdisk", "dosfstools", "e2fsprogs",
                  # node config (config.yaml, the schema shared with the host), firewall, ssh

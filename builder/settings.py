@@ -46,7 +46,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Timestamp for every file in the image (env SOURCE_DATE_EPOCH wins); part of every stage id."),
     Setting("base_image", STR, None, "Use this existing local docker image as the base instead of bootstrapping.",
             pattern=r"[a-z0-9][a-z0-9._/-]*(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?(@sha256:[0-9a-f]{64})?"),
-    Setting("debian.suite", STR, "bookworm", "Debian suite the base is bootstrapped from (pinned).",
+    Setting("debian.suite", STR, "trixie", "Debian suite the base is bootstrapped from (pinned).",
             pattern=r"[a-z][a-z0-9-]*"),
     Setting("debian.mirror", STR, "http://deb.debian.org/debian", "Debian mirror for bootstrap and apt.",
             pattern=r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%+-]+)*/?"),

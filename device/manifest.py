@@ -20,6 +20,7 @@ SIGNED = ("manifest.json", "manifest.json.minisig")
 BUNDLE_FILES = SIGNED + PAYLOAD
 WORD = re.compile(r"[A-Za-z0-9._+~-]{1,64}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
+KEY_ID = re.compile(r"[0-9A-F]{16}")  # minisign's key id, as `minisign -V` prints it
 
 
 class ManifestError(ValueError):
@@ -40,6 +41,7 @@ class Manifest:
     board: str
     min_version: str
     files: dict[str, FileEntry]
+    signing_key_id: str = ""  # the key the SDK signed it with (bundles before 0.1.0's trixie builds: absent)
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,28 @@ def parse(raw: bytes) -> Manifest:
         raise ManifestError("field 'files' is not an object")
     return Manifest(profile=_word(data, "profile"), version=_version(data, "version"), arch=_word(data, "arch"),
                     board=_word(data, "board"), min_version=_version(data, "min_version"),
-                    files={name: _file(files.get(name), name) for name in PAYLOAD})
+                    files={name: _file(files.get(name), name) for name in PAYLOAD},
+                    signing_key_id=_key_id(data))
+
+
+def key_id(public_text: str) -> str:
+    """minisign's key id (as `minisign -V` prints it) of a public key file's text; '' if not one."""
+    import base64
+    import binascii
+
+    lines = [line for line in public_text.splitlines() if line and not line.startswith("untrusted comment:")]
+    try:
+        raw = base64.b64decode(lines[0], validate=True)
+    except (IndexError, binascii.Error):
+        return ""
+    return raw[2:10][::-1].hex().upper() if len(raw) == 42 and raw[:2] == b"Ed" else ""
+
+
+def _key_id(data: dict) -> str:
+    value = data.get("signing_key_id", "")
+    if value != "" and not (isinstance(value, str) and KEY_ID.fullmatch(value)):
+        raise ManifestError("field 'signing_key_id' is not a minisign key id")
+    return value
 
 
 def parse_slot_record(raw: bytes) -> SlotRecord:

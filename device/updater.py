@@ -167,6 +167,9 @@ def verify_bundle(dev: Device, src: Source) -> Manifest:
         m = manifest.parse(raw)
     except manifest.ManifestError as exc:
         raise DeviceError(f"manifest.json is not a valid bundle manifest ({exc}): refused") from None
+    ours = manifest.key_id(dev.update_key.read_text(errors="replace"))
+    if m.signing_key_id and m.signing_key_id != ours:
+        raise DeviceError(f"manifest names signing key {m.signing_key_id}, but this node's key is {ours}: refused")
     rel = dev.release()
     if m.arch != rel.get("MACULAOS_ARCH"):
         raise DeviceError(f"bundle is for {m.arch}, this machine is {rel.get('MACULAOS_ARCH')}: refused")

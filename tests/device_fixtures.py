@@ -9,6 +9,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from maculaos_device import manifest
 from maculaos_device.bootenv import BootEnv, EnvStore
 from maculaos_device.manifest import SlotRecord
 from maculaos_device.system import Device
@@ -72,7 +73,7 @@ def make_bundle(folder: Path, secret: Path, version: str, rootfs: bytes | None =
     for name, data in payload.items():
         (folder / name).write_bytes(data)
     m = {"format": 1, "name": "maculaos", "profile": "test", "version": version, "arch": "amd64", "board": "generic",
-         "min_version": "0.0.0",
+         "min_version": "0.0.0", "signing_key_id": manifest.key_id(secret.with_suffix(".pub").read_text()),
          "files": {n: {"size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in payload.items()}}
     m.update(overrides or {})
     (folder / "manifest.json").write_text(json.dumps(m))

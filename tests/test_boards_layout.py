@@ -37,7 +37,8 @@ def test_every_board_row_is_complete():
     ("name: x\narch: arm64\nboard: nuc\n", "board", "nuc is not built for arm64"),
     ("name: x\narch: arm64\nboard: rpi4\noutputs: [iso]\n", "outputs", "'iso' cannot boot on rpi4"),
     ("name: x\nboard: pi4\n", "board", "unknown value 'pi4'"),
-    ("name: x\narch: arm64\nboard: rpi5\n", "board", "rpi5 does not boot with Debian bookworm's kernel and U-Boot"),
+    ("name: x\narch: arm64\nboard: rpi5\ndebian:\n  suite: bookworm\n", "board",
+     "rpi5 does not boot with Debian bookworm's kernel and U-Boot"),
 ])
 def test_bad_board_combination_names_file_line_and_key(write_profile, text, key, message):
     path = write_profile(text)

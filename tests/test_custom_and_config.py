@@ -93,7 +93,7 @@ def test_config_reference_doc_is_generated_from_the_schema():
 
 def test_unknown_debian_packages_are_reported_before_building(write_profile, tmp_path, monkeypatch):
     monkeypatch.setenv("MACULAOS_SDK_CACHE", str(tmp_path / "cache"))
-    index = debian_index._index_file("http://deb.debian.org/debian", "bookworm", "main", "amd64")
+    index = debian_index._index_file("http://deb.debian.org/debian", "trixie", "main", "amd64")
     index.parent.mkdir(parents=True)
     from maculaos_sdk.plan import BOOT_PACKAGES
 
@@ -102,7 +102,7 @@ def test_unknown_debian_packages_are_reported_before_building(write_profile, tmp
     with pytest.raises(BadInputs) as exc:
         debian_index.check_packages(load_profile(str(path)), offline=True)
     lines = exc.value.render().splitlines()
-    assert lines[0].startswith(f"{path}:4: packages: 'opencv' is not a package in Debian bookworm")
+    assert lines[0].startswith(f"{path}:4: packages: 'opencv' is not a package in Debian trixie")
     assert lines[1].startswith(f"{path}:5: packages: 'tre'") and "did you mean `tree`?" in lines[1]
 
 

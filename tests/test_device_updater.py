@@ -236,6 +236,8 @@ def test_downgrades_and_replays_are_refused_unless_allowed(tmp_path, key, node):
     ("min_version", "0.2.0", "needs version >= 0.2.0"),
     ("version", ["0.2.0", "mkdir", "/tmp/pwned"], "not a valid bundle manifest"),
     ("version", "0.2.0; reboot", "not a valid bundle manifest"),
+    ("signing_key_id", "$(reboot)", "not a valid bundle manifest"),
+    ("signing_key_id", "0123456789ABCDEF", "manifest names signing key 0123456789ABCDEF, but this node's key is"),
     ("files", {"rootfs.squashfs": {"size": "1", "sha256": "0" * 64}}, "not a valid bundle manifest"),
 ])
 def test_a_signed_bundle_that_does_not_fit_this_node_is_refused_before_any_write(tmp_path, key, node, field, value,

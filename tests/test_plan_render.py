@@ -153,3 +153,15 @@ def test_vm_command_for_iso_and_disk(tmp_path):
     assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "-device" and cmd[i + 1].startswith("nvme")] == \
         ["nvme,serial=maculaos0,drive=disk0"]
     assert f"file={nuc_disk},format=qcow2,if=none,id=disk0" in cmd
+
+
+def test_rpi5_takes_its_kernel_from_backports_and_rpi4_from_the_suite(tmp_path):
+    """The Pi 5's SD, RP1 and Ethernet drivers are only in trixie-backports' kernel; the Pi 4 boots trixie's own."""
+    files = {}
+    for board in ("rpi4", "rpi5"):
+        plan = make_plan(load_profile("core", {"arch": "arm64", "board": board}), sde=SDE)
+        rendered = {r.key: r for r in render_plan(plan, tmp_path / board, "PUB\n")}
+        files[board] = (rendered["kernel"].context / "Dockerfile").read_text()
+    assert "--release trixie-backports" in files["rpi5"] and "Suites: %s\\n" in files["rpi5"]
+    assert '"trixie-backports"' in files["rpi5"]
+    assert "--release" not in files["rpi4"] and "backports" not in files["rpi4"]

@@ -2,7 +2,7 @@
 # Unpack a Debian kernel package into /out without its maintainer scripts (no initramfs-tools run),
 # drop pruned module folders, run depmod, and write the ordered initrd module list.
 set -eu
-pkg="" arch="" prune="" keep="" wanted=""
+pkg="" arch="" prune="" keep="" wanted="" release=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --package) pkg=$2; shift 2 ;;
@@ -10,17 +10,25 @@ while [ $# -gt 0 ]; do
     --prune) prune=$2; shift 2 ;;
     --keep) keep=$2; shift 2 ;;
     --initrd-modules) wanted=$2; shift 2 ;;
+    --release) release=$2; shift 2 ;;  # take the kernel from this suite (e.g. trixie-backports)
     *) echo "prepare-kernel: unknown option $1" >&2; exit 2 ;;
   esac
 done
 # A meta package (linux-image-amd64) points at the versioned image package: follow it.
 # (":$arch" names the target arch's package; on a cross build it is not the host's.)
-real=$(apt-cache depends --important "$pkg:$arch" | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+set -- ${release:+-o APT::Default-Release=$release}
+real=$(apt-cache "$@" depends --important "$pkg:$arch" | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
 real=${real%:*}
 [ -n "$real" ] || real=$pkg
 mkdir -p /tmp/deb /k /out && cd /tmp/deb
-apt-get download "$real:$arch"
+apt-get "$@" download "$real:$arch"
 dpkg-deb -x ./*.deb /k
+# bookworm's packages ship /lib/modules and /lib/firmware, trixie's (merged /usr) /usr/lib/...: one place here,
+# seen from both paths, since depmod and modprobe look where their own kmod was built to look.
+for d in modules firmware; do
+  if [ -d "/k/usr/lib/$d" ] && [ ! -e "/k/lib/$d" ]; then mkdir -p /k/lib && mv "/k/usr/lib/$d" "/k/lib/$d"; fi
+  if [ -d "/k/lib/$d" ] && [ ! -e "/k/usr/lib/$d" ]; then mkdir -p /k/usr/lib && ln -s "../../lib/$d" "/k/usr/lib/$d"; fi
+done
 kver=$(ls /k/lib/modules | head -n1)
 printf '%s\t%s\n' "$real" "$(dpkg-deb -f ./*.deb Version)" > /out/kernel-package.tsv
 echo "$kver" > /out/kernel-version
@@ -35,10 +43,26 @@ for m in $wanted; do
   if ! deps=$(modprobe -d /k -S "$kver" --show-depends "$m" 2>&1); then
     echo "prepare-kernel: initrd module '$m' not found in $real ($kver): $deps" >&2; exit 3
   fi
-  echo "$deps" | awk '$1 == "insmod" {print $2}' | sed "s#^/k/lib/modules/$kver/##" >> /out/initrd-modules.txt
+  # paths relative to the module folder, which kmod may name from either side of the /usr merge
+  echo "$deps" | awk -v kver="$kver" '$1 == "insmod" { p = $2
+    for (i = 1; i <= 2; i++) { pre = (i == 1 ? "/k/lib/modules/" : "/k/usr/lib/modules/") kver "/"
+      if (index(p, pre) == 1) p = substr(p, length(pre) + 1) }
+    print p }' >> /out/initrd-modules.txt
 done
 # keep first occurrence only: dependencies come before the modules that need them
 awk '!seen[$0]++' /out/initrd-modules.txt > /tmp/mods && mv /tmp/mods /out/initrd-modules.txt
+# The initrd's busybox insmod takes plain .ko files: trixie's xz-compressed ones are unpacked for it (the
+# rootfs keeps them compressed; kmod reads those). /out/initrd-modules/ holds them under the listed names.
+: > /tmp/mods
+while read -r mod; do
+  plain=${mod%.xz}; mkdir -p "/out/initrd-modules/$(dirname "$plain")"
+  case "$mod" in
+    *.xz) xz -dc "/k/lib/modules/$kver/$mod" > "/out/initrd-modules/$plain" ;;
+    *) cp "/k/lib/modules/$kver/$mod" "/out/initrd-modules/$plain" ;;
+  esac
+  echo "$plain" >> /tmp/mods
+done < /out/initrd-modules.txt
+mv /tmp/mods /out/initrd-modules.txt
 mkdir -p /out/lib/modules && mv /k/lib/modules/"$kver" /out/lib/modules/
 [ -d /k/lib/firmware ] && mkdir -p /out/lib && mv /k/lib/firmware /out/lib/ || true
 # Device trees (arm64): the Raspberry Pi firmware hands the board's to U-Boot and the kernel.

@@ -8,7 +8,7 @@ root=/initrd
 mkdir -p $root/bin $root/sbin $root/dev $root/proc $root/sys $root/run $root/newroot $root/tmp $root/mnt \
          $root/lib/modules $root/etc
 while read -r mod; do
-  install -D -m 0644 "/kernel/lib/modules/$kver/$mod" "$root/lib/modules/$mod"
+  install -D -m 0644 "/kernel/initrd-modules/$mod" "$root/lib/modules/$mod"
   echo "$mod" >> $root/lib/modules/order
 done < /kernel/initrd-modules.txt
 install -m 0755 /src/init $root/init
