@@ -6,6 +6,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from maculaos_device.manifest import key_id  # noqa: F401  (one parser of key ids, the device's)
+
 from . import ui
 from .errors import BadInput, BuildFailed
 from .paths import cache_dir
@@ -63,13 +65,6 @@ def signing_key(configured: str, override: Path | None = None, create: bool = Tr
 
 def is_development_key(secret: Path) -> bool:
     return secret.resolve() == (cache_dir() / "keys" / "dev.key").resolve()
-
-
-def key_id(public_text: str) -> str:
-    """minisign's key id of a public key file's text ('' if not one): the device's own parser, one place."""
-    from maculaos_device.manifest import key_id as device_key_id
-
-    return device_key_id(public_text)
 
 
 def sign(file: Path, secret: Path, comment: str) -> Path:

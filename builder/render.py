@@ -14,7 +14,7 @@ from typing import Any
 import jinja2
 import maculaos_device
 import yaml
-from maculaos_device import layout
+from maculaos_device import layout, manifest
 
 from .arch import Architecture
 from .boards import BootFlow
@@ -253,8 +253,7 @@ def render_stage(planned: PlannedStage, plan: BuildPlan, inputs: dict[str, Rende
                 pub.parent.mkdir(parents=True, exist_ok=True)
                 pub.write_text(update_public_key)
         elif source == "signing-key-id":  # the bundle manifest names the key that signs it (minisign's id)
-            from .keys import key_id
-            (context / "signing-key.id").write_text(key_id(update_public_key) + "\n")
+            (context / "signing-key.id").write_text(manifest.key_id(update_public_key) + "\n")
         elif source == "layout":  # the disk layout module the device's installer also uses
             shutil.copyfile(Path(str(layout.__file__)), context / "layout.py")
         elif source == "image-parts":  # shell helpers the disk and SD image stages share
