@@ -36,7 +36,8 @@ class Board:
     name: str
     description: str
     boot: dict[Architecture, BootFlow]  # the arches it exists for, and how each boots
-    firmware_packages: tuple[str, ...] = ()  # installed into the rootfs
+    firmware_packages: tuple[str, ...] = ()  # unpacked by the kernel stage; firmware_keep picks what is kept
+    firmware_renamed: dict[str, dict[str, str]] = field(default_factory=dict)  # suite -> {package: its name there}
     components: tuple[str, ...] = ()  # archive components those packages need
     initrd_modules: tuple[str, ...] = ()  # loaded by the initrd before it looks for the root
     keep_modules: tuple[str, ...] = ()  # module folders kept even when the profile prunes a parent
@@ -55,6 +56,11 @@ class Board:
     def packages(self) -> tuple[str, ...]:
         """Userland the board needs in its root filesystem besides the profile's packages."""
         return WIRELESS_PACKAGES if self.wireless else ()
+
+    def firmware_packages_for(self, suite: str) -> tuple[str, ...]:
+        """The firmware packages by the names `suite` gives them (trixie split firmware-misc-nonfree)."""
+        renamed = self.firmware_renamed.get(suite, {})
+        return tuple(renamed.get(p, p) for p in self.firmware_packages)
 
     @property
     def arches(self) -> tuple[Architecture, ...]:
@@ -93,6 +99,7 @@ BOARDS: dict[str, Board] = {b.name: b for b in (
     Board("nuc", "Intel NUC and similar x86 mini PCs: UEFI, Intel NIC/Wi-Fi/GPU firmware, early microcode",
           boot={Architecture.amd64: BootFlow.grub_efi},
           firmware_packages=("firmware-misc-nonfree", "firmware-iwlwifi", "firmware-realtek"),
+          firmware_renamed={"trixie": {"firmware-misc-nonfree": "firmware-intel-graphics"}},  # i915 moved there
           components=("non-free-firmware",),
           initrd_modules=("nvme", "ahci", "sd_mod", "e1000e", "igc", "r8169", "iTCO_wdt"),
           keep_modules=("drivers/net/wireless/intel", "drivers/gpu/drm/i915", "net/wireless", "net/mac80211"),

@@ -82,6 +82,10 @@ SETTINGS: tuple[Setting, ...] = (
             "editing an entry (the kernel line), the GRUB shell and Recovery ask for it. Required by "
             "`build-image --release`.",
             pattern=r"grub\.pbkdf2\.sha512\.[0-9]{1,7}\.[0-9A-F]{16,256}\.[0-9A-F]{16,256}"),
+    Setting("console.recovery_password", STR, "", "Root password of the recovery shell, as a SHA-512 crypt hash "
+            "(`mkpasswd -m sha-512` prints it). Set, Recovery asks for it before the shell; unset, Recovery's console "
+            "stays locked unless console.autologin is set (its sshd still takes the node config's keys).",
+            pattern=r"\$6\$(rounds=[0-9]{4,9}\$)?[./A-Za-z0-9]{1,16}\$[./A-Za-z0-9]{86}"),
     Setting("iso.volume_id", STR, "MACULAOS", "ISO 9660 volume id.", pattern=r"[A-Z0-9_]{1,32}"),
     Setting("iso.timeout", INT, 3, "Seconds the GRUB menu waits before booting the default entry."),
     Setting("disk.esp_mb", INT, layout.ESP_MB,

@@ -203,7 +203,9 @@ def grow_data(dev: Device) -> None:
             new = int(fields["size"].strip())
     if new is None:
         raise DeviceError(f"{part} is gone from the partition table of {disk_node}")
-    run(["resizepart", disk_node, str(n), str(new)], f"telling the kernel the new size of {part}")
+    # partx (util-linux proper; resizepart moved to util-linux-extra in trixie) re-reads the table for partition n
+    # and resizes the kernel's view of it in place (BLKPG), while it is mounted
+    run(["partx", "--update", "--nr", str(n), disk_node], f"telling the kernel the new size of {part}")
     run(["resize2fs", str(part)], f"resize2fs {part}")
     log(f"data partition {part}: now {new // 2048} MiB")
 

@@ -38,6 +38,11 @@ SLOTS = ("A", "B")
 DATA_BINDS = (("maculaos", "var/lib/maculaos"), ("rancher", "var/lib/rancher"), ("home", "home"),
               ("data", "var/lib/data"))
 ETC_OVERLAY = ("overlay/etc/upper", "overlay/etc/work")
+# The only /etc files that outlive a reboot (shell patterns under /etc). At every boot the initrd copies these
+# from the persistent /etc overlay into a fresh upper layer and drops the rest, so neither a compromised root
+# nor an offline write keeps init scripts, keys, whiteouts or opaque folders in /etc. Settings belong in the
+# node config (the data partition), which is validated at every boot.
+ETC_PERSIST = ("machine-id", "ssh/ssh_host_*_key", "ssh/ssh_host_*_key.pub", "rancher/node/password")
 
 # Built disk images carry fixed ids (reproducible bytes); `maculaos install` lets sfdisk make fresh ones.
 FIXED_DISK_ID = "4D41434C-0000-4000-8000-000000000000"

@@ -15,6 +15,10 @@ from pathlib import Path
 
 from . import layout
 
+# Every program the device code runs. tests/test_device_commands.py checks that each run([...]) in the device
+# code names one of these; the rootfs stage refuses to build an image that lacks one of them.
+COMMANDS = ("blockdev", "minisign", "mkfs.ext4", "mkfs.vfat", "mount", "partx", "poweroff", "reboot", "resize2fs",
+            "sfdisk", "sync", "umount")
 HEALTH_HOOK_SECONDS = 120
 LOCK_SECONDS = 600
 

@@ -180,3 +180,16 @@ def test_iso_size_limit_allows_what_the_board_firmware_adds(tmp_path):
     _check_size(iso, 150, BOARDS["generic"], Architecture.arm64)  # the arm64 kernel is an uncompressed Image
     with pytest.raises(BuildFailed, match=r"over size.iso_max_mb=130 \+ 32 for the arm64 kernel$"):
         _check_size(iso, 130, BOARDS["generic"], Architecture.arm64)
+
+
+def test_nuc_firmware_packages_follow_the_suites_names(tmp_path):
+    """trixie moved i915's firmware out of firmware-misc-nonfree; the NUC image lost its GPU firmware."""
+    from maculaos_sdk.build import render_plan
+    from maculaos_sdk.plan import make_plan
+
+    for suite, package in (("trixie", "firmware-intel-graphics"), ("bookworm", "firmware-misc-nonfree")):
+        profile = load_profile("core", {"board": "nuc", "debian.suite": suite})
+        render_plan(make_plan(profile, sde=1735689600), tmp_path / suite, "PUB\n")
+        line = next(x for x in (tmp_path / suite / "kernel" / "Dockerfile").read_text().splitlines()
+                    if "apt-get download" in x)
+        assert package in line.split() and "firmware-iwlwifi" in line.split(), line

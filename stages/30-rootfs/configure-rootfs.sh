@@ -41,6 +41,12 @@ if rc-update del networking sysinit 2>/dev/null; then rc-update add networking d
 sed -i 's/^#\?rc_parallel=.*/rc_parallel="YES"/' /etc/rc.conf
 
 ln -sf ../usr/lib/os-release /etc/os-release
+# every program the on-device tool runs is in the image (trixie moved resizepart out of util-linux unnoticed)
+python3 -I -c 'import shutil, sys; sys.path.insert(0, "/usr/lib/maculaos")
+from maculaos_device.system import COMMANDS
+missing = [c for c in COMMANDS if not shutil.which(c)]
+if missing:
+    sys.exit("configure-rootfs: the image lacks " + " ".join(missing) + " (maculaos_device.system.COMMANDS)")'
 # maculaos runs from the read-only root: its bytecode is compiled here (hash-checked, reproducible)
 python3 -m compileall -q --invalidation-mode unchecked-hash /usr/lib/maculaos
 rm -f /etc/ssh/ssh_host_*  # generated per machine at first boot, never baked in

@@ -16,6 +16,7 @@ install -m 0755 /src/udhcpc.script $root/etc/udhcpc.script
 mkdir -p $root/etc/dropbear $root/root
 echo 'root:x:0:0:root:/root:/bin/sh' > $root/etc/passwd
 echo 'root:x:0:' > $root/etc/group
+install -m 0600 /src/shadow $root/etc/shadow  # root's recovery password hash, or ! (none)
 echo /bin/sh > $root/etc/shells
 echo "$kver" > $root/etc/kernel-version
 mkdir -p /out

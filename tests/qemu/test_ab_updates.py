@@ -98,12 +98,22 @@ def test_installed_disk_boots_slot_a_with_persistent_data_and_recovery(disk_mach
     assert s["slots"] == {"A": {"version": "0.1.0"}, "B": {"version": None}}
     mounts = m.succeed("cat /proc/mounts")
     assert " /var/lib/maculaos ext4 " in mounts and " /etc overlay " in mounts
-    m.succeed("echo kept > /var/lib/maculaos/marker && echo etc-kept > /etc/maculaos/marker && sync")
-    # the firewall fails closed: with the config service gone (kept off through the persistent /etc), the
-    # boot-time table still drops what comes in (SSH too) and what would be forwarded
-    m.succeed("rc-update del maculaos-config default && sync")
+    host_key = m.succeed("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
+    # what a compromised root would plant in /etc: a marker, an init script in the default runlevel, and the
+    # config service taken out of it
+    m.succeed("echo kept > /var/lib/maculaos/marker && echo planted > /etc/maculaos/marker"
+              " && cp /etc/init.d/maculaos-confirm /etc/init.d/planted && rc-update add planted default"
+              " && rc-update del maculaos-config default && sync")
+    # the firewall fails closed: a node config that cannot be read, nor its last good copy, stops maculaos-config
+    # with an error, and the boot-time table still drops what comes in (SSH too) and what would be forwarded
+    m.succeed("echo 'maculaos: [' > /var/lib/maculaos/config.yaml"
+              " && echo '{' > /var/lib/maculaos/config.last-good.json && sync")
     assert m.reboot() == "A"
-    assert m.succeed("cat /var/lib/maculaos/marker /etc/maculaos/marker") == "kept\netc-kept\n"
+    assert m.succeed("cat /var/lib/maculaos/marker") == "kept\n"
+    # only the allow-listed /etc files (layout.ETC_PERSIST) outlived the reboot: the host key did, nothing else
+    m.succeed("test ! -e /etc/maculaos/marker && test ! -e /etc/init.d/planted"
+              " && test ! -e /etc/runlevels/default/planted && test -L /etc/runlevels/default/maculaos-config")
+    assert m.succeed("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub") == host_key
     m.wait_until_booted()
     ruleset = json.loads(m.succeed("nft -j list table inet maculaos"))
     assert accepted_ports(ruleset) == {"policy": "drop", "tcp": set(), "udp": {68}}
@@ -293,15 +303,16 @@ def test_tampered_bundles_are_refused_with_nothing_written(disk_machine, bundle_
 
 def test_factory_reset_wipes_node_state_and_keeps_os_and_user_data(disk_machine):
     m = disk_machine()
-    m.succeed("mkdir -p /var/lib/rancher/k3s /etc/maculaos && echo a > /var/lib/maculaos/config.yaml"
-              " && echo b > /var/lib/rancher/k3s/state && echo c > /var/lib/data/user-file"
-              " && echo d > /etc/maculaos/local.conf && sync")
+    host_key = m.succeed("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")  # kept by reboots (ETC_PERSIST)
+    m.succeed("mkdir -p /var/lib/rancher/k3s && echo a > /var/lib/maculaos/config.yaml"
+              " && echo b > /var/lib/rancher/k3s/state && echo c > /var/lib/data/user-file && sync")
     assert "--confirm" in m.fail("maculaos factory-reset")  # refuses without --confirm
     m.send_channel_nowait("maculaos factory-reset --confirm --keep-data")
     assert m.wait_for_boot() == "A"
     m.wait_for_console_text(r"factory reset: wiping node state", timeout=30)
-    m.succeed("test ! -e /var/lib/maculaos/config.yaml && test ! -e /var/lib/rancher/k3s/state"
-              " && test ! -e /etc/maculaos/local.conf")
+    m.succeed("test ! -e /var/lib/maculaos/config.yaml && test ! -e /var/lib/rancher/k3s/state")
+    m.wait_until_succeeds("test -e /run/maculaos/config.applied", timeout=120)
+    assert m.succeed("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub") != host_key  # a new node identity
     assert m.succeed("cat /var/lib/data/user-file") == "c\n"
     s = m.upgrade_status()
     assert (s["booted"], s["active"], s["version"]) == ("A", "A", "0.1.0")

@@ -13,11 +13,13 @@ from .conftest import OUT, build_once
 
 pytestmark = pytest.mark.qemu
 GRUB_PASSWORD = "maculaos-test-grub"  # tests/qemu/profiles/test-locked.yaml holds its pbkdf2 hash
+RECOVERY_PASSWORD = "maculaos-test-recovery"  # and this one's SHA-512 crypt hash
 
 
 @pytest.fixture(scope="session")
 def locked_iso(tmp_path_factory) -> Path:
-    """The test profile's ISO with a GRUB superuser password (only the bootloader and ISO stages differ)."""
+    """The test profile's ISO with a GRUB superuser password and a recovery password (the initrd, bootloader and
+    ISO stages differ)."""
     profile = load_profile(str(Path(__file__).parent / "profiles" / "test-locked.yaml"))
     return build_once(tmp_path_factory, "locked-amd64", profile, OUT / "locked")["maculaos-test-0.1.0-amd64.iso"]
 
@@ -82,8 +84,8 @@ def _grub_login(m, password: str) -> None:
 
 def test_a_grub_password_locks_editing_and_recovery_and_still_boots_unattended(locked_iso, make_machine):
     """With console.grub_password (required by --release), a person at the console cannot edit the kernel
-    line or open Recovery without the password; with it, Recovery opens; nobody at all: the default
-    entry boots by itself."""
+    line or open Recovery without the password; with it, Recovery asks for the recovery password before its
+    shell; nobody at all: the default entry boots by itself."""
     m = make_machine(locked_iso, "locked-keys", test_channel=False)
     m.start()
     m.wait_for_console_text(r"MaculaOS \S+ \(live\)", timeout=60)
@@ -97,7 +99,16 @@ def test_a_grub_password_locks_editing_and_recovery_and_still_boots_unattended(l
     m.send_console("r")
     _grub_login(m, GRUB_PASSWORD)
     m.wait_for_console_text(r"MaculaOS recovery shell", timeout=120)
-    m.wait_for_console_text(r"\(recovery\) # ", timeout=30)
+    # past GRUB, the recovery shell itself asks for root's recovery password (console.recovery_password)
+    m.wait_for_console_text(r"Give root password", timeout=60)
+    m.send_console("not-the-recovery-password\n")
+    m.wait_for_console_text(r"Login incorrect", timeout=60)
+    assert "(recovery) # " not in m.console_text()
+    m.wait_for_console_text(r"Give root password[^\n]*\n[^\n]*Ctrl-D[^\n]*: $", timeout=60)
+    m.send_console(RECOVERY_PASSWORD + "\n")
+    m.wait_for_console_text(r"\(recovery\) # ", timeout=60)
+    m.send_console("echo pid1=$(readlink /proc/1/exe) sum=$((6 * 7))\n")
+    assert m.wait_for_console_text(r"pid1=(\S+) sum=(\d+)", timeout=30).groups() == ("/bin/busybox", "42")
     m.close()
 
     unattended = make_machine(locked_iso, "locked-unattended")
