@@ -20,10 +20,15 @@ from maculaos_sdk.plan import make_plan
 from maculaos_sdk.profile import load_profile
 
 
+def rendered_initrd(tmp_path: Path, profile: str) -> tuple[str, str]:
+    """The initrd stage's /init and /etc/shadow, rendered for `profile`."""
+    render_plan(make_plan(load_profile(profile), sde=1735689600), tmp_path / "ctx", "PUB\n")
+    folder = tmp_path / "ctx" / "initrd"
+    return (folder / "init").read_text(), (folder / "shadow").read_text()
+
+
 def init_functions(tmp_path: Path) -> str:
-    plan = make_plan(load_profile("core"), sde=1735689600)
-    render_plan(plan, tmp_path / "ctx", "PUB\n")
-    init = (tmp_path / "ctx" / "initrd" / "init").read_text()
+    init, _ = rendered_initrd(tmp_path, "core")
     return init[init.index("keep_file() {"):init.index("mount_overlay_root() {")]
 
 
@@ -78,12 +83,6 @@ def test_the_allow_list_is_in_the_layout_module():
 
 
 LOCKED = Path(__file__).parent / "qemu" / "profiles" / "test-locked.yaml"
-
-
-def rendered_initrd(tmp_path: Path, profile: str) -> tuple[str, str]:
-    render_plan(make_plan(load_profile(profile), sde=1735689600), tmp_path / "ctx", "PUB\n")
-    folder = tmp_path / "ctx" / "initrd"
-    return (folder / "init").read_text(), (folder / "shadow").read_text()
 
 
 def test_recovery_asks_for_the_profiles_password(tmp_path):
