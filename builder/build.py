@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,7 @@ class BuildOptions:
     check_packages: bool = True  # look the package names up in Debian's index before building
     release: bool = False  # a release: a real signing key, no console autologin
     explain: bool = False  # say why each stage that is not cached is built
+    jobs: int = field(default_factory=lambda: os.cpu_count() or 1)  # stages built at the same time
 
 
 @dataclass
@@ -116,7 +119,8 @@ def _build_stage(engine: Engine, r: RenderedStage, plan: BuildPlan, log_path: Pa
                 bootstrap(params, tarball, log)
             os.link(tarball, r.context / "rootfs.tar")
         replaced = engine.image_id(r.image)  # --no-cache rebuilds a present tag; the old image loses it
-        steps = engine.build(r.context, r.image, log, platform=r.platform, no_cache=no_cache,
+        steps = engine.build(r.context, r.image, log, platform=r.platform, emulated=r.emulated,
+                             no_cache=no_cache,
                              labels={LABEL_STAGE_ID: r.stage_id, gc.LABEL_STAGE: r.meta.name})
     # A multi-stage build leaves its earlier stages as untagged images that no later build reuses
     # (stage ids change with any input); only the tagged image and its own layers are the cache.
@@ -180,18 +184,48 @@ def resolve_inputs(plan: BuildPlan, options: BuildOptions, engine: Engine | None
 
 def build_stages(engine: Engine, rendered: list[RenderedStage], options: BuildOptions, logs: Path,
                  plan: BuildPlan) -> list[StageResult]:
-    """Build each stage whose image is not cached, in plan order. A stage another build is building
-    right now (same id) is waited for, then reused."""
-    results: list[StageResult] = []
-    space = {"checked": False, "keep": {r.image for r in rendered}}
-    for r in rendered:
+    """Build each stage whose image is not cached, up to `options.jobs` at once, each as soon as the stages
+    it reads are done. A stage another build is building right now (same id) is waited for, then reused.
+    After a failure no new stage starts; the ones running finish (and stay cached), then the failure is raised."""
+    if any(options.no_cache or not engine.has_image(r.image) for r in rendered):
+        ensure_space(engine, {r.image for r in rendered})
+    needs = {r.key: {key for _, key in r.planned.inputs} for r in rendered}
+    waiting, results = list(rendered), {}
+    finished: queue.Queue[tuple[str, StageResult | BaseException]] = queue.Queue()
+    running: set[str] = set()
+    failure: BaseException | None = None
+    with ui.Activity() as activity:
+        while waiting or running:
+            ready = [r for r in waiting if needs[r.key] <= results.keys()] if failure is None else []
+            for r in ready[:max(0, options.jobs - len(running))]:
+                waiting.remove(r)
+                running.add(r.key)
+                threading.Thread(target=_stage_worker, daemon=True, name=f"stage-{r.key}",
+                                 args=(engine, r, options, logs, plan, activity, finished)).start()
+            if not running:
+                break
+            key, outcome = finished.get()
+            running.discard(key)
+            if isinstance(outcome, StageResult):
+                results[key] = outcome
+            elif failure is None:
+                failure = outcome
+    if failure is not None:
+        raise failure
+    return [results[r.key] for r in rendered]
+
+
+def _stage_worker(engine: Engine, r: RenderedStage, options: BuildOptions, logs: Path, plan: BuildPlan,
+                  activity: ui.Activity, finished: queue.Queue[tuple[str, StageResult | BaseException]]) -> None:
+    try:
         with cache_lock(f"stage-{r.stage_id[:32]}", f"another build's {r.key} stage"):
-            results.append(_build_or_reuse(engine, r, options, logs, plan, space))
-    return results
+            finished.put((r.key, _build_or_reuse(engine, r, options, logs, plan, activity)))
+    except BaseException as exc:  # noqa: BLE001 - handed to the scheduler, which raises it
+        finished.put((r.key, exc))
 
 
 def _build_or_reuse(engine: Engine, r: RenderedStage, options: BuildOptions, logs: Path, plan: BuildPlan,
-                    space: dict[str, Any]) -> StageResult:
+                    activity: ui.Activity) -> StageResult:
     t0 = time.monotonic()
     if not options.no_cache and engine.has_image(r.image):
         ui.stage_line(r.key, "cached", 0.0, r.image)
@@ -200,12 +234,9 @@ def _build_or_reuse(engine: Engine, r: RenderedStage, options: BuildOptions, log
         return StageResult(r, True, 0.0)
     if options.explain:
         ui.info(f"  {r.key:<10} [dim]rebuilds: {escape(explain.why(plan.basename, r, options.no_cache))}[/]")
-    if not space["checked"]:
-        ensure_space(engine, space["keep"])
-        space["checked"] = True
     log_path = logs / f"{r.label}.log"
     try:
-        with ui.console.status(f"  {r.key:<10} building ... (log: {log_path})"):
+        with activity.building(r.key, log_path):
             _build_stage(engine, r, plan, log_path, options.no_cache)
     except BuildFailed as exc:
         ui.stage_line(r.key, "failed", time.monotonic() - t0, str(log_path))

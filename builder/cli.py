@@ -19,6 +19,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--board", help="override the profile's board (`maculaos-sdk profile keys` lists them)")
     p.add_argument("--output", "-o", type=Path, default=Path("out"), help="output folder (default: out)")
     p.add_argument("--no-cache", action="store_true", help="rebuild every stage")
+    p.add_argument("--jobs", "-j", type=_positive, default=None, metavar="N",
+                   help="stages built at the same time (default: the number of CPUs)")
     p.add_argument("--explain", action="store_true", help="say, for every stage not reused from the cache, what "
                    "changed since this profile last built it (files, parent stages, arch, date); --debug too")
     p.add_argument("--signing-key", type=Path, help="minisign secret key for update bundles (its .pub goes into the "
@@ -32,6 +34,12 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_build)
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from .build import BuildOptions, build_image
     from .profile import load_profile
@@ -40,6 +48,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     options = BuildOptions(output=args.output, no_cache=args.no_cache, dry_run=args.dry_run,
                            signing_key=args.signing_key, offline=args.offline, release=args.release,
                            explain=args.explain or getattr(args, "debug", False))
+    if args.jobs:
+        options.jobs = args.jobs
     result = build_image(profile, options)
     for path in result.artifacts.values():
         ui.info(f"[bold green]→[/] {path}")

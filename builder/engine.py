@@ -125,14 +125,14 @@ class Engine:
         except Exception:
             return None
 
-    def build(self, context: Path, tag: str, log: IO[str], *, platform: str | None, no_cache: bool,
+    def build(self, context: Path, tag: str, log: IO[str], *, platform: str | None, emulated: bool, no_cache: bool,
               labels: dict[str, str], deadlines: Deadlines | None = None) -> list[str]:
         """Build `context/Dockerfile` as `tag`, streaming the engine's output into `log`.
 
         A step that passes a deadline is stopped and the build fails saying so; the cache keeps every
         stage built before it. Returns the ids of the images the build's steps left, in order (the last
         is the tagged one)."""
-        with _Watchdog(self.client, deadlines or Deadlines.for_stage(platform is not None)) as watchdog:
+        with _Watchdog(self.client, deadlines or Deadlines.for_stage(emulated)) as watchdog:
             return self._build(context, tag, log, platform=platform, no_cache=no_cache, labels=labels,
                                watchdog=watchdog)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from rich.console import Console
+from rich.status import Status
 
 console = Console(stderr=True, highlight=False)
 
@@ -17,6 +20,48 @@ def stage_line(name: str, state: str, seconds: float | None = None, detail: str 
     """Print `  <name>  <state>  <duration>  <detail>`."""
     took = f"{seconds:6.1f}s" if seconds is not None else "       "
     console.print(f"  [bold]{name:<10}[/] [{_STYLE.get(state, 'white')}]{state:<9}[/] {took}  [dim]{detail}[/]")
+
+
+class Activity:
+    """The one status line (rich shows one live display at a time) naming every stage being built now."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._logs: dict[str, Path] = {}
+        self._status: Status | None = None
+
+    def __enter__(self) -> Activity:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._logs.clear()
+            self._show()
+
+    @contextmanager
+    def building(self, name: str, log: Path) -> Iterator[None]:
+        with self._lock:
+            self._logs[name] = log
+            self._show()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._logs.pop(name, None)
+                self._show()
+
+    def _show(self) -> None:
+        if not self._logs:
+            if self._status is not None:
+                self._status.stop()
+                self._status = None
+            return
+        text = "  building " + ", ".join(f"{name} (log: {log})" for name, log in self._logs.items())
+        if self._status is None:
+            self._status = console.status(text)
+            self._status.start()
+        else:
+            self._status.update(text)
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -106,8 +107,10 @@ class FakeApi:
             yield {"error": "The command '/bin/sh -c false' returned a non-zero code: 1"}
             return
         assert "FROM" in dockerfile
+        if stage in self.client.together:  # these stages must be building at the same time
+            self.client.together_barrier.wait(timeout=10)
         yield {"stream": f"building {stage}\n"}
-        step = f"{len(self.client.builds):012x}"  # an earlier stage's image, left untagged
+        step = hashlib.sha256(kw["tag"].encode()).hexdigest()[:12]  # an earlier stage's image, left untagged
         self.client.untagged.add(step)
         yield {"stream": f" ---> {step}\n"}
         self.client.tags.add(kw["tag"])
@@ -122,6 +125,8 @@ class FakeClient:
         self.interrupt_at: str | None = None
         self.fail_at: str | None = None
         self.hang_at: str | None = None
+        self.together: set[str] = set()
+        self.together_barrier = threading.Barrier(2)
         self.images = FakeImages(self)
         self.containers = FakeContainers()
         self.api = FakeApi(self)
@@ -141,15 +146,18 @@ def env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _build(client, out, profile="core"):
-    return build_image(load_profile(profile), BuildOptions(output=out, check_packages=False), engine=Engine(client))
+def _build(client, out, profile="core", jobs=2):
+    return build_image(load_profile(profile), BuildOptions(output=out, check_packages=False, jobs=jobs),
+                       engine=Engine(client))
 
 
 def test_cold_build_builds_every_stage_in_order_and_exports(env):
     client = FakeClient()
     result = _build(client, env / "out")
     stages = [b["labels"]["io.maculaos.stage"] for b in client.builds]
-    assert stages == ["base", "tools", "kernel", "initrd", "rootfs", "squashfs", "bootloader", "iso"]
+    assert sorted(stages) == sorted(["base", "tools", "kernel", "initrd", "rootfs", "squashfs", "bootloader", "iso"])
+    for planned in result.plan.stages:  # each stage is built after every stage it reads
+        assert all(stages.index(key) < stages.index(planned.key) for _, key in planned.inputs), (planned.key, stages)
     assert all(b["pull"] is False and b["platform"] is None for b in client.builds)
     assert all(b["tag"].startswith(f"maculaos-sdk/{s}:") for b, s in zip(client.builds, stages, strict=True))
     iso = env / "out" / "maculaos-core-0.1.0-amd64.iso"
@@ -294,8 +302,9 @@ def test_interrupted_build_resumes_at_the_interrupted_stage(env):
     client.builds.clear()
     _build(client, env / "out")
     rebuilt = [b["labels"]["io.maculaos.stage"] for b in client.builds]
-    assert built_before[-1] == "rootfs"
-    assert rebuilt == ["rootfs", "squashfs", "bootloader", "iso"]
+    assert "rootfs" in built_before and not {"squashfs", "iso"} & set(built_before)
+    # what finished before the interrupt (initrd and bootloader may have, beside rootfs) is not built again
+    assert set(rebuilt) == {"rootfs", "squashfs", "iso"} | ({"initrd", "bootloader"} - set(built_before))
 
 
 def test_failed_stage_reports_engine_error(env):
@@ -409,3 +418,29 @@ def test_gc_dry_run_lists_but_removes_nothing(env, monkeypatch):
     done = gc.collect(client, set(), 0, dry_run=True)
     assert {i.ref for i in done.removed} == tags and client.tags == tags
     assert sorted((env / "state" / "used").iterdir()) == markers
+
+
+def test_independent_stages_build_at_the_same_time(env):
+    client = FakeClient()
+    client.together = {"tools", "kernel"}  # both read only base: with two jobs they meet at the barrier
+    _build(client, env / "out", jobs=2)
+    assert not client.together_barrier.broken
+
+
+def test_one_job_builds_one_stage_at_a_time(env):
+    client = FakeClient()
+    client.together = {"tools", "kernel"}
+    client.together_barrier = threading.Barrier(2, timeout=0.5)
+    with pytest.raises(threading.BrokenBarrierError):
+        _build(client, env / "out", jobs=1)
+
+
+def test_after_a_failed_stage_nothing_that_reads_it_starts_and_running_stages_finish(env):
+    client = FakeClient()
+    client.fail_at = "kernel"
+    with pytest.raises(BuildFailed) as exc:
+        _build(client, env / "out", jobs=2)
+    assert exc.value.message.startswith("stage kernel: ")
+    built = [b["labels"]["io.maculaos.stage"] for b in client.builds]
+    assert "tools" in built and not {"initrd", "rootfs", "squashfs", "iso"} & set(built), built
+    assert any(tag.startswith("maculaos-sdk/tools:") for tag in client.tags)  # finished, so cached

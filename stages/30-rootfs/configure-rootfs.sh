@@ -47,6 +47,13 @@ from maculaos_device.system import COMMANDS
 missing = [c for c in COMMANDS if not shutil.which(c)]
 if missing:
     sys.exit("configure-rootfs: the image lacks " + " ".join(missing) + " (maculaos_device.system.COMMANDS)")'
+# The standard library's bytecode comes from the native step (native-steps.sh); a Python version the tools
+# image lacks is compiled here, by the image's own interpreter.
+if [ -f /.maculaos-build/python-not-compiled ]; then
+  while read -r py; do
+    "$py" -m compileall -q --invalidation-mode unchecked-hash "/usr/lib/$py" /usr/lib/python3/dist-packages
+  done < /.maculaos-build/python-not-compiled
+fi
 # maculaos runs from the read-only root: its bytecode is compiled here (hash-checked, reproducible)
 python3 -m compileall -q --invalidation-mode unchecked-hash /usr/lib/maculaos
 rm -f /etc/ssh/ssh_host_*  # generated per machine at first boot, never baked in

@@ -54,3 +54,14 @@ def accepted_ports(ruleset: dict, chain: str = "input") -> dict[str, object]:
                 ports = right["set"] if isinstance(right, dict) else [right]
                 found[payload["protocol"]] |= set(ports)  # type: ignore[operator]
     return found
+
+
+def check_native_step_outputs(m: Machine) -> None:
+    """What the rootfs stage's native step made in place of the packages' (emulated) postinst work is there
+    and used: Python imports the standard library from the squashfs's bytecode (nothing new is compiled into
+    the writable layer), udev finds devices in hwdb.bin, and TLS trusts the CA bundle."""
+    m.succeed("python3 -c 'import json, ssl, yaml, email.parser, asyncio'")
+    assert m.succeed("find /run/maculaos/rw/upper -name '*.pyc'") == ""
+    assert "ID_VENDOR_FROM_DATABASE=Linux Foundation" in m.succeed("systemd-hwdb query usb:v1D6Bp0002")
+    trusted = m.succeed("python3 -c 'import ssl; print(ssl.create_default_context().cert_store_stats()[\"x509_ca\"])'")
+    assert int(trusted) > 100, trusted

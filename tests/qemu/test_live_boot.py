@@ -10,6 +10,7 @@ import pytest
 from maculaos_sdk.profile import load_profile
 
 from .conftest import OUT, build_once
+from .maculaos import check_native_step_outputs
 
 pytestmark = pytest.mark.qemu
 GRUB_PASSWORD = "maculaos-test-grub"  # tests/qemu/profiles/test-locked.yaml holds its pbkdf2 hash
@@ -60,6 +61,7 @@ def test_live_boot_bios(test_iso, make_machine, record_property):
     m.wait_until_succeeds("ip -4 -o addr show dev eth0 | grep -q 'inet 10.0.2.15/'", timeout=60)
     assert "started" in m.succeed("rc-service maculaos-testchannel status")
     assert m.succeed("cat /proc/1/comm").strip() == "init"
+    check_native_step_outputs(m)
     m.shutdown()
 
 

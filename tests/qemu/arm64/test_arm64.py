@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ..machine import cow_disk
+from ..maculaos import check_native_step_outputs
 from ..test_ab_updates import QuietHandler
 
 pytestmark = pytest.mark.qemu
@@ -44,6 +45,7 @@ def test_arm64_live_iso_boots_to_a_shell_under_uefi(arm64_build, make_machine, r
     assert [x[2] for x in mounts if x[1] == "/"][-1] == "overlay"
     assert [x[2] for x in mounts if x[1] == "/run/maculaos/lower"] == ["squashfs"]
     assert "console=ttyAMA0,115200" in m.succeed("cat /proc/cmdline")
+    check_native_step_outputs(m)
     m.shutdown()
 
 
