@@ -5,7 +5,7 @@
 # 124 s of the base's bootstrap), SSH host keys that configure-rootfs deletes anyway 40 s, and the systemd
 # unit bookkeeping of deb-systemd-helper, which an OpenRC system never reads. The rootfs stage's native step
 # (native-steps.sh, in the build host's tools image) makes the bytecode, hwdb.bin and the CA bundle instead.
-#   stand-ins.sh add PY   before apt-get install (PY: the python3.N the packages bring, or "-")
+#   stand-ins.sh add PY   before apt-get install (PY: the python3.N that python3-minimal pre-depends on)
 #   stand-ins.sh remove   after it: each diverted program is the package's own again
 # Run by the native busybox sh (see native-shell.j2); the programs it calls are the image's.
 set -eu
@@ -25,13 +25,15 @@ divert() {  # divert() PATH SCRIPT-BODY: the package's file goes to PATH.maculao
 add() {
   mkdir -p /.maculaos-build /etc/ssh
   : > "$LIST"
+  case "$1" in
+    python3.[0-9]*) ;;
+    *) echo "stand-ins: '$1' is not a python3.N name (apt-cache depends python3-minimal)" >&2; exit 3 ;;
+  esac
   for prog in $PROGRAMS; do divert "$prog" "exit 0"; done
-  if [ "$1" != - ]; then
-    # Debian's postinst byte-compiles the standard library with `pythonX.Y -E -S .../py_compile.py FILES`;
-    # that one call is skipped, every other use of the interpreter is the real one.
-    divert "/usr/bin/$1" "case \"\$1 \$2 \$3\" in \"-E -S /usr/lib/$1/py_compile.py\") exit 0;; esac
+  # Debian's postinst byte-compiles the standard library with `python3.N -E -S .../py_compile.py FILES`;
+  # that one call is skipped, every other use of the interpreter is the real one.
+  divert "/usr/bin/$1" "case \"\$1 \$2 \$3\" in \"-E -S /usr/lib/$1/py_compile.py\") exit 0;; esac
 exec /usr/bin/$1.maculaos-real \"\$@\""
-  fi
   for kind in rsa ecdsa ed25519; do  # present, so openssh-server's postinst generates none
     [ -e "/etc/ssh/ssh_host_${kind}_key" ] || echo "$MARK" > "/etc/ssh/ssh_host_${kind}_key"
   done
@@ -52,7 +54,7 @@ remove() {
 }
 
 case "${1:-}" in
-  add) add "${2:--}" ;;
+  add) add "${2:-}" ;;
   remove) remove ;;
   *) echo "usage: stand-ins.sh add PY|remove" >&2; exit 2 ;;
 esac
