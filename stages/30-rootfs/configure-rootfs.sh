@@ -6,22 +6,15 @@ for svc in "$@"; do
   rc-update add "$svc" default
 done
 
-# Debian's sysinit scripts are general-purpose: each sources the LSB helpers and probes for fsck, swap,
-# NFS, ..., which costs about a second per script under emulation. The initrd has already set up /,
-# /run and /dev, so the native maculaos-sysinit (overlay/etc/init.d) does what is left and provides
-# their names for the scripts that depend on them; overlay/etc/init.d/udev replaces Debian's udev
-# script. The replaced scripts are removed, so OpenRC neither runs nor parses them.
-for svc in bootmisc.sh checkfs.sh checkroot-bootclean.sh checkroot.sh hostname.sh hwclock.sh kmod \
-           mountall-bootclean.sh mountall.sh mountdevsubfs.sh mountkernfs.sh mountnfs-bootclean.sh \
-           mountnfs.sh procps urandom brightness mount-configfs bootlogs rmnologin; do
+# Debian's init scripts that MaculaOS replaces (replaced-init-scripts; dpkg did not install them) are in
+# no runlevel, so OpenRC neither runs nor parses them; overlay/etc/init.d/udev replaces Debian's udev script.
+while read -r svc; do
+  case "$svc" in ''|'#'*) continue ;; esac
   rm -f /etc/runlevels/*/"$svc" "/etc/init.d/$svc" /etc/rc?.d/[SK][0-9][0-9]"$svc"
-done
+done < /.maculaos-build/replaced-init-scripts
+# savecache would save the deptree to the tmpfs upper layer of /, lost anyway (openrc's postinst needs it)
+rm -f /etc/runlevels/*/savecache /etc/init.d/savecache
 rc-update add maculaos-sysinit sysinit
-# The same for shutdown: maculaos-shutdown ends leftover processes and unmounts the writable file systems
-# in place of these (savecache would save the deptree to the tmpfs upper layer of /, lost anyway).
-for svc in sendsigs umountnfs.sh umountfs umountroot savecache; do
-  rm -f /etc/runlevels/*/"$svc" "/etc/init.d/$svc" /etc/rc?.d/[SK][0-9][0-9]"$svc"
-done
 rc-update add maculaos-shutdown off
 rc-update add maculaos-growdata boot  # an image written to a bigger disk or card gets the space as data
 rc-update del rsync default >/dev/null 2>&1 || true  # the rsync daemon stays available, off
