@@ -20,8 +20,8 @@ def write_profile(tmp_path: Path):
 
 
 # The longest QEMU scenarios, longest first, as `--durations` measured them on a warm 2-core CI machine
-# (seconds: 960 arm64 rollback, 590, 485, 370, 330, 280). Run first, so that the parallel workers do not end
-# with one of them alone on one worker while the other sits idle (the tail cost ~5 min of a 48 min run).
+# (seconds: 960 arm64 rollback, 590, 485, 370, 330, 280). Each worker starts with its own share of them, so
+# that the workers do not end with one of them alone on one worker while the other sits idle.
 LONGEST_FIRST = (
     "test_arm64_update_failing_its_health_check_is_rolled_back_by_grub",
     "test_unconfirmed_or_hanging_update_rolls_back_after_three_tries",
@@ -33,5 +33,30 @@ LONGEST_FIRST = (
 
 
 def pytest_collection_modifyitems(config, items):
+    """xdist's work stealing gives worker i the i-th contiguous share of this order (shares of
+    len(pending) // workers-left) and steals from the ends of the shares; so each share starts with its part
+    of the longest scenarios (dealt in snake order: 0, 1, 1, 0, ...), then the other tests in their order. Without this,
+    all of them sat at the head of the first worker's share and ran one after another there (seen in CI)."""
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    items[:] = interleave_longest(items, workers)
+
+
+def interleave_longest(items: list, workers: int) -> list:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.originalname, len(rank)))  # stable: the rest keep their order
+    longest = sorted((i for i in items if i.originalname in rank), key=lambda i: rank[i.originalname])
+    rest = [i for i in items if i.originalname not in rank]
+    order: list = []
+    left = len(items)
+    for w in range(workers):
+        share = left // (workers - w)
+        head = [t for j, t in enumerate(longest) if _snake(j, workers) == w]
+        order += head + rest[:max(0, share - len(head))]
+        del rest[:max(0, share - len(head))]
+        left -= share
+    return order + rest
+
+
+def _snake(j: int, workers: int) -> int:
+    """The worker that gets the j-th longest scenario: 0, 1, ..., n-1, n-1, ..., 0, 0, 1, ..."""
+    turn, place = divmod(j, workers)
+    return place if turn % 2 == 0 else workers - 1 - place
