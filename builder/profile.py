@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,12 +9,13 @@ from typing import Any
 
 import yaml
 from maculaos_device import nodeconfig
+from maculaos_device.schema import Field, Problem, key_lines, suggest
 
 from .arch import Architecture
 from .boards import BOARDS, Board, board_problem
 from .errors import BadInput, BadInputs
 from .paths import profiles_dir
-from .settings import BOOL, INT, LIST, MAP, SECTIONS, SETTINGS_BY_KEY, STR, defaults
+from .settings import SCHEMA, SETTINGS_BY_KEY
 
 Origin = tuple[str, int]  # (file, line)
 
@@ -57,18 +57,6 @@ class Profile:
         return f"maculaos-{self.name}-{self.version}-{self.arch}{self.board.suffix()}"
 
 
-def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
-    """Map every dotted key path in a YAML mapping to its 1-based line number."""
-    lines: dict[str, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            path = f"{prefix}.{k.value}" if prefix else str(k.value)
-            lines[path] = k.start_mark.line + 1
-            if not path.startswith("overlay."):
-                lines.update(_key_lines(v, path))
-    return lines
-
-
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -90,26 +78,7 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         raise BadInput(f"{path}:1: the profile is empty", "start with `name: ...` and `extends: core`")
     if not isinstance(data, dict):
         raise BadInput(f"{path}:1: a profile must be a YAML mapping", "start with `name: ...`")
-    return data, (_key_lines(node) if node is not None else {})
-
-
-def _suggest(word: str, options: list[str]) -> str | None:
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
-    return f"did you mean `{close[0]}`?" if close else None
-
-
-def _type_ok(kind: str, value: Any) -> bool:
-    if kind == STR:
-        return isinstance(value, str)
-    if kind == INT:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == BOOL:
-        return isinstance(value, bool)
-    if kind == LIST:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
-    if kind == MAP:
-        return isinstance(value, dict)
-    return False
+    return data, (key_lines(node, stop=frozenset({"overlay"})) if node is not None else {})
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -117,7 +86,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     items: list[tuple[str, Any]] = []
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        if not prefix and key in SECTIONS and isinstance(v, dict):
+        if not prefix and key in SCHEMA.sections and isinstance(v, dict):
             items.extend(_flatten(v, key))
         else:
             items.append((key, v))
@@ -126,62 +95,26 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 def validate_layer(path: Path, data: dict[str, Any], lines: dict[str, int]) -> list[BadInput]:
     """Check one profile file's keys and value types; return every problem found."""
-    errors: list[BadInput] = []
+    nested: list[BadInput] = []
 
-    def err(key: str, msg: str, hint: str) -> None:
-        setting_key = re.sub(r"\[\d+\]$", "", key)  # kernel.args[2] is on the line of kernel.args
-        line = lines.get(setting_key) or lines.get(setting_key.split(".")[0]) or 1
-        errors.append(BadInput(f"{path}:{line}: {key}: {msg}", hint))
-
-    for key, value in _flatten(data):
-        setting = SETTINGS_BY_KEY.get(key)
-        if setting is None:
-            if key in SECTIONS:
-                err(key, f"must be a mapping, got {type(value).__name__}", f"write `{key}:` with keys below it")
-                continue
-            candidates = [s for s in SETTINGS_BY_KEY] + sorted(SECTIONS)
-            err(key, "unknown key", _suggest(key, candidates) or "see `maculaos-sdk profile keys`")
-            continue
-        if value is None and key != "extends":
-            continue  # null removes an inherited value (falls back to the default)
-        if key == "packages" and isinstance(value, list):
-            bad = [v for v in value if not isinstance(v, str) or not re.fullmatch(r"-?[a-z0-9][a-z0-9+.-]+", v)]
-            if bad:
-                err(key, f"invalid Debian package name {bad[0]!r}",
-                    "names are lower case, e.g. `htop`; prefix with '-' to remove an inherited one")
-                continue
-        if not _type_ok(setting.kind, value):
-            hint = "quote it, e.g. \"1.2\"" if setting.kind == STR and isinstance(value, int | float) else (
-                f"expected a {setting.kind}")
-            err(key, f"expected a {setting.kind}, got {type(value).__name__} {value!r}", hint)
-            continue
-        if setting.choices:
-            values = [v[1:] if v.startswith("-") else v for v in value] if isinstance(value, list) else [value]
-            for v in values:
-                if v not in setting.choices:
-                    err(key, f"unknown value {v!r}",
-                        _suggest(v, list(setting.choices)) or f"one of: {', '.join(setting.choices)}")
-        if setting.pattern:
-            items = [v[1:] if v.startswith("-") else v for v in value] if isinstance(value, list) else [value]
-            for i, v in enumerate(items):
-                if not re.fullmatch(setting.pattern, str(v)):
-                    where = f"{key}[{i}]" if isinstance(value, list) else key
-                    err(where, f"invalid value {v!r}", f"must match {setting.pattern}")
-        if key == "overlay":
-            errors.extend(_validate_overlay(path, value, lines))
-        if key == "install.config" and value:
-            source = path.parent / str(value)
+    def files_and_config(spec: Field, value: Any, add: Any) -> None:
+        """What the schema cannot say: overlay sources, the install config and the default node config."""
+        if spec.key == "overlay":
+            nested.extend(_validate_overlay(path, value, lines))
+        elif spec.key == "install.config" and value:
+            source = path.parent / value
             if not source.is_file():
-                err(key, f"missing file {value!r}", f"paths are relative to {path.parent}")
+                add(f"missing file {value!r}", f"paths are relative to {path.parent}")
             else:
-                errors.extend(config_errors(nodeconfig.validate_files([source])))
-        if key == "config":
-            errors.extend(config_errors(nodeconfig.check(value, str(path), lines, prefix="config.")))
-    return errors
+                nested.extend(config_errors(nodeconfig.validate_files([source])))
+        elif spec.key == "config":
+            nested.extend(config_errors(nodeconfig.check(value, str(path), lines, prefix="config.")))
+
+    return config_errors(SCHEMA.check(data, str(path), lines, rule=files_and_config)) + nested
 
 
-def config_errors(problems: list[nodeconfig.Problem]) -> list[BadInput]:
-    """Node-config problems as the one-line errors the CLI prints."""
+def config_errors(problems: list[Problem]) -> list[BadInput]:
+    """Schema problems (profile or node config) as the one-line errors the CLI prints."""
     return [BadInput(f"{p.where}:{p.line}: {p.key}: {p.message}", p.hint) for p in problems]
 
 
@@ -246,7 +179,7 @@ def resolve_profile_path(ref: str, relative_to: Path | None = None) -> Path:
         if c.is_file():
             return c.resolve()
     known = sorted(p.stem for p in profiles_dir().glob("*.yaml"))
-    raise BadInput(f"profile {ref!r} not found", _suggest(ref, known) or f"known profiles: {', '.join(known)}")
+    raise BadInput(f"profile {ref!r} not found", suggest(ref, known) or f"known profiles: {', '.join(known)}")
 
 
 def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
@@ -284,7 +217,7 @@ def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
     if errors:
         raise BadInputs(errors)
 
-    merged: dict[str, Any] = defaults()
+    merged: dict[str, Any] = SCHEMA.defaults()
     origins: dict[str, Origin] = {}
     overlay_sources: dict[str, Path] = {}
     for p, data, lines in reversed(chain):

@@ -1,130 +1,94 @@
-"""The one declarative table of profile settings: it drives validation, defaults and the docs."""
+"""The one declarative table of profile settings: it drives validation, defaults and the docs (through the
+schema engine the node config uses too, maculaos_device.schema)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 from maculaos_device import layout
+from maculaos_device.schema import BOOL, INT, LIST, MAP, STR, Field, Schema, reference_row
 
 from .boards import BOARDS
 
-# Value kinds a setting can hold.
-STR, INT, BOOL, LIST, MAP = "string", "integer", "boolean", "list of strings", "mapping"
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One profile key: its dotted path, kind, default and help text."""
-
-    key: str
-    kind: str
-    default: Any
-    help: str
-    choices: tuple[str, ...] = field(default=())
-    pattern: str | None = None
-
-
 VERSION = r"[0-9A-Za-z][0-9A-Za-z.+~-]*"  # versions as Debian writes them, nothing a template could misread
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("name", STR, None, "Profile name; part of every output file name.", pattern=r"[a-z0-9][a-z0-9-]*"),
-    Setting("version", STR, "0.0.0", "MaculaOS version written to /etc/os-release and output names.",
+SETTINGS: tuple[Field, ...] = (
+    Field("name", STR, None, "Profile name; part of every output file name.", pattern=r"[a-z0-9][a-z0-9-]*"),
+    Field("version", STR, "0.0.0", "MaculaOS version written to /etc/os-release and output names.",
             pattern=VERSION),
-    Setting("description", STR, "", "Free text shown by `profile show`."),
-    Setting("extends", STR, None, "Another profile (name in profiles/ or path) this one builds on."),
-    Setting("base", STR, None, "Custom images: `profile:version` to build on, e.g. `maculaos:1.2.0`. Like `extends`; "
+    Field("description", STR, "", "Free text shown by `profile show`."),
+    Field("extends", STR, None, "Another profile (name in profiles/ or path) this one builds on.", nullable=False),
+    Field("base", STR, None, "Custom images: `profile:version` to build on, e.g. `maculaos:1.2.0`. Like `extends`; "
             "the version becomes this image's version unless `version` is set.",
             pattern=r"[a-z0-9][a-z0-9-]*(:" + VERSION + ")?"),
-    Setting("arch", STR, "amd64", "Target architecture.", choices=("amd64", "arm64")),
-    Setting("board", STR, "generic", "Target board: " + "; ".join(f"`{b.name}` {b.description}" for b in
+    Field("arch", STR, "amd64", "Target architecture.", choices=("amd64", "arm64")),
+    Field("board", STR, "generic", "Target board: " + "; ".join(f"`{b.name}` {b.description}" for b in
             BOARDS.values()) + ".", choices=tuple(BOARDS)),
-    Setting("outputs", LIST, ["iso"], "Artifacts to produce: iso (live/installer ISO), disk (A/B disk image, raw and "
+    Field("outputs", LIST, ["iso"], "Artifacts to produce: iso (live/installer ISO), disk (A/B disk image, raw and "
             "qcow2), sdimage (Raspberry Pi SD card image), bundle (signed update bundle); the board decides which "
             "can boot.", choices=("iso", "disk", "sdimage", "bundle")),
-    Setting("source_date_epoch", INT, 1735689600,
+    Field("source_date_epoch", INT, 1735689600,
             "Timestamp for every file in the image (env SOURCE_DATE_EPOCH wins); part of every stage id."),
-    Setting("base_image", STR, None, "Use this existing local docker image as the base instead of bootstrapping.",
+    Field("base_image", STR, None, "Use this existing local docker image as the base instead of bootstrapping.",
             pattern=r"[a-z0-9][a-z0-9._/-]*(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?(@sha256:[0-9a-f]{64})?"),
-    Setting("debian.suite", STR, "trixie", "Debian suite the base is bootstrapped from (pinned).",
+    Field("debian.suite", STR, "trixie", "Debian suite the base is bootstrapped from (pinned).",
             pattern=r"[a-z][a-z0-9-]*"),
-    Setting("debian.mirror", STR, "http://deb.debian.org/debian", "Debian mirror for bootstrap and apt.",
+    Field("debian.mirror", STR, "http://deb.debian.org/debian", "Debian mirror for bootstrap and apt.",
             pattern=r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%+-]+)*/?"),
-    Setting("debian.components", LIST, ["main"], "Archive components (add non-free-firmware for RPi).",
+    Field("debian.components", LIST, ["main"], "Archive components (add non-free-firmware for RPi).",
             pattern=r"[a-z][a-z0-9-]*"),
-    Setting("packages", LIST, [], "Debian packages installed into the root filesystem."),
-    Setting("services", LIST, [], "OpenRC services added to the default runlevel.",
+    Field("packages", LIST, [], "Debian packages installed into the root filesystem; `-name` removes one an "
+          "extended profile installs.", pattern=r"[a-z0-9][a-z0-9+.-]+"),
+    Field("services", LIST, [], "OpenRC services added to the default runlevel.",
             pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*"),
-    Setting("overlay", MAP, {}, "Files laid over the rootfs: /path -> inline text, or {source: file-or-folder, "
+    Field("overlay", MAP, {}, "Files laid over the rootfs: /path -> inline text, or {source: file-or-folder, "
             "mode: '0755'} with the source relative to the YAML file."),
-    Setting("images", LIST, [], "Container images preloaded into /var/lib/rancher/k3s/agent/images/: a registry "
+    Field("images", LIST, [], "Container images preloaded into /var/lib/rancher/k3s/agent/images/: a registry "
             "reference (pulled when reachable), an image in the local engine, or a `docker save` tarball path."),
-    Setting("firstboot", LIST, [], "Scripts (put in place by `overlay`, absolute paths) run once, on a node's "
+    Field("firstboot", LIST, [], "Scripts (put in place by `overlay`, absolute paths) run once, on a node's "
             "first boot.", pattern=r"(/[A-Za-z0-9._+-]+)+"),
-    Setting("config", MAP, {}, "Default node config.yaml baked into the image (docs/config-reference.md); a node's "
+    Field("config", MAP, {}, "Default node config.yaml baked into the image (docs/config-reference.md); a node's "
             "own /var/lib/maculaos/config.yaml is merged over it."),
-    Setting("artifacts", LIST, [], "Pinned downloads from artifacts.lock.yaml this image ships (e.g. k3s).",
+    Field("artifacts", LIST, [], "Pinned downloads from artifacts.lock.yaml this image ships (e.g. k3s).",
             pattern=r"[a-z0-9][a-z0-9-]*"),
-    Setting("kernel.package", STR, "auto", "Debian kernel package; `auto` means linux-image-<arch>.",
+    Field("kernel.package", STR, "auto", "Debian kernel package; `auto` means linux-image-<arch>.",
             pattern=r"auto|linux-image-[a-z0-9][a-z0-9.+-]*"),
-    Setting("kernel.args", LIST, [], "Extra kernel command line arguments (no quotes, spaces, `$` or `;`: each "
+    Field("kernel.args", LIST, [], "Extra kernel command line arguments (no quotes, spaces, `$` or `;`: each "
             "lands in GRUB's config).", pattern=r"[A-Za-z0-9_.,:=/+@-]+"),
-    Setting("kernel.modules", LIST, [], "Extra kernel modules loaded by the initrd.", pattern=r"[A-Za-z0-9_-]+"),
-    Setting("kernel.prune", LIST, [], "Module folders (under kernel/) left out of the image to save space.",
+    Field("kernel.modules", LIST, [], "Extra kernel modules loaded by the initrd.", pattern=r"[A-Za-z0-9_-]+"),
+    Field("kernel.prune", LIST, [], "Module folders (under kernel/) left out of the image to save space.",
             pattern=r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*"),
-    Setting("squashfs.compression", STR, "zstd", "squashfs compressor.", choices=("zstd", "xz", "gzip")),
-    Setting("squashfs.level", INT, 15, "Compression level (zstd 1-22, ignored for xz/gzip)."),
-    Setting("console.autologin", BOOL, False, "Log root in on the serial console and tty1 without a password. "
+    Field("squashfs.compression", STR, "zstd", "squashfs compressor.", choices=("zstd", "xz", "gzip")),
+    Field("squashfs.level", INT, 15, "Compression level (zstd 1-22, ignored for xz/gzip)."),
+    Field("console.autologin", BOOL, False, "Log root in on the serial console and tty1 without a password. "
             "For test and development images only: by default the consoles ask for a login and root has no "
             "password, so a person at the console gets nothing; log in over SSH with a key from the node config."),
-    Setting("console.grub_password", STR, "", "GRUB superuser password as `grub-mkpasswd-pbkdf2` prints it "
+    Field("console.grub_password", STR, "", "GRUB superuser password as `grub-mkpasswd-pbkdf2` prints it "
             "(`grub.pbkdf2.sha512.<rounds>.<salt>.<hash>`). Set, the normal entries still boot unattended, but "
             "editing an entry (the kernel line), the GRUB shell and Recovery ask for it. Required by "
             "`build-image --release`.",
             pattern=r"grub\.pbkdf2\.sha512\.[0-9]{1,7}\.[0-9A-F]{16,256}\.[0-9A-F]{16,256}"),
-    Setting("console.recovery_password", STR, "", "Root password of the recovery shell, as a SHA-512 crypt hash "
+    Field("console.recovery_password", STR, "", "Root password of the recovery shell, as a SHA-512 crypt hash "
             "(`mkpasswd -m sha-512` prints it). Set, Recovery asks for it before the shell; unset, Recovery's console "
             "stays locked unless console.autologin is set (its sshd still takes the node config's keys).",
             pattern=r"\$6\$(rounds=[0-9]{4,9}\$)?[./A-Za-z0-9]{1,16}\$[./A-Za-z0-9]{86}"),
-    Setting("iso.volume_id", STR, "MACULAOS", "ISO 9660 volume id.", pattern=r"[A-Z0-9_]{1,32}"),
-    Setting("iso.timeout", INT, 3, "Seconds the GRUB menu waits before booting the default entry."),
-    Setting("disk.esp_mb", INT, layout.ESP_MB,
+    Field("iso.volume_id", STR, "MACULAOS", "ISO 9660 volume id.", pattern=r"[A-Z0-9_]{1,32}"),
+    Field("iso.timeout", INT, 3, "Seconds the GRUB menu waits before booting the default entry."),
+    Field("disk.esp_mb", INT, layout.ESP_MB,
             "Size of the FAT boot partition (GRUB, its env, one kernel+initrd per slot)."),
-    Setting("disk.slot_mb", INT, 0, f"Size of each rootfs slot; 0 = {layout.SLOT_FACTOR} x the squashfs, rounded up "
+    Field("disk.slot_mb", INT, 0, f"Size of each rootfs slot; 0 = {layout.SLOT_FACTOR} x the squashfs, rounded up "
             f"to {layout.SLOT_ROUND_MB} MiB, min {layout.MIN_SLOT_MB}."),
-    Setting("disk.data_mb", INT, layout.DATA_MB,
+    Field("disk.data_mb", INT, layout.DATA_MB,
             "Size of the data partition in the disk image (an installer grows it)."),
-    Setting("disk.size_mb", INT, 0, "Total disk image size; the build fails early if two slots do not fit (0 = auto)."),
-    Setting("update.min_version", STR, "0.0.0", "Oldest running version allowed to apply this image's bundle.",
+    Field("disk.size_mb", INT, 0, "Total disk image size; the build fails early if two slots do not fit (0 = auto)."),
+    Field("update.min_version", STR, "0.0.0", "Oldest running version allowed to apply this image's bundle.",
             pattern=VERSION),
-    Setting("update.signing_key", STR, "", "minisign secret key signing bundles (default: a per-checkout dev key)."),
-    Setting("install.config", STR, "", "A node config.yaml (path relative to the profile) put on the ISO as "
+    Field("update.signing_key", STR, "", "minisign secret key signing bundles (default: a per-checkout dev key)."),
+    Field("install.config", STR, "", "A node config.yaml (path relative to the profile) put on the ISO as "
             "maculaos/config.yaml: the ISO's unattended Install entry installs the node with it."),
-    Setting("size.iso_max_mb", INT, 0, "Fail the build if the ISO is larger than this (0: no limit)."),
+    Field("size.iso_max_mb", INT, 0, "Fail the build if the ISO is larger than this (0: no limit)."),
 )
 
-SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
-SECTIONS: frozenset[str] = frozenset(s.key.split(".")[0] for s in SETTINGS if "." in s.key)
-
-
-def defaults() -> dict[str, Any]:
-    """The nested mapping of every setting's default value."""
-    out: dict[str, Any] = {}
-    for s in SETTINGS:
-        node = out
-        *parents, leaf = s.key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = _copy(s.default)
-    return out
-
-
-def _copy(value: Any) -> Any:
-    if isinstance(value, list):
-        return list(value)
-    if isinstance(value, dict):
-        return dict(value)
-    return value
+SCHEMA = Schema(SETTINGS, reference_hint="see `maculaos-sdk profile keys`", list_removals=True)
+SETTINGS_BY_KEY: dict[str, Field] = SCHEMA.by_key
 
 
 def reference_markdown() -> str:
@@ -136,11 +100,5 @@ def reference_markdown() -> str:
         for key in meta.options:
             readers.setdefault(key, []).append(meta.name)
     rows = ["| key | kind | default | meaning | stages reading it |", "| --- | --- | --- | --- | --- |"]
-    for s in SETTINGS:
-        extra = f" One of: {', '.join(s.choices)}." if s.choices else ""
-        if s.pattern:
-            each = " each" if s.kind == LIST else ""
-            extra += f" Must match{each} `{s.pattern}`.".replace("|", "\\|")
-        read_by = ", ".join(readers.get(s.key, []))
-        rows.append(f"| `{s.key}` | {s.kind} | `{s.default!r}` | {s.help}{extra} | {read_by} |")
+    rows += [reference_row(s, repr(s.default), ", ".join(readers.get(s.key, []))) for s in SETTINGS]
     return "\n".join(rows) + "\n"

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.status import Status
 
 console = Console(stderr=True, highlight=False)
@@ -78,7 +79,8 @@ def info(msg: str) -> None:
 
 
 def error(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}", soft_wrap=True)
+    """One error line, printed as written: it quotes input (patterns, values), never read as rich markup."""
+    console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
 
 
 def download_progress(artifact: object) -> Callable[[int, int | None], None]:

@@ -13,30 +13,18 @@ Sources, merged in this order (later wins; maps merge, lists replace):
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-STR, BOOL, LIST, MAP = "string", "boolean", "list of strings", "mapping of strings"
+from .schema import BOOL, LIST, STR, STR_MAP, Field, Problem, Schema, get_key, key_lines, reference_row, set_key
 
-
-@dataclass(frozen=True)
-class Field:
-    """One config key: dotted path, kind, default and meaning."""
-
-    key: str
-    kind: str
-    default: Any
-    help: str
-    choices: tuple[str, ...] = field(default=())
-    pattern: str | None = None
+MAP = STR_MAP  # label values: strings, numbers or booleans
 
 
 FIELDS: tuple[Field, ...] = (
@@ -77,9 +65,8 @@ FIELDS: tuple[Field, ...] = (
     Field("upgrade.allow_http", BOOL, False, "Accept plain `http://` update servers (a lab network only: anyone on "
           "the path could hold updates back). Off: only https and local folders."),
 )
-FIELDS_BY_KEY = {f.key: f for f in FIELDS}
-# Mapping keys that are a section (hold further keys), as opposed to free-form MAP values.
-SECTIONS = frozenset(".".join(f.key.split(".")[:i]) for f in FIELDS for i in range(1, f.key.count(".") + 1))
+SCHEMA = Schema(FIELDS, reference_hint="see the config reference (docs/config-reference.md)")
+FIELDS_BY_KEY = SCHEMA.by_key
 
 # What each mesh role turns on (spec 4.4). Peer is always on.
 ROLES: dict[str, dict[str, list[str]]] = {
@@ -87,20 +74,6 @@ ROLES: dict[str, dict[str, list[str]]] = {
     "bootstrap": {"services": ["macula-bootstrap"], "ports": ["443/tcp"]},
     "gateway": {"services": ["macula-gateway"], "ports": ["443/tcp", "80/tcp"]},
 }
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One mistake in a config: where, which key, what, and a hint."""
-
-    where: str
-    line: int
-    key: str
-    message: str
-    hint: str
-
-    def __str__(self) -> str:
-        return f"{self.where}:{self.line}: {self.key}: {self.message} (hint: {self.hint})"
 
 
 class ConfigError(Exception):
@@ -111,81 +84,26 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:
-    lines: dict[str, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            path = f"{prefix}.{k.value}" if prefix else str(k.value)
-            lines[path] = k.start_mark.line + 1
-            lines.update(_key_lines(v, path))
-    return lines
-
-
-def _suggest(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
-    return f"did you mean `{close[0]}`?" if close else "see the config reference (docs/config-reference.md)"
-
-
-def _kind_ok(kind: str, value: Any) -> bool:
-    if kind == STR:
-        return isinstance(value, str)
-    if kind == BOOL:
-        return isinstance(value, bool)
-    if kind == LIST:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
-    return isinstance(value, dict) and all(isinstance(v, str | int | float | bool) for v in value.values())
-
-
 def check(data: Any, where: str, lines: dict[str, int] | None = None, prefix: str = "") -> list[Problem]:
     """Every problem in one config mapping (empty list: valid). `prefix` names where the config sits
     inside a bigger file (a profile's `config:`), for key paths and line numbers."""
     lines = lines or {}
-    if data is None:
-        return []
-    if not isinstance(data, dict):
+    if data is not None and not isinstance(data, dict):
         return [Problem(where, lines.get(prefix.rstrip("."), 1), prefix.rstrip(".") or "config",
                         "a config must be a YAML mapping", "start with `maculaos:`")]
-    problems: list[Problem] = []
-
-    def walk(node: dict[str, Any], parent: str) -> None:
-        for k, v in node.items():
-            key = f"{parent}.{k}" if parent else str(k)
-            line = lines.get(prefix + key, 1)
-
-            def add(message: str, hint: str, key: str = key, line: int = line) -> None:
-                problems.append(Problem(where, line, prefix + key, message, hint))
-
-            spec = FIELDS_BY_KEY.get(key)
-            if spec is None:
-                if key in SECTIONS and isinstance(v, dict):
-                    walk(v, key)
-                elif key in SECTIONS:
-                    add("must be a mapping", f"put keys below `{k}:`")
-                else:
-                    add("unknown key", _suggest(key, list(FIELDS_BY_KEY) + sorted(SECTIONS)))
-                continue
-            if v is None:
-                continue
-            if not _kind_ok(spec.kind, v):
-                add(f"expected a {spec.kind}, got {type(v).__name__} {v!r}", f"e.g. {json.dumps(spec.default)}")
-                continue
-            if spec.choices and v not in spec.choices:
-                add(f"unknown value {v!r}", f"one of {', '.join(spec.choices)}")
-            for i, item in enumerate(v if spec.kind == LIST else [v]):
-                if spec.pattern and not re.fullmatch(spec.pattern, item):
-                    add(f"invalid value {item!r}", f"must match {spec.pattern}",
-                        **({"key": f"{key}[{i}]"} if spec.kind == LIST else {}))
-            if key == "ssh_authorized_keys":
-                for i, entry in enumerate(v):
-                    if not re.match(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-\S+|sk-\S+) [A-Za-z0-9+/=]+", entry):
-                        add("not an SSH public key", "paste a whole line of id_ed25519.pub", key=f"{key}[{i}]")
-
-    walk(data, "")
-    wifi = data.get("wifi") if isinstance(data.get("wifi"), dict) else {}
+    problems = SCHEMA.check(data, where, lines, prefix, rule=_ssh_keys)
+    wifi = data.get("wifi") if isinstance(data, dict) and isinstance(data.get("wifi"), dict) else {}
     if wifi.get("ssid") and wifi.get("key_mgmt", "WPA-PSK") != "NONE" and not wifi.get("psk") and not problems:
         problems.append(Problem(where, lines.get(prefix + "wifi.ssid", 1), prefix + "wifi.psk",
                                 f"network {wifi['ssid']!r} needs a passphrase", "set wifi.psk (or key_mgmt: NONE)"))
     return problems
+
+
+def _ssh_keys(spec: Field, value: Any, add: Any) -> None:
+    if spec.key == "ssh_authorized_keys":
+        for i, entry in enumerate(value):
+            if not re.match(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-\S+|sk-\S+) [A-Za-z0-9+/=]+", entry):
+                add("not an SSH public key", "paste a whole line of id_ed25519.pub", key=f"{spec.key}[{i}]")
 
 
 def load_file(path: Path) -> dict[str, Any]:
@@ -202,7 +120,7 @@ def load_file(path: Path) -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError([Problem(str(path), mark.line + 1 if mark else 1, "config", f"invalid YAML: {problem}",
                                    "fix the YAML syntax")]) from None
-    problems = check(data, str(path), _key_lines(node))
+    problems = check(data, str(path), key_lines(node))
     if problems:
         raise ConfigError(problems)
     return data or {}
@@ -220,23 +138,7 @@ def validate_files(paths: list[Path]) -> list[Problem]:
 
 
 def defaults() -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for f in FIELDS:
-        set_key(out, f.key, json.loads(json.dumps(f.default)))
-    return out
-
-
-def set_key(data: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    for p in parents:
-        data = data.setdefault(p, {})
-    data[leaf] = value
-
-
-def get_key(data: dict[str, Any], key: str) -> Any:
-    for p in key.split("."):
-        data = data[p]
-    return data
+    return SCHEMA.defaults()
 
 
 def merge(base: Any, over: Any) -> Any:
@@ -347,9 +249,7 @@ def wpa_supplicant_conf(wifi: dict[str, str]) -> str:
 def reference_markdown() -> str:
     """The config.yaml reference, generated from FIELDS so it cannot drift."""
     rows = ["| key | kind | default | meaning |", "| --- | --- | --- | --- |"]
-    for f in FIELDS:
-        extra = f" One of: {', '.join(f.choices)}." if f.choices else ""
-        rows.append(f"| `{f.key}` | {f.kind} | `{json.dumps(f.default)}` | {f.help}{extra} |")
+    rows += [reference_row(f, json.dumps(f.default)) for f in FIELDS]
     roles = ["| role | services | ports opened |", "| --- | --- | --- |"]
     for name, what in ROLES.items():
         roles.append(f"| {name} | {', '.join(what['services'])} | {', '.join(what['ports']) or 'outbound only'} |")

@@ -21,6 +21,10 @@ BASE = "name: x\nextends: core\n"
     ("kernel:\n  package: linux-image-amd64 foo\n", ":4: kernel.package", "invalid value"),
     ("kernel:\n  prune: [../../etc]\n", ":4: kernel.prune[0]", "invalid value '../../etc'"),
     ("firstboot: ['rm -rf /']\n", ":3: firstboot[0]", "invalid value 'rm -rf /'"),
+    # printed as written: a pattern or a value is never taken for rich markup
+    ("packages: [htop, -nano, 'a;b']\n", ":3: packages[2]",
+     "invalid value 'a;b' (hint: must match [a-z0-9][a-z0-9+.-]+)"),
+    ("services: ['[bold]x[/]']\n", ":3: services[0]", "invalid value '[bold]x[/]'"),
 ])
 def test_values_that_reach_a_template_must_fully_match(write_profile, capsys, text, where, what):
     path = write_profile(BASE + text)

@@ -28,8 +28,9 @@ def arm64_update_bundle(tmp_path_factory) -> Path:
         "maculaos-test-0.2.0-arm64.bundle"]
 
 
-@pytest.fixture(scope="session")
-def rpi4_build(tmp_path_factory) -> dict[str, Path]:
-    """The test profile for the Raspberry Pi 4: SD image and bundle."""
-    return build_once(tmp_path_factory, "test-rpi4", load_profile("test", {"arch": "arm64", "board": "rpi4"}),
-                      OUT / "rpi4")
+@pytest.fixture(scope="session", params=["rpi4", "rpi5"])
+def rpi_build(request, tmp_path_factory) -> tuple[str, dict[str, Path]]:
+    """The test profile for a Raspberry Pi board: (board, its SD image and bundle)."""
+    board = request.param
+    profile = load_profile("test", {"arch": "arm64", "board": board})
+    return board, build_once(tmp_path_factory, f"test-{board}", profile, OUT / board)

@@ -1,5 +1,5 @@
-"""The Raspberry Pi 4 SD image, opened as a file (sfdisk, mtools, debugfs: no loop devices), and its slot
-A booted under qemu-system-aarch64 -M virt with the card's own kernel and initrd (QEMU 7.2 has no Pi 4)."""
+"""The Raspberry Pi 4 and 5 SD images, opened as files (sfdisk, mtools, debugfs: no loop devices), and their
+slot A booted under qemu-system-aarch64 -M virt with the card's own kernel and initrd (QEMU 7.2 has no Pi)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,21 @@ pytestmark = pytest.mark.qemu
 MIB = 1 << 20
 
 
+# What differs per board on the card: the Pi 4 needs the firmware's start4.elf on the card, the Pi 5's EEPROM
+# carries its own (and would refuse a card without os_check=0); device trees of the board's SoC; its UART.
+BOARD_CARD = {
+    "rpi4": {"firmware": ("start4.elf", "fixup4.dat"), "dtb": "bcm2711-rpi-4-b.dtb", "console": "ttyS1",
+             "os_check": False},
+    "rpi5": {"firmware": (), "dtb": "bcm2712-rpi-5-b.dtb", "console": "ttyAMA10", "os_check": True},
+}
+
+
 @pytest.fixture(scope="module")
-def sd_card(rpi4_build, tmp_path_factory) -> Path:
+def sd_card(rpi_build, tmp_path_factory) -> Path:
     """The card image, decompressed."""
-    packed = rpi4_build["maculaos-test-0.1.0-arm64-rpi4.img.xz"]
-    card = tmp_path_factory.mktemp("rpi4") / "sd.img"
+    board, artifacts = rpi_build
+    packed = artifacts[f"maculaos-test-0.1.0-arm64-{board}.img.xz"]
+    card = tmp_path_factory.mktemp(board) / "sd.img"
     with lzma.open(packed) as src, card.open("wb") as dest:
         shutil.copyfileobj(src, dest, 4 * MIB)
     return card
@@ -54,21 +64,29 @@ def _sha256_of_range(card: Path, start: int, size: int) -> str:
     return h.hexdigest()
 
 
-def test_rpi4_card_layout_firmware_and_slot_a_match_the_bundle(rpi4_build, sd_card):
+def test_rpi_card_layout_firmware_and_slot_a_match_the_bundle(rpi_build, sd_card):
+    board, artifacts = rpi_build
+    expect = BOARD_CARD[board]
     table = _table(sd_card)
     assert table["label"] == "dos" and table["id"] == f"0x{layout.MBR_DISK_ID}"
     parts = table["partitions"]
     assert [p["type"] for p in parts] == ["c", "83", "83", "83"] and parts[0].get("bootable") is True
 
     names = _fat(sd_card, "mdir", "-b", "-/", "::/").stdout.decode().split()
-    for required in ("::/start4.elf", "::/fixup4.dat", "::/u-boot.bin", "::/config.txt", "::/cmdline.txt",
-                     "::/bcm2711-rpi-4-b.dtb", "::/EFI/BOOT/BOOTAA64.EFI", "::/grub/grub.cfg", "::/grub/grubenv",
-                     "::/A/vmlinuz", "::/A/initrd.img"):
+    for required in ("::/u-boot.bin", "::/config.txt", "::/cmdline.txt", f"::/{expect['dtb']}",
+                     "::/EFI/BOOT/BOOTAA64.EFI", "::/grub/grub.cfg", "::/grub/grubenv", "::/A/vmlinuz",
+                     "::/A/initrd.img", *(f"::/{f}" for f in expect["firmware"])):
         assert required in names, required
+    other_socs = {"bcm2711", "bcm2712"} - {expect["dtb"].split("-")[0]}
+    assert not [n for n in names if n.endswith(".dtb") and n.split("/")[-1].split("-")[0] in other_socs]
+    if not expect["firmware"]:
+        assert not [n for n in names if n.endswith(".elf")]  # nothing that would shadow the EEPROM's start.elf
     config = _fat_file(sd_card, "config.txt").decode().splitlines()
     assert {"arm_64bit=1", "enable_uart=1", "kernel=u-boot.bin"} <= set(config)
+    assert ("os_check=0" in config) is expect["os_check"]
     cmdline = _fat_file(sd_card, "cmdline.txt").decode()
-    assert f"macula.mbr={layout.MBR_DISK_ID}" in cmdline.split() and "console=ttyS1,115200" in cmdline.split()
+    assert f"macula.mbr={layout.MBR_DISK_ID}" in cmdline.split()
+    assert f"console={expect['console']},115200" in cmdline.split()
     grub_cfg = _fat_file(sd_card, "grub/grub.cfg").decode()
     assert f"macula.mbr={layout.MBR_DISK_ID}" in grub_cfg  # what GRUB passes: the slots are found by number
     env = dict(line.split("=", 1) for line in _fat_file(sd_card, "grub/grubenv").decode().splitlines()
@@ -76,9 +94,9 @@ def test_rpi4_card_layout_firmware_and_slot_a_match_the_bundle(rpi4_build, sd_ca
     assert (env["active"], env["trial"], env["tries"]) == ("A", "", "0")
 
     # slot A's kernel, initrd and root filesystem are byte for byte the bundle's
-    manifest = json.loads((rpi4_build["maculaos-test-0.1.0-arm64-rpi4.bundle"] / "manifest.json").read_text())
+    manifest = json.loads((artifacts[f"maculaos-test-0.1.0-arm64-{board}.bundle"] / "manifest.json").read_text())
     files = manifest["files"]
-    assert (manifest["arch"], manifest["board"]) == ("arm64", "rpi4")
+    assert (manifest["arch"], manifest["board"]) == ("arm64", board)
     assert hashlib.sha256(_fat_file(sd_card, "A/vmlinuz")).hexdigest() == files["vmlinuz"]["sha256"]
     assert hashlib.sha256(_fat_file(sd_card, "A/initrd.img")).hexdigest() == files["initrd.img"]["sha256"]
     slot_a = parts[1]["start"] * 512
@@ -95,7 +113,7 @@ def test_rpi4_card_layout_firmware_and_slot_a_match_the_bundle(rpi4_build, sd_ca
     assert "/upper/" in listing and "/work/" in listing
 
 
-def test_rpi4_slot_a_boots_to_a_shell_under_virt(sd_card, make_machine, tmp_path, record_property):
+def test_rpi_slot_a_boots_to_a_shell_under_virt(rpi_build, sd_card, make_machine, tmp_path, record_property):
     """The card's own kernel and initrd, its MBR slots found by signature: the same squashfs boots."""
     kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.img"
     kernel.write_bytes(_fat_file(sd_card, "A/vmlinuz"))
@@ -103,14 +121,15 @@ def test_rpi4_slot_a_boots_to_a_shell_under_virt(sd_card, make_machine, tmp_path
     disk = tmp_path / "card-arm64.qcow2"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(sd_card), str(disk)], check=True)
     subprocess.run(["qemu-img", "resize", "-q", str(disk), "+1G"], check=True)  # a bigger card than the image
-    m = make_machine(disk, "rpi4-virt", kernel=kernel, initrd=initrd,
+    board = rpi_build[0]
+    m = make_machine(disk, f"{board}-virt", kernel=kernel, initrd=initrd,
                      append=f"console=ttyAMA0,115200 macula.mode=disk macula.slot=A macula.mbr={layout.MBR_DISK_ID} "
                             "net.ifnames=0 panic=10")
     m.start()
     assert m.wait_for_boot(timeout=400) == "A"
     record_property("seconds_to_shell", round(time.monotonic() - m.started_at, 1))
     release = m.succeed("cat /etc/os-release")
-    assert 'MACULAOS_BOARD="rpi4"' in release and 'MACULAOS_ARCH="arm64"' in release
+    assert f'MACULAOS_BOARD="{board}"' in release and 'MACULAOS_ARCH="arm64"' in release
     s = m.upgrade_status()
     assert (s["mode"], s["booted"], s["active"], s["slots"]["A"]["version"]) == ("disk", "A", "A", "0.1.0")
     mounts = {x.split()[1]: x.split()[0] for x in m.succeed("cat /proc/mounts").splitlines()}
