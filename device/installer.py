@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -161,25 +162,41 @@ def install(dev: Device, device: str, config: str | None, yes: bool) -> None:
 
 
 def unique_ids(dev: Device) -> None:
-    """A disk written from a built image carries the image's fixed GUIDs, the same on every copy: give this
-    disk its own, so that from the next boot GRUB's macula.esp= names this disk alone."""
+    """A disk written from a built image carries the image's fixed ids, the same on every copy: give this
+    disk its own, so that from the next boot GRUB's macula.esp= names this disk alone (a GPT disk's GUIDs, a
+    Raspberry Pi card's MBR signature)."""
     disk = f"/dev/{disk_of(dev.sys_block, dev.partition(layout.PART_ESP).name)}"
-    table = run(["sfdisk", "-d", disk], "reading the partition table")
-    if f"label-id: {layout.FIXED_DISK_ID}" not in table.splitlines():
-        return
+    table = run(["sfdisk", "-d", disk], "reading the partition table").splitlines()
     quiet = ["sfdisk", "-q", "--no-reread", "--no-tell-kernel"]
+    if dev.card_signature() is not None:
+        if f"label-id: 0x{layout.MBR_DISK_ID}" not in table:
+            return
+        signature = new_card_signature()
+        run([*quiet, "--disk-id", disk, f"0x{signature}"], f"giving {disk} its own signature")
+        (dev.run / "mbr").write_text(signature + "\n")  # what this boot finds the card's partitions by
+        log(f"{disk}: the built image's MBR signature replaced by this card's own ({signature})")
+        return
+    if f"label-id: {layout.FIXED_DISK_ID}" not in table:
+        return
     run([*quiet, "--disk-id", disk, str(uuid.uuid4()).upper()], f"giving {disk} its own id")
     for n in sorted(layout.PART_NUMBERS.values()):
         run([*quiet, "--part-uuid", disk, str(n), str(uuid.uuid4()).upper()], f"giving partition {n} its own id")
     log(f"{disk}: the built image's fixed partition ids replaced by this disk's own")
 
 
+def new_card_signature() -> str:
+    """8 random hex digits, neither 0 (no signature) nor the image's own."""
+    while True:
+        signature = secrets.token_hex(4)
+        if signature not in ("00000000", layout.MBR_DISK_ID):
+            return signature
+
+
 def grow_data(dev: Device) -> None:
     """Grow the data partition into the free space after it, then its ext4 (online)."""
     if dev.mode() != "disk":
         return
-    if " macula.mbr=" not in f" {dev.cmdline()}":  # MBR cards are found by their signature, kept
-        unique_ids(dev)
+    unique_ids(dev)
     part = dev.partition(layout.PART_DATA)
     name = part.name
     disk = disk_of(dev.sys_block, name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import subprocess
 import sys
 import time
@@ -83,6 +84,20 @@ class Device:
     def release(self) -> dict[str, str]:
         return read_os_release(self.os_release)
 
+    def card_signature(self) -> str | None:
+        """The MBR signature of the Raspberry Pi card this node booted from; None on GPT disks. The initrd
+        records what GRUB read off the card (run/mbr), and grow_data what it gave a fresh card; the kernel
+        line's macula.mbr= (the image's own) is the fallback."""
+        try:
+            recorded = (self.run / "mbr").read_text().strip()
+        except OSError:
+            recorded = ""
+        if re.fullmatch(r"[0-9a-f]{8}", recorded):
+            return recorded
+        if " macula.mbr=" in f" {self.cmdline()}":
+            return _cmdline_value(self.cmdline(), "macula.mbr") or layout.MBR_DISK_ID
+        return None
+
     @property
     def seen_pointers_file(self) -> Path:
         """Per channel, when the newest channel pointer this node followed was published (anti-replay)."""
@@ -108,8 +123,9 @@ class Device:
 
     def partition(self, name: str) -> Path:
         """The /dev node of partition `name` (`esp`, `rootfs-A`, ...) on the boot disk."""
-        if " macula.mbr=" in f" {self.cmdline()}":  # Raspberry Pi cards: MBR, found by number
-            found = layout.find_mbr_partition(name, _cmdline_value(self.cmdline(), "macula.mbr") or layout.MBR_DISK_ID)
+        signature = self.card_signature()
+        if signature:  # Raspberry Pi cards: MBR, found by number on the card carrying this signature
+            found = layout.find_mbr_partition(name, signature)
             if found:
                 return Path(found)
             raise DeviceError(f"no partition {name} on the MaculaOS card")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -144,6 +145,27 @@ def test_mbr_card_table_and_lookup_by_signature(tmp_path):
              for name in layout.PART_NUMBERS}
     assert found == {"esp": f"{dev}/vdb1", "rootfs-A": f"{dev}/vdb2", "rootfs-B": f"{dev}/vdb3", "data": f"{dev}/vdb4"}
     assert layout.find_mbr_partition("data", "deadbeef", str(sys_block), str(dev)) is None
+
+
+def test_a_card_is_found_by_the_signature_recorded_at_boot_then_the_images_own(tmp_path):
+    """Which signature `maculaos` looks for: what the initrd (GRUB's macula.esp=) or the first boot's re-signing
+    recorded, else the image's macula.mbr=; a GPT disk has none. A fresh signature is never the image's."""
+    from maculaos_device.installer import new_card_signature
+    from maculaos_device.system import Device
+
+    dev = Device(run=tmp_path / "run", cmdline_path=tmp_path / "cmdline")
+    dev.run.mkdir()
+    dev.cmdline_path.write_text("macula.mode=disk macula.slot=A macula.esp=0d3c-partuuid\n")
+    assert dev.card_signature() is None  # GPT: found by partition names on the disk GRUB names
+    dev.cmdline_path.write_text(f"macula.mode=disk macula.mbr={layout.MBR_DISK_ID}\n")
+    assert dev.card_signature() == layout.MBR_DISK_ID
+    (dev.run / "mbr").write_text("1a2b3c4d\n")
+    assert dev.card_signature() == "1a2b3c4d"
+    (dev.run / "mbr").write_text("$(reboot)\n")  # not a signature: ignored
+    assert dev.card_signature() == layout.MBR_DISK_ID
+    fresh = {new_card_signature() for _ in range(50)}
+    assert len(fresh) > 45 and not fresh & {layout.MBR_DISK_ID, "00000000"}
+    assert all(re.fullmatch(r"[0-9a-f]{8}", f) for f in fresh)
 
 
 def test_foreign_bootstrap_names_a_missing_arch_test_or_binfmt(monkeypatch):
