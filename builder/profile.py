@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 from maculaos_device import nodeconfig
-from maculaos_device.schema import Field, Problem, key_lines, suggest
+from maculaos_device.schema import Field, Problem, key_lines, set_key, suggest
 
 from .arch import Architecture
 from .boards import BOARDS, Board, board_problem
@@ -182,9 +182,28 @@ def resolve_profile_path(ref: str, relative_to: Path | None = None) -> Path:
     raise BadInput(f"profile {ref!r} not found", suggest(ref, known) or f"known profiles: {', '.join(known)}")
 
 
+Layer = tuple[Path, dict[str, Any], dict[str, int]]  # one profile file: path, its mapping, key -> line
+
+
 def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
     """Load, merge and validate a profile; `overrides` (e.g. from CLI flags) win over every file."""
-    chain: list[tuple[Path, dict[str, Any], dict[str, int]]] = []
+    chain = _read_chain(ref)
+    errors = [e for p, data, lines in chain for e in validate_layer(p, data, lines)]
+    if errors:
+        raise BadInputs(errors)
+    merged, origins, overlay_sources = _merge_chain(chain)
+    _apply_overrides(merged, origins, overrides or {})
+    merged.pop("extends", None)
+    merged.pop("base", None)
+    _name_from_file(chain[0], merged, origins)
+    _check_board(merged, origins, chain[0][0])
+    return Profile(data=merged, origins=origins, files=tuple(p for p, _, _ in chain),
+                   overlay_sources=overlay_sources)
+
+
+def _read_chain(ref: str) -> list[Layer]:
+    """The profile file and every file it extends (or is based on), child first."""
+    chain: list[Layer] = []
     path: Path | None = resolve_profile_path(ref)
     seen: set[Path] = set()
     while path is not None:
@@ -210,13 +229,11 @@ def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
         except BadInput as exc:
             key = "base" if "base" in data else "extends"
             raise BadInput(f"{chain[-1][0]}:{lines.get(key, 1)}: {key}: {exc.message}", exc.hint) from None
+    return chain
 
-    errors: list[BadInput] = []
-    for p, data, lines in chain:
-        errors.extend(validate_layer(p, data, lines))
-    if errors:
-        raise BadInputs(errors)
 
+def _merge_chain(chain: list[Layer]) -> tuple[dict[str, Any], dict[str, Origin], dict[str, Path]]:
+    """The defaults with every file merged over them, parent first; where each key was set; overlay sources."""
     merged: dict[str, Any] = SCHEMA.defaults()
     origins: dict[str, Origin] = {}
     overlay_sources: dict[str, Path] = {}
@@ -228,31 +245,37 @@ def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
                 for dest, spec in value.items():
                     if isinstance(spec, dict) and "source" in spec:
                         overlay_sources[dest] = (p.parent / str(spec["source"])).resolve()
-    for key, value in (overrides or {}).items():
+    return merged, origins, overlay_sources
+
+
+def _apply_overrides(merged: dict[str, Any], origins: dict[str, Origin], overrides: dict[str, Any]) -> None:
+    """Command-line values (`--arch`, `--board`) over the files, checked against the setting's choices."""
+    for key, value in overrides.items():
         if value is None:
             continue
-        node = merged
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-        origins[key] = ("command line", 0)
         setting = SETTINGS_BY_KEY[key]
         if setting.choices and value not in setting.choices:
-            raise BadInput(f"command line: --{leaf}: unknown value {value!r}",
+            raise BadInput(f"command line: --{key.split('.')[-1]}: unknown value {value!r}",
                            f"one of: {', '.join(setting.choices)}")
-    merged.pop("extends", None)
-    merged.pop("base", None)
-    top = chain[0][0]
-    if "name" not in chain[0][1]:
-        # A custom image file names its image: maculaos-custom.yaml -> maculaos-custom-<version>-<arch>.iso
-        derived = re.sub(r"^maculaos-", "", top.stem.lower())
-        if chain[0][1].get("base") or not merged.get("name"):
-            if not re.match(r"^[a-z0-9][a-z0-9-]*$", derived):
-                raise BadInput(f"{top}:1: name: missing, and the file name {top.name!r} is not a valid name",
-                               "add `name: <image-name>`")
-            merged["name"] = derived
-            origins["name"] = (str(top), 0)
+        set_key(merged, key, value)
+        origins[key] = ("command line", 0)
+
+
+def _name_from_file(top: Layer, merged: dict[str, Any], origins: dict[str, Origin]) -> None:
+    """A custom image file names its image: maculaos-custom.yaml -> maculaos-custom-<version>-<arch>.iso"""
+    path, data, _ = top
+    if "name" in data or (merged.get("name") and not data.get("base")):
+        return
+    derived = re.sub(r"^maculaos-", "", path.stem.lower())
+    if not re.match(r"^[a-z0-9][a-z0-9-]*$", derived):
+        raise BadInput(f"{path}:1: name: missing, and the file name {path.name!r} is not a valid name",
+                       "add `name: <image-name>`")
+    merged["name"] = derived
+    origins["name"] = (str(path), 0)
+
+
+def _check_board(merged: dict[str, Any], origins: dict[str, Origin], top: Path) -> None:
+    """The board can be built for this arch, suite and outputs (--board turns outputs into its own image)."""
     if origins.get("board", ("",))[0] == "command line":
         # --board picks the machine, not what to build: outputs it cannot boot become its own image.
         merged["outputs"] = BOARDS[merged["board"]].translate_outputs(Architecture(merged["arch"]),
@@ -262,5 +285,3 @@ def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
         key, message, hint = problem
         file, line = origins.get(key, (str(top), 1))
         raise BadInput(f"{file}:{line}: {key}: {message}" if line else f"{file}: --{key}: {message}", hint)
-    return Profile(data=merged, origins=origins, files=tuple(p for p, _, _ in chain),
-                   overlay_sources=overlay_sources)
