@@ -18,6 +18,7 @@ from maculaos_device import layout, manifest
 
 from .arch import Architecture
 from .boards import BootFlow
+from .bootstrap import DPKG_OPTIONS
 from .errors import BadInput
 from .paths import sdk_root, stages_dir
 from .plan import BOOT_PACKAGES, HOST, INITRD_MODULES, BuildPlan, PlannedStage
@@ -228,7 +229,7 @@ def bootstrap_params(profile: Profile, arch: Architecture, sde: int) -> dict[str
     return {"suite": suite, "mirror": mirror, "components": deb["components"],
             "sources": [f"deb {mirror} {suite} {components}", f"deb {mirror} {suite}-updates {components}",
                         f"deb {security} {suite}-security {components}"],
-            "arch": arch.value, "variant": "minbase", "sde": sde,
+            "arch": arch.value, "variant": "minbase", "sde": sde, "dpkg_options": DPKG_OPTIONS,
             # apt reaches an https mirror only with the CA bundle; over http the rootfs stage installs it (and
             # makes the bundle natively: under emulation ca-certificates alone took 124 s of a 324 s bootstrap)
             "include": ["ca-certificates"] if mirror.startswith("https:") else []}

@@ -54,6 +54,8 @@ if [ -f /.maculaos-build/python-not-compiled ]; then
   done < /.maculaos-build/python-not-compiled
 fi
 rm -f /etc/ssh/ssh_host_*  # generated per machine at first boot, never baked in
+f=/etc/dpkg/dpkg.cfg.d/99mmdebstrap  # the bootstrap's build-time dpkg option stays out of the image
+[ ! -f $f ] || sed -i '/^force-unsafe-io$/d' $f
 : > /etc/machine-id
 passwd -l root >/dev/null
 mkdir -p /usr/share/maculaos /var/lib/maculaos
