@@ -20,9 +20,13 @@ set -- ${release:+-o APT::Default-Release=$release}
 real=$(apt-cache "$@" depends --important "$pkg:$arch" | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
 real=${real%:*}
 [ -n "$real" ] || real=$pkg
+# Newer Debian kernels (7.x, in trixie-backports) split the image package: it only depends on linux-binary-*
+# (vmlinuz), linux-modules-* and linux-base-* (device trees, config), all under /usr/lib/modules/<version>.
+parts=$(apt-cache "$@" depends --important "$real:$arch" \
+  | awk '/Depends: linux-(binary|modules|base)-[0-9]/ { sub(/:.*/, "", $2); print $2 }')
 mkdir -p /tmp/deb /k /out && cd /tmp/deb
-apt-get "$@" download "$real:$arch"
-dpkg-deb -x ./*.deb /k
+for p in "$real" $parts; do apt-get "$@" download "$p:$arch"; done
+for deb in ./*.deb; do dpkg-deb -x "$deb" /k; done
 # bookworm's packages ship /lib/modules and /lib/firmware, trixie's (merged /usr) /usr/lib/...: one place here,
 # seen from both paths, since depmod and modprobe look where their own kmod was built to look.
 for d in modules firmware; do
@@ -30,9 +34,17 @@ for d in modules firmware; do
   if [ -d "/k/lib/$d" ] && [ ! -e "/k/usr/lib/$d" ]; then mkdir -p /k/usr/lib && ln -s "../../lib/$d" "/k/usr/lib/$d"; fi
 done
 kver=$(ls /k/lib/modules | head -n1)
-printf '%s\t%s\n' "$real" "$(dpkg-deb -f ./*.deb Version)" > /out/kernel-package.tsv
+printf '%s\t%s\n' "$real" "$(dpkg-deb -f ./"$real"_*.deb Version)" > /out/kernel-package.tsv
 echo "$kver" > /out/kernel-version
-cp /k/boot/vmlinuz-"$kver" /out/vmlinuz
+# vmlinuz and the device trees leave the module folder (it goes into the rootfs); the split packages' config
+# and System.map are dropped, as the older packages' /boot copies are.
+if [ -f "/k/boot/vmlinuz-$kver" ]; then
+  cp "/k/boot/vmlinuz-$kver" /out/vmlinuz
+else
+  mv "/k/lib/modules/$kver/vmlinuz" /out/vmlinuz
+  rm -f "/k/lib/modules/$kver/System.map" "/k/lib/modules/$kver/config"
+fi
+[ -d "/k/lib/modules/$kver/dtb" ] && mv "/k/lib/modules/$kver/dtb" /out/dtbs || true
 # Folders the board must keep survive a prune of their parent (drivers/net/wireless but not .../intel).
 for k in $keep; do [ -d "/k/lib/modules/$kver/kernel/$k" ] && mkdir -p "/keep/$k" && cp -a "/k/lib/modules/$kver/kernel/$k/." "/keep/$k/"; done
 for p in $prune; do rm -rf "/k/lib/modules/$kver/kernel/$p"; done
@@ -66,5 +78,5 @@ mv /tmp/mods /out/initrd-modules.txt
 mkdir -p /out/lib/modules && mv /k/lib/modules/"$kver" /out/lib/modules/
 [ -d /k/lib/firmware ] && mkdir -p /out/lib && mv /k/lib/firmware /out/lib/ || true
 # Device trees (arm64): the Raspberry Pi firmware hands the board's to U-Boot and the kernel.
-[ -d "/k/usr/lib/linux-image-$kver" ] && mv "/k/usr/lib/linux-image-$kver" /out/dtbs || true
+[ -d "/k/usr/lib/linux-image-$kver" ] && [ ! -e /out/dtbs ] && mv "/k/usr/lib/linux-image-$kver" /out/dtbs || true
 echo "kernel $real $kver: $(wc -l < /out/initrd-modules.txt) initrd modules, $(du -sh /out/lib/modules | cut -f1) of modules"
