@@ -19,9 +19,10 @@ def write_profile(tmp_path: Path):
     return write
 
 
-# The longest QEMU scenarios, longest first, as `--durations` measured them on a warm 2-core CI machine
-# (seconds: 960 arm64 rollback, 590, 485, 370, 330, 280). Each worker starts with its own share of them, so
-# that the workers do not end with one of them alone on one worker while the other sits idle.
+# The longest QEMU scenarios, longest first, as `--durations` measured them on a 2-core CI machine
+# (seconds: 755 arm64 rollback, 581, 408, 311, 282, 221, then the Pi boots 253 and 124). Each worker starts
+# with its own share of them, so that the workers do not end with one of them alone on one worker while the
+# other sits idle.
 LONGEST_FIRST = (
     "test_arm64_update_failing_its_health_check_is_rolled_back_by_grub",
     "test_unconfirmed_or_hanging_update_rolls_back_after_three_tries",
@@ -29,6 +30,7 @@ LONGEST_FIRST = (
     "test_good_update_boots_b_and_is_confirmed_then_manual_rollback",
     "test_power_cut_while_writing_the_slot_or_the_env_boots_the_committed_slot",
     "test_install_from_iso_menu_to_blank_disk_then_boot_it",
+    "test_rpi_slot_a_boots_to_a_shell_under_virt",  # rpi4 (with a second boot) and rpi5: one per worker
 )
 
 
