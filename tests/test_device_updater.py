@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
-import os
-import threading
-import time
 
 import pytest
 from device_fixtures import make_bundle, make_key, make_node, sign
@@ -293,41 +289,3 @@ def test_the_read_back_hashes_what_the_slot_holds(tmp_path):
     f.write_bytes(data + b"tail")
     assert updater.read_back_sha256(f, len(data)) == hashlib.sha256(data).hexdigest()
     assert updater.read_back_sha256(f, 10**6) == ""  # shorter than asked: never a match
-
-
-def test_the_download_runs_ahead_of_the_slot_writes(tmp_path, monkeypatch):
-    """While a slot write is stuck (slow storage), the download goes on filling the free chunks, so the network
-    and the disk work at the same time; the slot still ends up byte for byte the stream."""
-    data = os.urandom(updater.CHUNK * 6 + 123)
-    slot = tmp_path / "slot"
-    slot.write_bytes(bytes(len(data)))
-    read = []
-
-    class Download(io.BytesIO):
-        def readinto(self, b):  # type: ignore[override]
-            n = super().readinto(b)
-            read.append(n)
-            return n
-
-    first_write, go_on = threading.Event(), threading.Event()
-    real_write = os.write
-
-    def stuck_write(fd, chunk):
-        if not first_write.is_set():
-            first_write.set()
-            assert go_on.wait(30)
-        return real_write(fd, chunk)
-
-    monkeypatch.setattr(updater.os, "write", stuck_write)
-    writer = threading.Thread(target=updater.write_slot, args=(Download(data), slot, len(data)))
-    writer.start()
-    assert first_write.wait(30)
-    deadline = time.monotonic() + 30
-    while sum(read) < updater.CHUNK * updater.PIPELINE_CHUNKS and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.2)  # it must stop there: every chunk is either being written or waiting to be
-    assert sum(read) == updater.CHUNK * updater.PIPELINE_CHUNKS
-    go_on.set()
-    writer.join(30)
-    monkeypatch.undo()
-    assert not writer.is_alive() and slot.read_bytes() == data
