@@ -84,7 +84,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=ROOT / "out") as tmp_name:
         tmp = Path(tmp_name)
         first, second = build(args.profile, args.arch, tmp / "a"), build(args.profile, args.arch, tmp / "b")
-        same_ids = first["stages"] == second["stages"]
+        same_ids = {k: v["id"] for k, v in first["stages"].items()} == {k: v["id"] for k, v in second["stages"].items()}
         print(f"{'stage ids':<40} {'equal' if same_ids else 'different'}")
         differing = []
         for name in sorted(first["artifacts"]):
