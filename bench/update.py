@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import shutil
 import statistics
 import subprocess
 import sys
@@ -100,6 +101,7 @@ def main() -> int:
         finally:
             m.close()
             server.shutdown()
+            shutil.rmtree(served, ignore_errors=True)
     size_mb = (BUNDLE / "rootfs.squashfs").stat().st_size / 1e6
     r, a = statistics.median(raw), statistics.median(apply)
     print(f"{'squashfs size (MB)':<34} {size_mb:.1f}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 from maculaos_device import nodeconfig
-from maculaos_device.schema import Field, Problem, key_lines, set_key, suggest
+from maculaos_device.schema import Add, Field, Problem, key_lines, set_key, suggest
 
 from .arch import Architecture
 from .boards import BOARDS, Board, board_problem
@@ -97,7 +97,7 @@ def validate_layer(path: Path, data: dict[str, Any], lines: dict[str, int]) -> l
     """Check one profile file's keys and value types; return every problem found."""
     nested: list[BadInput] = []
 
-    def files_and_config(spec: Field, value: Any, add: Any) -> None:
+    def files_and_config(spec: Field, value: Any, add: Add) -> None:
         """What the schema cannot say: overlay sources, the install config and the default node config."""
         if spec.key == "overlay":
             nested.extend(_validate_overlay(path, value, lines))
