@@ -60,4 +60,5 @@ f=/etc/dpkg/dpkg.cfg.d/99mmdebstrap  # the bootstrap's build-time dpkg option st
 passwd -l root >/dev/null
 mkdir -p /usr/share/maculaos /var/lib/maculaos
 dpkg-query -W -f='${Package}\t${Version}\n' | LC_ALL=C sort > /usr/share/maculaos/packages.tsv
-rm -rf /var/log/* /var/cache/debconf/*-old /var/lib/dpkg/*-old /tmp/* /root/.cache
+# ldconfig's aux-cache records the inodes and ctimes of this build's libraries: never the same twice
+rm -rf /var/log/* /var/cache/debconf/*-old /var/lib/dpkg/*-old /tmp/* /root/.cache /var/cache/ldconfig/aux-cache
