@@ -112,6 +112,7 @@ def template_vars(profile: Profile, arch: Architecture, input_images: dict[str, 
         "boot_packages": [*BOOT_PACKAGES, *board.packages],
         "cmdline": kernel_cmdline(profile),
         "layout": layout,
+        "bundle_chunk_bytes": manifest.CHUNK_BYTES,
     }
 
 

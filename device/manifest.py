@@ -21,6 +21,9 @@ BUNDLE_FILES = SIGNED + PAYLOAD
 WORD = re.compile(r"[A-Za-z0-9._+~-]{1,64}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 KEY_ID = re.compile(r"[0-9A-F]{16}")  # minisign's key id, as `minisign -V` prints it
+# rootfs.squashfs also carries one sha256 per CHUNK_BYTES piece, so a device checks its read-back on every CPU
+CHUNK_BYTES = 4 << 20
+MAX_CHUNK_BYTES = 64 << 20
 
 
 class ManifestError(ValueError):
@@ -31,6 +34,8 @@ class ManifestError(ValueError):
 class FileEntry:
     size: int
     sha256: str
+    chunk_bytes: int = 0  # with `chunks`: the sha256 of each chunk_bytes piece, in order (older bundles: none)
+    chunks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,15 @@ def _file(data: object, name: str) -> FileEntry:
         raise ManifestError(f"files[{name!r}].size is not a positive integer")
     if not isinstance(sha, str) or not SHA256.fullmatch(sha):
         raise ManifestError(f"files[{name!r}].sha256 is not a sha256")
-    return FileEntry(size=size, sha256=sha)
+    if "chunk_bytes" not in data and "chunk_sha256" not in data:
+        return FileEntry(size=size, sha256=sha)
+    step, chunks = data.get("chunk_bytes"), data.get("chunk_sha256")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 < step <= MAX_CHUNK_BYTES or step % 4096:
+        raise ManifestError(f"files[{name!r}].chunk_bytes is not a multiple of 4096 up to {MAX_CHUNK_BYTES}")
+    if not isinstance(chunks, list) or len(chunks) != -(-size // step) or \
+            not all(isinstance(c, str) and SHA256.fullmatch(c) for c in chunks):
+        raise ManifestError(f"files[{name!r}].chunk_sha256 is not one sha256 per chunk")
+    return FileEntry(size=size, sha256=sha, chunk_bytes=step, chunks=tuple(chunks))
 
 
 def _object(raw: bytes, limit: int) -> dict:

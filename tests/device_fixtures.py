@@ -65,8 +65,9 @@ def make_key(folder: Path) -> tuple[Path, Path]:
 
 
 def make_bundle(folder: Path, secret: Path, version: str, rootfs: bytes | None = None,
-                overrides: dict | None = None) -> Path:
-    """A bundle as stages/80-bundle writes it (signed manifest, payload), with fields overridable."""
+                overrides: dict | None = None, chunk_bytes: int = 1 << 20) -> Path:
+    """A bundle as stages/80-bundle writes it (signed manifest, payload), with fields overridable; with
+    chunk_bytes=0, no chunk list for the rootfs (as bundles before the chunk lists)."""
     folder.mkdir(parents=True)
     payload = {"rootfs.squashfs": rootfs if rootfs is not None else os.urandom(3 << 20) + b"end",
                "vmlinuz": b"kernel " + version.encode(), "initrd.img": b"initrd " + version.encode()}
@@ -75,6 +76,10 @@ def make_bundle(folder: Path, secret: Path, version: str, rootfs: bytes | None =
     m = {"format": 1, "name": "maculaos", "profile": "test", "version": version, "arch": "amd64", "board": "generic",
          "min_version": "0.0.0", "signing_key_id": manifest.key_id(secret.with_suffix(".pub").read_text()),
          "files": {n: {"size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in payload.items()}}
+    if chunk_bytes:
+        data = payload["rootfs.squashfs"]
+        m["files"]["rootfs.squashfs"].update(chunk_bytes=chunk_bytes, chunk_sha256=[
+            hashlib.sha256(data[i:i + chunk_bytes]).hexdigest() for i in range(0, len(data), chunk_bytes)])
     m.update(overrides or {})
     (folder / "manifest.json").write_text(json.dumps(m))
     sign(secret, folder / "manifest.json")

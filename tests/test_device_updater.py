@@ -7,10 +7,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 from device_fixtures import make_bundle, make_key, make_node, sign
-from maculaos_device import bootenv, updater
+from maculaos_device import bootenv, manifest, updater
 from maculaos_device.bootenv import BootEnv
 from maculaos_device.source import Source
 from maculaos_device.system import DeviceError
@@ -106,11 +109,15 @@ def test_a_stream_longer_than_signed_is_refused(tmp_path, key, node):
     assert slot_b_forgotten(node) and state(node) == BootEnv()
 
 
-def test_a_bad_hash_is_caught_by_the_read_back(tmp_path, key, node):
-    b = bundle(tmp_path, key)
+@pytest.mark.parametrize(("chunk_bytes", "where"), [(1 << 20, 4096), (1 << 20, (3 << 20) + 1), (0, 4096)],
+                         ids=["chunked-first", "chunked-last", "whole-file"])
+def test_a_bad_hash_is_caught_by_the_read_back(tmp_path, key, node, chunk_bytes, where):
+    b = bundle(tmp_path, key, chunk_bytes=chunk_bytes)
     with (b / "rootfs.squashfs").open("r+b") as f:
-        f.seek(4096)
-        f.write(b"tampered")
+        f.seek(where)
+        flipped = f.read(1)[0] ^ 1
+        f.seek(where)
+        f.write(bytes([flipped]))  # one bit: in the last chunk too, the file keeps its signed size
     with pytest.raises(DeviceError, match="does not read back"):
         updater.apply(node, Source(str(b)))
     assert slot_b_forgotten(node) and state(node) == BootEnv()
@@ -289,3 +296,47 @@ def test_the_read_back_hashes_what_the_slot_holds(tmp_path):
     f.write_bytes(data + b"tail")
     assert updater.read_back_sha256(f, len(data)) == hashlib.sha256(data).hexdigest()
     assert updater.read_back_sha256(f, 10**6) == ""  # shorter than asked: never a match
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_the_chunked_read_back_checks_every_chunk_on_any_number_of_threads(tmp_path, workers):
+    step = 8192
+    data = os.urandom(5 * step + 100)
+    entry = manifest.FileEntry(size=len(data), sha256=hashlib.sha256(data).hexdigest(), chunk_bytes=step,
+                               chunks=tuple(hashlib.sha256(data[i:i + step]).hexdigest()
+                                            for i in range(0, len(data), step)))
+    f = tmp_path / "slot"
+    f.write_bytes(data + bytes(3 * step))  # a slot is larger than its image
+    assert updater.read_back_chunks(f, entry, workers)
+    for where in (0, 3 * step + 7, len(data) - 1):  # first, a middle and the last (short) chunk
+        spoiled = bytearray(data)
+        spoiled[where] ^= 1
+        f.write_bytes(bytes(spoiled) + bytes(3 * step))
+        assert not updater.read_back_chunks(f, entry, workers)
+    f.write_bytes(data[:-1])  # the slot ends before the image does
+    assert not updater.read_back_chunks(f, entry, workers)
+
+
+@pytest.mark.parametrize(("field", "value"), [("chunk_bytes", 1000), ("chunk_bytes", True), ("chunk_bytes", 0),
+                                              ("chunk_sha256", ["0" * 64]), ("chunk_sha256", "x"),
+                                              ("chunk_sha256", None)])
+def test_a_malformed_chunk_list_refuses_the_manifest(tmp_path, key, field, value):
+    b = bundle(tmp_path, key)
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"]["rootfs.squashfs"][field] = value
+    with pytest.raises(manifest.ManifestError, match="chunk"):
+        manifest.parse(json.dumps(m).encode())
+
+
+def test_the_bundle_stage_writes_the_chunk_list_the_device_checks(tmp_path):
+    """stages/80-bundle/mkmanifest.sh (run here as the bundle stage runs it) and the device's parser agree."""
+    script = Path(__file__).resolve().parents[1] / "stages/80-bundle/mkmanifest.sh"
+    data = os.urandom(2 * manifest.CHUNK_BYTES + 12345)
+    for name, content in (("rootfs.squashfs", data), ("vmlinuz", b"k"), ("initrd.img", b"i")):
+        (tmp_path / name).write_bytes(content)
+    out = subprocess.run(["sh", str(script), "test", "0.2.0", "amd64", "generic", "0.0.0", "ABCDEF0123456789",
+                          str(manifest.CHUNK_BYTES)], cwd=tmp_path, check=True, capture_output=True).stdout
+    rootfs = manifest.parse(out).files["rootfs.squashfs"]
+    assert (rootfs.size, rootfs.sha256, rootfs.chunk_bytes, len(rootfs.chunks)) == \
+        (len(data), hashlib.sha256(data).hexdigest(), manifest.CHUNK_BYTES, 3)
+    assert updater.read_back_chunks(tmp_path / "rootfs.squashfs", rootfs)
