@@ -272,7 +272,7 @@ def read_back_sha256(device: Path, size: int) -> str:
 def read_back_chunks(device: Path, entry: manifest.FileEntry, workers: int = 0) -> bool:
     """Whether the slot reads back as the signed chunk list of `entry`: every chunk read from the device (not
     a cache) and hashed, the chunks shared out over `workers` threads (default: one per CPU, at most 4); a
-    thread stops at its first bad chunk. sha256 runs outside the GIL, so the threads hash at the same time."""
+    thread stops at its first bad chunk. Hashing runs outside the GIL, so the threads hash at the same time."""
     count = len(entry.chunks)
     workers = max(1, min(workers or os.cpu_count() or 1, 4, count))
     bad: list[int] = []
@@ -289,7 +289,7 @@ def read_back_chunks(device: Path, entry: manifest.FileEntry, workers: int = 0) 
                 offset = i * entry.chunk_bytes
                 want = min(entry.chunk_bytes, entry.size - offset)
                 got = os.preadv(fd, [view[: -(-want // ALIGN) * ALIGN]], offset)
-                if got < want or hashlib.sha256(view[:want]).hexdigest() != entry.chunks[i]:
+                if got < want or manifest.chunk_digest(view[:want]) != entry.chunks[i]:
                     bad.append(i)
                     return
         finally:

@@ -78,8 +78,8 @@ def make_bundle(folder: Path, secret: Path, version: str, rootfs: bytes | None =
          "files": {n: {"size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in payload.items()}}
     if chunk_bytes:
         data = payload["rootfs.squashfs"]
-        m["files"]["rootfs.squashfs"].update(chunk_bytes=chunk_bytes, chunk_sha256=[
-            hashlib.sha256(data[i:i + chunk_bytes]).hexdigest() for i in range(0, len(data), chunk_bytes)])
+        m["files"]["rootfs.squashfs"].update(chunk_bytes=chunk_bytes, chunk_blake2b=[
+            manifest.chunk_digest(data[i:i + chunk_bytes]) for i in range(0, len(data), chunk_bytes)])
     m.update(overrides or {})
     (folder / "manifest.json").write_text(json.dumps(m))
     sign(secret, folder / "manifest.json")

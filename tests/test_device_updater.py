@@ -303,7 +303,7 @@ def test_the_chunked_read_back_checks_every_chunk_on_any_number_of_threads(tmp_p
     step = 8192
     data = os.urandom(5 * step + 100)
     entry = manifest.FileEntry(size=len(data), sha256=hashlib.sha256(data).hexdigest(), chunk_bytes=step,
-                               chunks=tuple(hashlib.sha256(data[i:i + step]).hexdigest()
+                               chunks=tuple(manifest.chunk_digest(data[i:i + step])
                                             for i in range(0, len(data), step)))
     f = tmp_path / "slot"
     f.write_bytes(data + bytes(3 * step))  # a slot is larger than its image
@@ -318,8 +318,8 @@ def test_the_chunked_read_back_checks_every_chunk_on_any_number_of_threads(tmp_p
 
 
 @pytest.mark.parametrize(("field", "value"), [("chunk_bytes", 1000), ("chunk_bytes", True), ("chunk_bytes", 0),
-                                              ("chunk_sha256", ["0" * 64]), ("chunk_sha256", "x"),
-                                              ("chunk_sha256", None)])
+                                              ("chunk_blake2b", ["0" * 64]), ("chunk_blake2b", "x"),
+                                              ("chunk_blake2b", None)])
 def test_a_malformed_chunk_list_refuses_the_manifest(tmp_path, key, field, value):
     b = bundle(tmp_path, key)
     m = json.loads((b / "manifest.json").read_text())
