@@ -16,10 +16,12 @@ import hashlib
 import json
 import mmap
 import os
+import queue
 import stat
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -216,24 +218,28 @@ def _fill(stream: BinaryIO, view: memoryview) -> int:
     return got
 
 
-def write_slot(stream: BinaryIO, device: Path, size: int) -> None:
-    """Exactly `size` bytes of `stream` to the start of `device`, with direct I/O on block devices.
-    A stream that ends early or runs past `size` fails."""
+def write_slot(stream: BinaryIO, device: Path, size: int, step: int = CHUNK,
+               written: Callable[[int], None] | None = None) -> None:
+    """Exactly `size` bytes of `stream` to the start of `device` in `step`-byte chunks, with direct I/O on block
+    devices; `written(i)` is called once chunk i is on the device. A stream that ends early or runs past `size`
+    fails."""
     direct = _is_block(device)
     fd = os.open(device, os.O_WRONLY | (os.O_DIRECT if direct else 0))
-    buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT wants
+    buf = mmap.mmap(-1, step)  # page-aligned, as O_DIRECT wants
     view = memoryview(buf)
     try:
-        written = 0
-        while written < size:
-            want = min(CHUNK, size - written)
+        done = 0
+        while done < size:
+            want = min(step, size - done)
             n = _fill(stream, view[:want])
             if n < want:
-                raise DeviceError(f"the download ended after {written + n} of {size} bytes")
+                raise DeviceError(f"the download ended after {done + n} of {size} bytes")
             padded = -(-n // ALIGN) * ALIGN if direct else n
             view[n:padded] = bytes(padded - n)
             os.write(fd, view[:padded])
-            written += n
+            if written:
+                written(done // step)
+            done += n
         if stream.read(1):
             raise DeviceError(f"the download is longer than the signed {size} bytes")
         os.fsync(fd)
@@ -269,40 +275,75 @@ def read_back_sha256(device: Path, size: int) -> str:
     return digest.hexdigest() if done == size else ""
 
 
-def read_back_chunks(device: Path, entry: manifest.FileEntry, workers: int = 0) -> bool:
-    """Whether the slot reads back as the signed chunk list of `entry`: every chunk read from the device (not
-    a cache) and hashed, the chunks shared out over `workers` threads (default: one per CPU, at most 4); a
-    thread stops at its first bad chunk. Hashing runs outside the GIL, so the threads hash at the same time."""
-    count = len(entry.chunks)
-    workers = max(1, min(workers or os.cpu_count() or 1, 4, count))
-    bad: list[int] = []
+class ChunkChecker:
+    """Reads chunks of the slot back from the device (not from a cache) and checks each against the signed
+    chunk list, on one worker thread per CPU (at most 4): hashing and reads run outside the GIL, so the workers
+    check while the main thread downloads and writes the next chunk. `submit(i)` queues chunk i; `finish()`
+    says whether every chunk was checked and matched."""
 
-    def check(first: int) -> None:
-        direct = _is_block(device)
+    def __init__(self, device: Path, entry: manifest.FileEntry, workers: int = 0) -> None:
+        self.entry = entry
+        self.todo: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self.good: list[int] = []
+        self.bad: list[int] = []
+        count = max(1, min(workers or os.cpu_count() or 1, 4))
+        self.threads = [threading.Thread(target=self._work, args=(device,), daemon=True) for _ in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, index: int) -> None:
+        self.todo.put(index)
+
+    def finish(self) -> bool:
+        for _ in self.threads:
+            self.todo.put(None)
+        for thread in self.threads:
+            thread.join()
+        return not self.bad and sorted(self.good) == list(range(len(self.entry.chunks)))
+
+    def _work(self, device: Path) -> None:
+        entry, direct = self.entry, _is_block(device)
         fd = os.open(device, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-        if not direct:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         buf = mmap.mmap(-1, entry.chunk_bytes)
         view = memoryview(buf)
         try:
-            for i in range(first, count, workers):
+            while (i := self.todo.get()) is not None:
+                if self.bad or not 0 <= i < len(entry.chunks):
+                    self.bad.append(i)
+                    continue
                 offset = i * entry.chunk_bytes
                 want = min(entry.chunk_bytes, entry.size - offset)
+                if not direct:  # a file (tests): past the page cache as far as the kernel lets us
+                    os.posix_fadvise(fd, offset, want, os.POSIX_FADV_DONTNEED)
                 got = os.preadv(fd, [view[: -(-want // ALIGN) * ALIGN]], offset)
-                if got < want or manifest.chunk_digest(view[:want]) != entry.chunks[i]:
-                    bad.append(i)
-                    return
+                ok = got >= want and manifest.chunk_digest(view[:want]) == entry.chunks[i]
+                (self.good if ok else self.bad).append(i)
+        except OSError:
+            self.bad.append(-1)
         finally:
             view.release()
             buf.close()
             os.close(fd)
 
-    threads = [threading.Thread(target=check, args=(w,)) for w in range(workers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return count > 0 and not bad
+
+def read_back_chunks(device: Path, entry: manifest.FileEntry, workers: int = 0) -> bool:
+    """Whether the slot reads back as the signed chunk list of `entry` (all chunks, checked on `workers`)."""
+    checker = ChunkChecker(device, entry, workers)
+    for i in range(len(entry.chunks)):
+        checker.submit(i)
+    return checker.finish()
+
+
+def write_checked(stream: BinaryIO, device: Path, entry: manifest.FileEntry) -> bool:
+    """write_slot, each chunk read back and checked against the signed chunk list while the next one is
+    downloaded; whether all of them matched. A read right after the write is as strong a check as one after
+    fsync: with O_DIRECT both come from the device, whose own cache may serve either."""
+    checker = ChunkChecker(device, entry)
+    try:
+        write_slot(stream, device, entry.size, step=entry.chunk_bytes, written=checker.submit)
+    finally:
+        ok = checker.finish()
+    return ok
 
 
 def slot_reads_back(device: Path, entry: manifest.FileEntry) -> bool:
@@ -354,16 +395,21 @@ def apply(dev: Device, src: Source, allow_downgrade: bool = False) -> str:
     log(f"writing {m.version} to slot {target} ({device})")
     try:
         stream, _ = src.open("rootfs.squashfs", rootfs.size)
+        verified: list[bool] = []
         with stream:
-            write_slot(stream, device, rootfs.size)
-        got: list[bool] = []
-        reader = threading.Thread(target=lambda: got.append(slot_reads_back(device, rootfs)))
-        reader.start()  # the slot is read back while the boot files are fetched
+            if rootfs.chunks:  # each chunk is read back while the next one downloads
+                verified.append(write_checked(stream, device, rootfs))
+            else:
+                write_slot(stream, device, rootfs.size)
+        reader = threading.Thread(target=lambda: verified.append(slot_reads_back(device, rootfs)))
+        if not verified:  # a bundle without a chunk list: the whole slot is read back while the boot files come
+            reader.start()
         try:
             fetch_boot_files(src, m, dev.esp / target)
         finally:
-            reader.join()
-        if got != [True]:
+            if reader.ident is not None:
+                reader.join()
+        if verified != [True]:
             raise DeviceError(f"slot {target} does not read back as the signed rootfs.squashfs (sha256 mismatch: a "
                               "corrupt or tampered download, or bad storage)")
         record = SlotRecord(version=m.version, profile=m.profile, size=rootfs.size, sha256=rootfs.sha256)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -340,3 +341,32 @@ def test_the_bundle_stage_writes_the_chunk_list_the_device_checks(tmp_path):
     assert (rootfs.size, rootfs.sha256, rootfs.chunk_bytes, len(rootfs.chunks)) == \
         (len(data), hashlib.sha256(data).hexdigest(), manifest.CHUNK_BYTES, 3)
     assert updater.read_back_chunks(tmp_path / "rootfs.squashfs", rootfs)
+
+
+def _chunked(data: bytes, step: int) -> manifest.FileEntry:
+    return manifest.FileEntry(size=len(data), sha256=hashlib.sha256(data).hexdigest(), chunk_bytes=step,
+                              chunks=tuple(manifest.chunk_digest(data[i:i + step]) for i in range(0, len(data), step)))
+
+
+def test_write_checked_reads_each_chunk_back_from_the_device_not_the_stream(tmp_path, monkeypatch):
+    step = 8192
+    data = os.urandom(6 * step + 5)
+    slot = tmp_path / "slot"
+    slot.write_bytes(bytes(10 * step))
+    assert updater.write_checked(io.BytesIO(data), slot, _chunked(data, step))
+    assert slot.read_bytes()[: len(data)] == data
+    # the download differs from what was signed: caught
+    spoiled = bytearray(data)
+    spoiled[4 * step] ^= 1
+    assert not updater.write_checked(io.BytesIO(bytes(spoiled)), slot, _chunked(data, step))
+    # the right bytes, but the device keeps a stale chunk (a lost write): caught by the read-back
+    real_write = updater.os.write
+    calls = []
+
+    def lossy(fd, view):
+        calls.append(len(view))
+        return len(view) if len(calls) == 3 else real_write(fd, view)
+
+    slot.write_bytes(bytes(10 * step))
+    monkeypatch.setattr(updater.os, "write", lossy)
+    assert not updater.write_checked(io.BytesIO(data), slot, _chunked(data, step))
