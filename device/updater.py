@@ -326,14 +326,6 @@ class ChunkChecker:
             os.close(fd)
 
 
-def read_back_chunks(device: Path, entry: manifest.FileEntry, workers: int = 0) -> bool:
-    """Whether the slot reads back as the signed chunk list of `entry` (all chunks, checked on `workers`)."""
-    checker = ChunkChecker(device, entry, workers)
-    for i in range(len(entry.chunks)):
-        checker.submit(i)
-    return checker.finish()
-
-
 def write_checked(stream: BinaryIO, device: Path, entry: manifest.FileEntry) -> bool:
     """write_slot, each chunk read back and checked against the signed chunk list while the next one is
     downloaded; whether all of them matched. A read right after the write is as strong a check as one after
@@ -344,13 +336,6 @@ def write_checked(stream: BinaryIO, device: Path, entry: manifest.FileEntry) -> 
     finally:
         ok = checker.finish()
     return ok
-
-
-def slot_reads_back(device: Path, entry: manifest.FileEntry) -> bool:
-    """Whether the slot holds exactly the signed file: by its chunk list when the bundle has one, else whole."""
-    if entry.chunks:
-        return read_back_chunks(device, entry)
-    return read_back_sha256(device, entry.size) == entry.sha256
 
 
 def fetch_boot_files(src: Source, m: Manifest, folder: Path) -> None:
@@ -369,6 +354,37 @@ def fetch_boot_files(src: Source, m: Manifest, folder: Path) -> None:
     for name in BOOT_FILES:
         os.replace(folder / f"{name}.tmp", folder / name)
     bootenv.fsync_dir(folder)
+
+
+def write_payload(src: Source, m: Manifest, device: Path, boot_folder: Path) -> None:
+    """The signed rootfs into the slot device, read back and checked, and the kernel and initrd into the slot's
+    boot folder, fetched and checked at the same time on a thread of their own; raises DeviceError or OSError."""
+    rootfs = m.files["rootfs.squashfs"]
+    boot_failed: list[BaseException] = []
+
+    def fetch_boot() -> None:
+        try:
+            fetch_boot_files(src, m, boot_folder)
+        except BaseException as exc:  # noqa: BLE001 - raised below, in the caller's thread
+            boot_failed.append(exc)
+
+    fetcher = threading.Thread(target=fetch_boot)
+    fetcher.start()
+    try:
+        stream, _ = src.open("rootfs.squashfs", rootfs.size)
+        with stream:
+            if rootfs.chunks:  # each chunk is read back while the next one downloads
+                verified = write_checked(stream, device, rootfs)
+            else:  # a bundle without a chunk list: written, then read back whole
+                write_slot(stream, device, rootfs.size)
+                verified = read_back_sha256(device, rootfs.size) == rootfs.sha256
+    finally:
+        fetcher.join()
+    if boot_failed:
+        raise boot_failed[0]
+    if not verified:
+        raise DeviceError("the slot does not read back as the signed rootfs.squashfs (a corrupt or tampered "
+                          "download, or bad storage)")
 
 
 def apply(dev: Device, src: Source, allow_downgrade: bool = False) -> str:
@@ -394,24 +410,7 @@ def apply(dev: Device, src: Source, allow_downgrade: bool = False) -> str:
     forget_slot(dev, target, device)
     log(f"writing {m.version} to slot {target} ({device})")
     try:
-        stream, _ = src.open("rootfs.squashfs", rootfs.size)
-        verified: list[bool] = []
-        with stream:
-            if rootfs.chunks:  # each chunk is read back while the next one downloads
-                verified.append(write_checked(stream, device, rootfs))
-            else:
-                write_slot(stream, device, rootfs.size)
-        reader = threading.Thread(target=lambda: verified.append(slot_reads_back(device, rootfs)))
-        if not verified:  # a bundle without a chunk list: the whole slot is read back while the boot files come
-            reader.start()
-        try:
-            fetch_boot_files(src, m, dev.esp / target)
-        finally:
-            if reader.ident is not None:
-                reader.join()
-        if verified != [True]:
-            raise DeviceError(f"slot {target} does not read back as the signed rootfs.squashfs (sha256 mismatch: a "
-                              "corrupt or tampered download, or bad storage)")
+        write_payload(src, m, device, dev.esp / target)
         record = SlotRecord(version=m.version, profile=m.profile, size=rootfs.size, sha256=rootfs.sha256)
         bootenv.write_atomic(dev.esp / target / "slot.json", record.to_json().encode())
         envs.save(replace(env, trial=target, tries=0, rolledback=""))
