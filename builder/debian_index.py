@@ -57,18 +57,18 @@ def package_names(mirror: str, suite: str, components: list[str], arch: str, *, 
 
 def check_packages(profile: Profile, *, offline: bool = False) -> None:
     """Report every unknown package name at once (file:line: packages: ... hint), before any build step."""
-    deb = profile.get("debian")
-    known = package_names(deb["mirror"], deb["suite"], deb["components"], profile.arch.value, offline=offline)
+    deb = profile.settings.debian
+    known = package_names(deb.mirror, deb.suite, list(deb.components), profile.arch.value, offline=offline)
     if known is None:
         return
     errors = []
-    for name in sorted(set(profile.get("packages")) | set(BOOT_PACKAGES)):
+    for name in sorted(set(profile.settings.packages) | set(BOOT_PACKAGES)):
         if name not in known:
             file, line = _where(profile, name)
             close = difflib.get_close_matches(name, [k for k in known if k[:1] == name[:1]], n=1, cutoff=0.7)
             hint = f"did you mean `{close[0]}`?" if close else "search with `apt-cache search` or packages.debian.org"
-            errors.append(BadInput(f"{file}:{line}: packages: {name!r} is not a package in Debian {deb['suite']} "
-                                   f"({', '.join(deb['components'])}, {profile.arch.value})", hint))
+            errors.append(BadInput(f"{file}:{line}: packages: {name!r} is not a package in Debian {deb.suite} "
+                                   f"({', '.join(deb.components)}, {profile.arch.value})", hint))
     if errors:
         raise BadInputs(errors)
 

@@ -76,7 +76,7 @@ class BuildPlan:
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        return tuple(self.profile.get("outputs"))
+        return self.profile.settings.outputs
 
     @property
     def cross(self) -> bool:
@@ -94,7 +94,7 @@ def source_date_epoch(profile: Profile) -> int:
         if not env.isdigit():
             raise BuildFailed(f"SOURCE_DATE_EPOCH={env!r} is not a number", "unset it or give seconds since 1970")
         return int(env)
-    return int(profile.get("source_date_epoch"))
+    return profile.settings.source_date_epoch
 
 
 def make_plan(profile: Profile, stages: dict[str, StageMeta] | None = None, sde: int | None = None) -> BuildPlan:
@@ -102,7 +102,7 @@ def make_plan(profile: Profile, stages: dict[str, StageMeta] | None = None, sde:
     stages = stages if stages is not None else load_stages()
     providers = {s.provides: s for s in stages.values() if s.provides}
     wanted: list[StageMeta] = []
-    for output in profile.get("outputs"):
+    for output in profile.settings.outputs:
         if output not in providers:
             raise BadInput(f"{profile.files[0]}: outputs: no stage provides {output!r}",
                            f"available: {', '.join(sorted(providers))}")

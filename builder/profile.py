@@ -15,6 +15,7 @@ from .arch import Architecture
 from .boards import BOARDS, Board, board_problem
 from .errors import BadInput, BadInputs
 from .paths import profiles_dir
+from .profile_settings import ProfileSettings
 from .settings import SCHEMA, SETTINGS_BY_KEY
 
 Origin = tuple[str, int]  # (file, line)
@@ -24,13 +25,15 @@ Origin = tuple[str, int]  # (file, line)
 class Profile:
     """A fully resolved profile: merged data plus where each value came from."""
 
-    data: dict[str, Any]
+    data: dict[str, Any]  # as merged (what `profile show` prints and stage templates see, key by key)
     origins: dict[str, Origin]
     files: tuple[Path, ...]
+    settings: ProfileSettings  # the same values, typed: what the SDK's code reads
     overlay_sources: dict[str, Path] = field(default_factory=dict)
 
     def get(self, key: str) -> Any:
-        """Value of a dotted setting key, e.g. `kernel.args`."""
+        """Value of a dotted setting key, e.g. `kernel.args` (for code driven by key names, like a stage's
+        declared options; everything else reads `settings`)."""
         node: Any = self.data
         for part in key.split("."):
             node = node[part]
@@ -38,19 +41,19 @@ class Profile:
 
     @property
     def name(self) -> str:
-        return self.data["name"]
+        return self.settings.name
 
     @property
     def version(self) -> str:
-        return self.data["version"]
+        return self.settings.version
 
     @property
     def arch(self) -> Architecture:
-        return Architecture(self.data["arch"])
+        return self.settings.arch
 
     @property
     def board(self) -> Board:
-        return BOARDS[self.data["board"]]
+        return self.settings.board
 
     def artifact_basename(self) -> str:
         """`maculaos-<profile>-<version>-<arch>[-<board>]`, the stem of every output file."""
@@ -198,7 +201,7 @@ def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
     _name_from_file(chain[0], merged, origins)
     _check_board(merged, origins, chain[0][0])
     return Profile(data=merged, origins=origins, files=tuple(p for p, _, _ in chain),
-                   overlay_sources=overlay_sources)
+                   settings=ProfileSettings.from_data(merged), overlay_sources=overlay_sources)
 
 
 def _read_chain(ref: str) -> list[Layer]:

@@ -77,7 +77,7 @@ def kernel_cmdline(profile: Profile) -> str:
     consoles = f"console=tty1 console={profile.board.serial_console(profile.arch)},115200"
     # MBR cards (the Pi's): the initrd finds the slots by number on the disk with this signature.
     mbr = [f"macula.mbr={layout.MBR_DISK_ID}"] if profile.board.boot_flow(profile.arch) is BootFlow.rpi_firmware else []
-    return " ".join([consoles, *mbr, *profile.get("kernel.args")])
+    return " ".join([consoles, *mbr, *profile.settings.kernel.args])
 
 
 def declared_view(profile: Profile, options: tuple[str, ...]) -> dict[str, Any]:
@@ -96,7 +96,7 @@ def declared_view(profile: Profile, options: tuple[str, ...]) -> dict[str, Any]:
 def template_vars(profile: Profile, arch: Architecture, input_images: dict[str, str], sde: int,
                   options: tuple[str, ...] = ()) -> dict[str, Any]:
     """Everything a stage template may use; anything else is an error (StrictUndefined)."""
-    package = profile.get("kernel.package")
+    package = profile.settings.kernel.package
     board = profile.board
     return {
         "profile": declared_view(profile, options),
@@ -108,7 +108,7 @@ def template_vars(profile: Profile, arch: Architecture, input_images: dict[str, 
         "sde": sde,
         "kernel_package": arch.kernel_package if package == "auto" else package,
         "initrd_modules": list(dict.fromkeys([*INITRD_MODULES[arch.value], *board.initrd_modules,
-                                              *profile.get("kernel.modules")])),
+                                              *profile.settings.kernel.modules])),
         "boot_packages": [*BOOT_PACKAGES, *board.packages],
         "cmdline": kernel_cmdline(profile),
         "layout": layout,
@@ -146,10 +146,10 @@ def _write_node_files(profile: Profile, dest_root: Path, extra_files: dict[str, 
         (lib / module.name).chmod(0o644)
     share = dest_root / "usr/share/maculaos"
     share.mkdir(parents=True, exist_ok=True)
-    config = profile.get("config")
+    config = profile.settings.config
     if config:
-        (share / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
-    firstboot = profile.get("firstboot")
+        (share / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=True))
+    firstboot = profile.settings.firstboot
     if firstboot:
         (share / "firstboot").write_text("".join(f"{c}\n" for c in firstboot))
     for dest, source in sorted(extra_files.items()):
@@ -163,7 +163,7 @@ def _write_node_files(profile: Profile, dest_root: Path, extra_files: dict[str, 
 
 def _write_profile_overlay(profile: Profile, dest_root: Path) -> None:
     dest_root.mkdir(parents=True, exist_ok=True)
-    for dest, spec in sorted(profile.get("overlay").items()):
+    for dest, spec in sorted(profile.settings.overlay.items()):
         if spec is None:
             continue
         target = dest_root / dest.lstrip("/")
@@ -222,12 +222,12 @@ def tree_digest(root: Path, entries: dict[str, str] | None = None) -> str:
 
 def bootstrap_params(profile: Profile, arch: Architecture, sde: int) -> dict[str, Any]:
     """What the mmdebstrap base depends on; part of the base stage id."""
-    deb = profile.get("debian")
-    suite, mirror, components = deb["suite"], deb["mirror"], " ".join(deb["components"])
+    deb = profile.settings.debian
+    suite, mirror, components = deb.suite, deb.mirror, " ".join(deb.components)
     security = mirror.replace("/debian", "/debian-security")
     # The base already holds -updates and -security, as the apt sources of every later stage do: otherwise
     # the rootfs stage upgrades libc, ca-certificates and others again, which costs minutes under emulation.
-    return {"suite": suite, "mirror": mirror, "components": deb["components"],
+    return {"suite": suite, "mirror": mirror, "components": list(deb.components),
             "sources": [f"deb {mirror} {suite} {components}", f"deb {mirror} {suite}-updates {components}",
                         f"deb {security} {suite}-security {components}"],
             "arch": arch.value, "variant": "minbase", "sde": sde, "dpkg_options": DPKG_OPTIONS,
@@ -272,12 +272,12 @@ def render_stage(planned: PlannedStage, plan: BuildPlan, inputs: dict[str, Rende
             shutil.copyfile(stages_dir() / "_shared" / "image-parts.sh", context / "image-parts.sh")
         elif source == "install-config":  # the node config the ISO's unattended install uses
             (context / source).mkdir()
-            if profile.get("install.config"):
+            if profile.settings.install.config:
                 origin = Path(profile.origins["install.config"][0]).parent
-                shutil.copyfile(origin / profile.get("install.config"), context / source / "config.yaml")
+                shutil.copyfile(origin / profile.settings.install.config, context / source / "config.yaml")
         else:
             shutil.copytree(sdk_root() / source, context / source, symlinks=True, dirs_exist_ok=True)
-    if meta.bootstrap and not profile.get("base_image"):
+    if meta.bootstrap and not profile.settings.base_image:
         (context / "bootstrap.json").write_text(json.dumps(bootstrap_params(profile, arch, sde), sort_keys=True))
     dockerfile = (context / "Dockerfile").read_text()
     files = tree_entries(context)

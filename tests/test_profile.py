@@ -117,3 +117,27 @@ def test_profile_show_prints_origins(capsys):
     out = capsys.readouterr().out
     assert "name: test" in out
     assert "#   services: " in out and "test.yaml" in out
+
+
+def test_the_typed_settings_have_exactly_the_keys_of_the_settings_table():
+    from maculaos_sdk.profile_settings import leaf_keys
+    from maculaos_sdk.settings import SETTINGS_BY_KEY
+
+    assert sorted(leaf_keys()) == sorted(set(SETTINGS_BY_KEY) - {"extends", "base"})
+
+
+@pytest.mark.parametrize("name", ["core", "test", "maculaos"])
+def test_the_typed_settings_hold_the_merged_values(name):
+    from maculaos_sdk.profile_settings import leaf_keys
+
+    profile = load_profile(name)
+    for key in leaf_keys():
+        typed: object = profile.settings
+        for part in key.split("."):
+            typed = getattr(typed, part)
+        plain = {"arch": lambda v: v.value, "board": lambda v: v.name}.get(key, lambda v: v)(typed)
+        if isinstance(plain, tuple):
+            plain = list(plain)
+        elif hasattr(plain, "keys"):
+            plain = dict(plain)
+        assert plain == profile.get(key), key
