@@ -31,7 +31,11 @@ LISTING = r"""
 set -eu
 for side in a b; do
   src=$(ls /w/$side/*.iso 2>/dev/null | head -n1)
-  [ -z "$src" ] || xorriso -osirrox on -indev "$src" -extract /maculaos/rootfs.squashfs /w/$side.sq >/dev/null 2>&1
+  if [ -n "$src" ]; then  # every file of the ISO, hashed, and its squashfs
+    xorriso -osirrox on -indev "$src" -extract / /w/$side.iso.d >/dev/null 2>&1
+    (cd /w/$side.iso.d && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum > /w/$side.isosums)
+    cp /w/$side.iso.d/maculaos/rootfs.squashfs /w/$side.sq
+  fi
   unsquashfs -q -n -d /w/$side.root /w/$side.sq >/dev/null
   (cd /w/$side.root && find . -printf '%y %m %u:%g %s %p\n' | LC_ALL=C sort > /w/$side.list \
     && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum > /w/$side.sums)
@@ -68,6 +72,11 @@ def first_difference(a: list[str], b: list[str]) -> str | None:
 
 def explain_rootfs(tmp: Path, tools_image: str) -> str:
     subprocess.run(["docker", "run", "--rm", "-v", f"{tmp}:/w", tools_image, "sh", "-c", LISTING], check=True)
+    if (tmp / "a.isosums").exists():
+        sums = [dict(reversed(line.split(maxsplit=1)) for line in (tmp / f"{side}.isosums").read_text().splitlines())
+                for side in "ab"]
+        differ = sorted(p for p in sums[0].keys() | sums[1].keys() if sums[0].get(p) != sums[1].get(p))
+        print(f"{'files differing inside the ISO':<40} {', '.join(differ) or 'none'}")
     for name in ("list", "sums"):
         diff = first_difference((tmp / f"a.{name}").read_text().splitlines(),
                                 (tmp / f"b.{name}").read_text().splitlines())
