@@ -21,9 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.boot import MILESTONES, one_boot  # noqa: E402
 from maculaos_sdk.paths import cache_dir  # noqa: E402
-from maculaos_sdk.vm import VmConfig  # noqa: E402
-from tests.qemu.machine import Machine  # noqa: E402
 
 CLI = [str(ROOT / ".venv/bin/maculaos-sdk")]
 
@@ -35,14 +34,8 @@ def timed_build(args: list[str]) -> float:
 
 
 def seconds_to_shell(iso: Path) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        m = Machine("bench", VmConfig.for_image(iso), Path(tmp), test_channel=False)
-        m.start()
-        try:
-            m.wait_for_console_text(r"login: ", timeout=180)  # the console's login (or autologin) is up
-            return time.monotonic() - m.started_at
-        finally:
-            m.close()
+    """Seconds from QEMU's start to the console's login prompt (or autologin)."""
+    return one_boot(iso, MILESTONES[-1:])["login prompt"]
 
 
 def main() -> int:
