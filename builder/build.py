@@ -321,6 +321,9 @@ def trim_cache(engine: Engine, keep: set[str]) -> None:
     if what:
         ui.info(f"  cache: removed {' and '.join(what)}, {gc.human(done.freed)} freed; {gc.human(done.kept_bytes)} "
                 f"kept (limit {gc.human(limit)}: MACULAOS_SDK_CACHE_MAX)")
+    if done.prune_refused:
+        ui.info(f"  cache: the engine refused to prune untagged images ({done.prune_refused}); "
+                "`maculaos-sdk gc` tries again")
 
 
 def dry_run(plan: BuildPlan, rendered: list[RenderedStage], dest: Path) -> None:

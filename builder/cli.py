@@ -328,6 +328,8 @@ def _cmd_gc(args: argparse.Namespace) -> int:
         ui.info(f"  {verb} {image.ref}  {gc.human(image.size)}")
     ui.info(f"{verb} {len(done.removed)} stage image(s): {gc.human(done.freed)}; "
             f"{gc.human(done.kept_bytes)} of stage images kept (limit {gc.human(limit)})")
+    if done.prune_refused:
+        ui.info(f"untagged build images were not pruned: {done.prune_refused}")
     return EXIT_OK
 
 

@@ -45,6 +45,7 @@ class Collected:
     removed: list[StageImage]
     kept_bytes: int
     dangling_bytes: int = 0
+    prune_refused: str = ""  # why the engine refused to prune dangling images, when it did
 
     @property
     def freed(self) -> int:
@@ -135,9 +136,23 @@ def collect(client: Any, keep: set[str], limit: int, *, dry_run: bool = False,
             total -= image.size
     result = Collected(removed, total)
     if dangling_older_than is not None and not dry_run:
-        pruned = client.images.prune(filters={"dangling": True, "label": LABEL_STAGE, "until": dangling_older_than})
-        result.dangling_bytes = int((pruned or {}).get("SpaceReclaimed") or 0)
+        result.dangling_bytes, result.prune_refused = _prune_dangling(client, dangling_older_than)
     return result
+
+
+def _prune_dangling(client: Any, older_than: str) -> tuple[int, str]:
+    """Bytes freed by removing the SDK's untagged images older than `older_than`, and why not if refused.
+
+    The engine runs one prune at a time and answers 409 to a second one: another build sharing the engine
+    is pruning the same images then, so that is no failure. Nor is any other refusal: trimming the cache
+    must never fail the build that just succeeded.
+    """
+    try:
+        pruned = client.images.prune(filters={"dangling": True, "label": LABEL_STAGE, "until": older_than})
+    except Exception as err:  # docker.errors.APIError; the SDK's import stays lazy
+        busy = getattr(getattr(err, "response", None), "status_code", None) == 409
+        return 0, "" if busy else str(err).splitlines()[0]
+    return int((pruned or {}).get("SpaceReclaimed") or 0), ""
 
 
 def remove_untagged(client: Any, image_ids: list[str]) -> None:

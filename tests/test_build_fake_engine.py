@@ -48,6 +48,8 @@ class FakeImages:
 
     def prune(self, filters: dict) -> dict:
         assert filters["dangling"] is True and filters["label"] == "io.maculaos.stage" and "until" in filters
+        if self.client.prune_error is not None:
+            raise self.client.prune_error
         self.client.untagged.clear()
         return {"SpaceReclaimed": 0}
 
@@ -127,6 +129,7 @@ class FakeClient:
         self.hang_at: str | None = None
         self.together: set[str] = set()
         self.together_barrier = threading.Barrier(2)
+        self.prune_error: Exception | None = None
         self.images = FakeImages(self)
         self.containers = FakeContainers()
         self.api = FakeApi(self)
@@ -207,6 +210,23 @@ def test_the_plan_being_built_is_kept_even_over_the_limit(env, monkeypatch):
     client = FakeClient()
     result = _build(client, env / "out")
     assert client.tags == {s.stage.image for s in result.stages}
+
+
+class FakeApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status} Client Error: {message}")
+        self.response = type("Response", (), {"status_code": status})()
+
+
+def test_a_prune_refused_by_the_engine_does_not_fail_the_build_that_succeeded(env, capsys):
+    client = FakeClient()
+    client.prune_error = FakeApiError(409, 'Conflict ("a prune operation is already running")')
+    result = _build(client, env / "out")  # another build sharing the engine is pruning: nothing to say
+    assert result.artifacts and "refused to prune" not in capsys.readouterr().err
+    client.prune_error = FakeApiError(500, "Server Error: disk I/O")
+    _build(client, env / "out")
+    err = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert "the engine refused to prune untagged images (500 Client Error: Server Error: disk I/O)" in err
 
 
 def test_second_build_is_all_cached(env):
