@@ -27,6 +27,9 @@ from .stages import StageMeta
 
 ID_SCHEMA = 1  # bump to invalidate every cached stage when the id recipe itself changes
 IMAGE_REPO = "maculaos-sdk"
+# The profile layer (overlay files, node files: stage layer) rides in the initrd, so in RAM: big files belong in
+# the squashfs as pinned artifacts or packages.
+LAYER_MAX_KIB = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ def template_vars(profile: Profile, arch: Architecture, input_images: dict[str, 
         "cmdline": kernel_cmdline(profile),
         "layout": layout,
         "bundle_chunk_bytes": manifest.CHUNK_BYTES,
+        "layer_max_kib": LAYER_MAX_KIB,
     }
 
 
@@ -135,9 +139,9 @@ def _render_file(env: jinja2.Environment, rel: str, variables: dict[str, Any], w
         raise BadInput(f"{where}: template error: {exc}", "fix the template") from None
 
 
-def _write_node_files(profile: Profile, dest_root: Path, extra_files: dict[str, Path]) -> None:
-    """What the device needs besides the overlay: the shared config schema, the profile's default
-    config.yaml, its first-boot commands, and pinned artifacts / preloaded images (hard-linked)."""
+def _write_node_files(profile: Profile, dest_root: Path) -> None:
+    """What the device needs besides the overlay: the on-device tool with the modules it shares with the SDK,
+    the profile's default config.yaml and its first-boot commands."""
     package = Path(str(maculaos_device.__file__)).parent  # `maculaos` and what it shares with the SDK
     lib = dest_root / "usr/lib/maculaos" / maculaos_device.__name__
     lib.mkdir(parents=True, exist_ok=True)
@@ -152,6 +156,11 @@ def _write_node_files(profile: Profile, dest_root: Path, extra_files: dict[str, 
     firstboot = profile.settings.firstboot
     if firstboot:
         (share / "firstboot").write_text("".join(f"{c}\n" for c in firstboot))
+
+
+def _write_pinned_files(dest_root: Path, extra_files: dict[str, Path]) -> None:
+    """Pinned artifacts and preloaded images at their paths in the root (hard-linked when possible)."""
+    dest_root.mkdir(parents=True, exist_ok=True)
     for dest, source in sorted(extra_files.items()):
         target = dest_root / dest.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -259,11 +268,13 @@ def render_stage(planned: PlannedStage, plan: BuildPlan, inputs: dict[str, Rende
     for source in meta.context:
         if source == "profile-overlay":
             _write_profile_overlay(profile, context / "overlay")
-            _write_node_files(profile, context / "overlay", extra_files or {})
+            _write_node_files(profile, context / "overlay")
             if update_public_key:  # `maculaos upgrade` checks signatures against it: read-only root, not /etc
                 pub = context / "overlay" / "usr" / "share" / "maculaos" / "update.pub"
                 pub.parent.mkdir(parents=True, exist_ok=True)
                 pub.write_text(update_public_key)
+        elif source == "pinned-files":  # pinned artifacts and preloaded images (hard-linked)
+            _write_pinned_files(context / "pinned", extra_files or {})
         elif source == "signing-key-id":  # the bundle manifest names the key that signs it (minisign's id)
             (context / "signing-key.id").write_text(manifest.key_id(update_public_key) + "\n")
         elif source == "layout":  # the disk layout module the device's installer also uses

@@ -158,7 +158,8 @@ def test_cold_build_builds_every_stage_in_order_and_exports(env):
     client = FakeClient()
     result = _build(client, env / "out")
     stages = [b["labels"]["io.maculaos.stage"] for b in client.builds]
-    assert sorted(stages) == sorted(["base", "tools", "kernel", "initrd", "rootfs", "squashfs", "bootloader", "iso"])
+    assert sorted(stages) == sorted(["base", "tools", "kernel", "initrd", "rootfs", "layer", "squashfs", "bootloader",
+                                    "iso"])
     for planned in result.plan.stages:  # each stage is built after every stage it reads
         assert all(stages.index(key) < stages.index(planned.key) for _, key in planned.inputs), (planned.key, stages)
     assert all(b["pull"] is False and b["platform"] is None for b in client.builds)
@@ -179,7 +180,7 @@ def test_cold_build_builds_every_stage_in_order_and_exports(env):
 def test_build_removes_the_untagged_images_its_stages_leave(env):
     client = FakeClient()
     _build(client, env / "out")
-    assert client.untagged == set() and len(client.removed) == 8
+    assert client.untagged == set() and len(client.removed) == 9
     assert all(not ref.startswith("maculaos-sdk/") for ref in client.removed)
 
 
@@ -195,10 +196,10 @@ def test_old_stage_images_beyond_the_cache_limit_go_least_recently_used_first(en
     for sde in ("1", "2", "1", "3"):  # plan 1 is used again after plan 2, so plan 2 is the oldest
         monkeypatch.setenv("SOURCE_DATE_EPOCH", sde)
         _age_markers(env / "state", 100) if (env / "state").exists() else None
-        monkeypatch.setenv("MACULAOS_SDK_CACHE_MAX", "16M" if sde == "3" else "1G")
+        monkeypatch.setenv("MACULAOS_SDK_CACHE_MAX", "18M" if sde == "3" else "1G")
         builds[sde] = {s.stage.image for s in _build(client, env / "out").stages}
-    assert len(set().union(*builds.values())) == 24  # three plans of 8 images of 1 MiB each
-    assert client.tags == builds["1"] | builds["3"]  # 16 MiB kept: the plan just built and the most recent one
+    assert len(set().union(*builds.values())) == 27  # three plans of 9 images of 1 MiB each
+    assert client.tags == builds["1"] | builds["3"]  # 18 MiB kept: the plan just built and the most recent one
     client.builds.clear()
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1")
     _build(client, env / "out")
@@ -259,8 +260,8 @@ def test_a_second_build_of_an_output_waits_for_the_first_and_other_outputs_do_no
         _build(client, env / "other", str(other))
         built_by_other = len(client.builds)
     second.join(30)
-    assert not second.is_alive() and built_by_other == 8  # every stage: none was cached
-    assert [b["labels"]["io.maculaos.stage"] for b in client.builds[built_by_other:]] == ["rootfs", "squashfs", "iso"]
+    assert not second.is_alive() and built_by_other == 9  # every stage: none was cached
+    assert [b["labels"]["io.maculaos.stage"] for b in client.builds[built_by_other:]] == ["layer", "iso"]
     assert (locks / "out-maculaos-core-0.1.0-amd64.lock").read_text() == ""
 
 
@@ -303,8 +304,7 @@ def test_explain_names_the_changed_file_and_the_parent_stage_for_each_rebuilt_st
     write("two")
     second = build_image(load_profile(str(profile)), options, engine=Engine(client))
     why = {m.split()[0]: m.split("rebuilds: ", 1)[1].removesuffix("[/]") for m in said if "rebuilds: " in m}
-    assert why == {"rootfs": "overlay/etc/motd changed", "squashfs": "input stage rootfs changed",
-                   "iso": "input stage squashfs changed"}
+    assert why == {"layer": "overlay/etc/motd changed", "iso": "input stage layer changed"}
     said.clear()
     client.tags.discard(next(s.stage.image for s in second.stages if s.stage.key == "iso"))
     build_image(load_profile(str(profile)), options, engine=Engine(client))
@@ -322,9 +322,9 @@ def test_interrupted_build_resumes_at_the_interrupted_stage(env):
     client.builds.clear()
     _build(client, env / "out")
     rebuilt = [b["labels"]["io.maculaos.stage"] for b in client.builds]
-    assert "rootfs" in built_before and not {"squashfs", "iso"} & set(built_before)
+    assert "rootfs" in built_before and not {"squashfs", "layer", "iso"} & set(built_before)
     # what finished before the interrupt (initrd and bootloader may have, beside rootfs) is not built again
-    assert set(rebuilt) == {"rootfs", "squashfs", "iso"} | ({"initrd", "bootloader"} - set(built_before))
+    assert set(rebuilt) == {"rootfs", "squashfs", "layer", "iso"} | ({"initrd", "bootloader"} - set(built_before))
 
 
 def test_failed_stage_reports_engine_error(env):
@@ -403,7 +403,8 @@ def test_dry_run_of_a_cross_build_plans_the_host_base_and_the_board(env, monkeyp
     build_image(load_profile("core", {"arch": "arm64", "board": "rpi4"}),
                 BuildOptions(output=env / "out", dry_run=out), engine=None)
     assert sorted(p.name for p in out.iterdir()) == ["00-base", "00-base@host", "10-tools", "20-kernel", "30-rootfs",
-                                                      "40-initrd", "50-squashfs", "55-bootloader", "75-sdimage"]
+                                                      "40-initrd", "45-layer", "50-squashfs", "55-bootloader",
+                                                      "75-sdimage"]
     assert "kernel=u-boot.bin" in (out / "75-sdimage" / "config.txt").read_text()
 
 

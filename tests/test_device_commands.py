@@ -51,6 +51,6 @@ def test_the_walker_sees_a_conditional_and_a_plain_call(tmp_path):
     assert programs_run_by(p) == {"a", "b", "c"}
 
 
-def test_the_rootfs_stage_checks_the_list_in_the_image():
-    script = (DEVICE.parent / "stages/30-rootfs/configure-rootfs.sh").read_text()
+def test_the_layer_stage_checks_the_list_in_the_image():
+    script = (DEVICE.parent / "stages/45-layer/make-layer.sh.j2").read_text()
     assert "maculaos_device.system import COMMANDS" in script

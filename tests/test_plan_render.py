@@ -40,9 +40,9 @@ def test_every_stage_renders_for_both_arches(tmp_path):
     assert "console=ttyAMA0" in iso_cfg and "serial --unit=0" not in iso_cfg
     boot = (tmp_path / "arm64" / "bootloader" / "Dockerfile").read_text()
     assert "arm64-efi" in boot and "BOOTAA64.EFI" in boot
-    key = tmp_path / "amd64" / "rootfs" / "overlay" / "usr" / "share" / "maculaos" / "update.pub"
+    key = tmp_path / "amd64" / "layer" / "overlay" / "usr" / "share" / "maculaos" / "update.pub"
     assert key.read_text() == "PUB\n"
-    lib = tmp_path / "amd64" / "rootfs" / "overlay" / "usr" / "lib" / "maculaos" / "maculaos_device"
+    lib = tmp_path / "amd64" / "layer" / "overlay" / "usr" / "lib" / "maculaos" / "maculaos_device"
     assert {"cli.py", "updater.py", "layout.py", "nodeconfig.py"} <= {f.name for f in lib.iterdir()}
     # every disk boot entry names the disk GRUB came from; the embedded GRUB can probe it and check passwords
     disk_cfg = (tmp_path / "amd64" / "bootloader" / "grub.cfg").read_text()
@@ -85,14 +85,24 @@ def test_ids_are_stable(tmp_path):
     assert _ids(tmp_path / "a", load_profile("core")) == _ids(tmp_path / "b", load_profile("core"))
 
 
-def test_overlay_change_invalidates_only_downstream_of_rootfs(tmp_path, write_profile):
+@pytest.mark.parametrize("edit", ["overlay:\n  /etc/motd: hello\n", "version: 9.9.9\n", "services: [rsync]\n",
+                                  "console:\n  autologin: true\n"])
+def test_an_overlay_or_profile_edit_rebuilds_the_layer_not_the_rootfs_or_its_squashfs(tmp_path, write_profile, edit):
     base = _ids(tmp_path / "a", load_profile("core"))
-    child = write_profile("name: core\nextends: core.yaml\noverlay:\n  /etc/motd: hello\n", "x.yaml")
+    child = write_profile(f"name: core\nextends: core.yaml\n{edit}", "x.yaml")
     shutil.copy(Path(__file__).parents[1] / "profiles" / "core.yaml", child.parent / "core.yaml")
     changed = _ids(tmp_path / "b", load_profile(str(child)))
     same = {n for n in base if base[n] == changed[n]}
-    assert same == {"base", "tools", "kernel", "initrd", "bootloader"}
-    assert {"rootfs", "squashfs", "iso"}.isdisjoint(same)
+    assert {"base", "tools", "kernel", "rootfs", "squashfs"} <= same
+    assert {"layer", "iso"}.isdisjoint(same)
+
+
+def test_a_package_edit_rebuilds_the_rootfs_and_its_squashfs(tmp_path, write_profile):
+    base = _ids(tmp_path / "a", load_profile("core"))
+    child = write_profile("name: core\nextends: core.yaml\npackages: [file]\n", "x.yaml")
+    shutil.copy(Path(__file__).parents[1] / "profiles" / "core.yaml", child.parent / "core.yaml")
+    changed = _ids(tmp_path / "b", load_profile(str(child)))
+    assert {n for n in base if base[n] == changed[n]} == {"base", "tools", "kernel", "initrd", "bootloader"}
 
 
 def test_sde_and_arch_are_part_of_every_id(tmp_path):

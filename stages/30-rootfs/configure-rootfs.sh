@@ -1,22 +1,15 @@
 #!/bin/sh
-# Final rootfs configuration; arguments are extra OpenRC services for the default runlevel.
+# Final rootfs configuration: what the packages need. The profile's services, overlay and the on-device tool
+# are the layer stage's (45-layer), laid over this root at boot.
 set -eu
-for svc in "$@"; do
-  [ -x "/etc/init.d/$svc" ] || { echo "configure-rootfs: service '$svc' has no /etc/init.d/$svc" >&2; exit 3; }
-  rc-update add "$svc" default
-done
-
 # Debian's init scripts that MaculaOS replaces (replaced-init-scripts, which the packages stage turned into
 # dpkg path-excludes: dpkg did not install them) are in no runlevel, so OpenRC neither runs nor parses them;
-# overlay/etc/init.d/udev replaces Debian's udev script.
+# the layer's /etc/init.d/udev (overlay/) replaces Debian's udev script.
 sed -n 's|^path-exclude=/etc/init.d/||p' /etc/dpkg/dpkg.cfg.d/02-maculaos-replaced-init-scripts | while read -r svc; do
   rm -f /etc/runlevels/*/"$svc" "/etc/init.d/$svc" /etc/rc?.d/[SK][0-9][0-9]"$svc"
 done
 # savecache would save the deptree to the tmpfs upper layer of /, lost anyway (openrc's postinst needs it)
 rm -f /etc/runlevels/*/savecache /etc/init.d/savecache
-rc-update add maculaos-sysinit sysinit
-rc-update add maculaos-shutdown off
-rc-update add maculaos-growdata boot  # an image written to a bigger disk or card gets the space as data
 rc-update del rsync default >/dev/null 2>&1 || true  # the rsync daemon stays available, off
 ln -sf ../proc/self/mounts /etc/mtab
 # DNS servers from the node config outlast DHCP renewals: once apply-config has written them, it
@@ -34,18 +27,6 @@ if rc-update del networking sysinit 2>/dev/null; then rc-update add networking d
 sed -i 's/^#\?rc_parallel=.*/rc_parallel="YES"/' /etc/rc.conf
 
 ln -sf ../usr/lib/os-release /etc/os-release
-# One Python start (each costs seconds under emulation), writing no bytecode of its own (-B):
-# - every program the on-device tool runs is in the image (trixie moved resizepart out of util-linux unnoticed);
-# - maculaos runs from the read-only root: its bytecode is compiled here, hash-checked (the squashfs gives every
-#   file one mtime, so timestamp bytecode would be recompiled at every start) and reproducible.
-python3 -I -B -c 'import compileall, py_compile, shutil, sys; sys.path.insert(0, "/usr/lib/maculaos")
-from maculaos_device.system import COMMANDS
-missing = [c for c in COMMANDS if not shutil.which(c)]
-if missing:
-    sys.exit("configure-rootfs: the image lacks " + " ".join(missing) + " (maculaos_device.system.COMMANDS)")
-if not compileall.compile_dir("/usr/lib/maculaos", quiet=1, force=True,
-                              invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH):
-    sys.exit("configure-rootfs: compiling /usr/lib/maculaos failed")'
 # The standard library's bytecode comes from the native step (native-steps.sh); a Python version the tools
 # image lacks is compiled here, by the image's own interpreter.
 if [ -f /.maculaos-build/python-not-compiled ]; then

@@ -40,13 +40,22 @@ def test_live_boot_bios(test_iso, make_machine, record_property):
     assert 'VERSION="0.1.0"' in os_release
     assert "VARIANT_ID=\"test\"" in os_release
 
-    # / is an overlay whose lower layer is the read-only squashfs from the ISO and upper is tmpfs
+    # / is an overlay: the profile layer (from the initrd, on a read-only tmpfs) over the read-only squashfs
+    # from the ISO, with a tmpfs upper layer
     mounts = m.succeed("cat /proc/mounts")
     root = [line.split() for line in mounts.splitlines() if line.split()[1] == "/"]
     assert root and root[-1][2] == "overlay", mounts
-    assert "lowerdir=/run/maculaos/lower" in root[-1][3]
+    assert "lowerdir=/run/maculaos/layer:/run/maculaos/lower," in root[-1][3]
     lower = [line.split() for line in mounts.splitlines() if line.split()[1] == "/run/maculaos/lower"]
     assert lower and lower[0][2] == "squashfs" and lower[0][3].split(",")[0] == "ro", mounts
+    layer = [line.split() for line in mounts.splitlines() if line.split()[1] == "/run/maculaos/layer"]
+    assert layer and layer[0][2] == "tmpfs" and layer[0][3].split(",")[0] == "ro", mounts
+    # the profile's files come from the layer, the packages from the squashfs, and the root shows both
+    m.succeed("grep -q MaculaOS /run/maculaos/layer/usr/lib/os-release")
+    m.fail("grep -q MaculaOS /run/maculaos/lower/usr/lib/os-release")  # Debian's, hidden by the layer's
+    m.succeed("test -x /run/maculaos/lower/usr/bin/python3 -a ! -e /run/maculaos/layer/usr/bin/python3")
+    m.fail("touch /run/maculaos/layer/etc/probe")
+    assert m.succeed("readlink /etc/runlevels/default/maculaos-config").strip() == "/etc/init.d/maculaos-config"
     assert re.search(r"^tmpfs /run/maculaos/rw tmpfs", mounts, re.M), mounts
     assert m.succeed("cat /proc/cmdline").count("macula.mode=live") == 1
 
