@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""Benchmark: cold build, no-change rebuild, one-overlay-file rebuild, ISO size, QEMU start to shell.
+"""Benchmark: cold build, reproducibility, no-change rebuild, one-overlay-file rebuild, ISO size, QEMU start to shell.
 
 Prints one figure per line. Usage: python bench/build.py [--profile core] [--arch amd64|arm64]
-[--skip-cold] [--boots N] [--compare-arm64]. The cold build uses --no-cache and drops the bootstrap
-tarball cache, so nothing is reused. --compare-arm64 also builds the arm64 image cold right after and
-prints its time and its ratio to the amd64 one (the target is <= 3x).
+[--skip-cold] [--no-repro] [--boots N] [--compare-arm64]. The cold build uses --no-cache and drops the
+bootstrap tarball cache, so nothing is reused; it runs twice (unless --no-repro) and says whether the two
+ISOs are bit-identical (bench/repro.py says which file differs). --compare-arm64 also builds the arm64
+image cold right after and prints its time and its ratio to the amd64 one (the target is <= 3x).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import statistics
 import subprocess
@@ -33,6 +35,19 @@ def timed_build(args: list[str]) -> float:
     return time.monotonic() - start
 
 
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cold_build(profile: str, arch: list[str], out: Path) -> float:
+    shutil.rmtree(cache_dir() / "bootstrap", ignore_errors=True)
+    return timed_build(['-p', profile, '--no-cache', '-o', str(out), *arch])
+
+
 def seconds_to_shell(iso: Path) -> float:
     """Seconds from QEMU's start to the console's login prompt (or autologin)."""
     return one_boot(iso, MILESTONES[-1:])["login prompt"]
@@ -42,6 +57,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--profile", default="core")
     ap.add_argument("--skip-cold", action="store_true")
+    ap.add_argument("--no-repro", action="store_true", help="one cold build, not two")
     ap.add_argument("--boots", type=int, default=2)
     ap.add_argument("--arch", default="amd64", choices=["amd64", "arm64"])
     ap.add_argument("--compare-arm64", action="store_true")
@@ -50,13 +66,21 @@ def main() -> int:
     out = ROOT / "out"
     figures: list[tuple[str, str]] = []
 
+    version = next(line.split(":", 1)[1].strip() for line in (ROOT / "profiles" / f"{args.profile}.yaml")
+                   .read_text().splitlines() if line.startswith("version:"))
+    iso = out / f"maculaos-{args.profile}-{version}-{args.arch}.iso"
+    cold = None
     if not args.skip_cold:
-        shutil.rmtree(cache_dir() / "bootstrap", ignore_errors=True)
-        cold = timed_build(['-p', args.profile, '--no-cache', *arch])
+        cold = cold_build(args.profile, arch, out)
         figures.append((f"cold build, {args.arch} (s)", f"{cold:.1f}"))
+        if not args.no_repro:
+            with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+                again = cold_build(args.profile, arch, Path(tmp))
+                same = sha256(iso) == sha256(Path(tmp) / iso.name)
+            figures.append(("second cold build (s)", f"{again:.1f}"))
+            figures.append(("two cold ISOs bit-identical", "yes" if same else "no (bench/repro.py says where)"))
         if args.compare_arm64:
-            shutil.rmtree(cache_dir() / "bootstrap", ignore_errors=True)
-            arm = timed_build(['-p', args.profile, '--no-cache', '--arch', 'arm64'])
+            arm = cold_build(args.profile, ['--arch', 'arm64'], out)
             figures.append(("cold build, arm64 (s)", f"{arm:.1f} ({arm / cold:.2f}x amd64)"))
     figures.append(("no-change rebuild (s)", f"{timed_build(['-p', args.profile, *arch]):.2f}"))
 
@@ -64,12 +88,10 @@ def main() -> int:
         edited = Path(tmp) / "edited.yaml"
         edited.write_text(f"name: {args.profile}\nextends: {ROOT / 'profiles' / (args.profile + '.yaml')}\n"
                           f"overlay:\n  /etc/maculaos-bench: '{time.time()}'\n")
-        figures.append(("one-overlay-file rebuild (s)",
-                        f"{timed_build(['--config', str(edited), '-o', str(Path(tmp) / 'out'), *arch]):.1f}"))
+        edit = timed_build(['--config', str(edited), '-o', str(Path(tmp) / 'out'), *arch])
+        ratio = f" ({100 * edit / cold:.0f} % of cold)" if cold else ""
+        figures.append(("one-overlay-file rebuild (s)", f"{edit:.1f}{ratio}"))
 
-    version = next(line.split(":", 1)[1].strip() for line in (ROOT / "profiles" / f"{args.profile}.yaml")
-                   .read_text().splitlines() if line.startswith("version:"))
-    iso = out / f"maculaos-{args.profile}-{version}-{args.arch}.iso"
     figures.append(("ISO size (MB)", f"{iso.stat().st_size / 1e6:.1f}"))
     boots = [seconds_to_shell(iso) for _ in range(args.boots)]
     figures.append(("QEMU start to shell, TCG (s)", f"{statistics.median(boots):.1f} (runs: "

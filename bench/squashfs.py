@@ -20,17 +20,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-SETTINGS = [("xz", ""), ("zstd", "-Xcompression-level 15"), ("zstd", "-Xcompression-level 19"),
-            ("zstd", "-Xcompression-level 22")]
+SETTINGS = [("xz", "-b 1M"), ("zstd", "-b 256K -Xcompression-level 15"), ("zstd", "-b 256K -Xcompression-level 9"),
+            ("zstd", "-b 1M -Xcompression-level 9"), ("zstd", "-b 1M -Xcompression-level 10"),
+            ("zstd", "-b 1M -Xcompression-level 12"), ("zstd", "-b 1M -Xcompression-level 15")]
 SCRIPT = """set -e
 cd /work
-mksquashfs /rootfs /work/fs.img -noappend -no-progress -quiet -comp {comp} {opts} -mkfs-time 0 -all-time 0 >/dev/null
+env -u SOURCE_DATE_EPOCH mksquashfs /rootfs /work/fs.img -noappend -no-progress -quiet -comp {comp} {opts} \\
+  -mkfs-time 0 -all-time 0 >/dev/null
 t1=$(date +%s.%N)
 size=$(stat -c %s /work/fs.img)
 unsquashfs -q -n -d /work/x /work/fs.img >/dev/null
 t2=$(date +%s.%N)
 rm -rf /work/x /work/fs.img
-echo "$size $(echo "$t2 - $t1" | bc)"
+echo "$size $(awk "BEGIN {{print $t2 - $t1}}")"
 """
 
 
@@ -64,7 +66,7 @@ def main() -> int:
         print(f"rootfs of {args.profile} ({args.arch}); compressor, seconds to pack, MiB, seconds to read back")
         for comp, opts in SETTINGS:
             script = SCRIPT.format(comp=comp, opts=opts)
-            timed = f"s=$(date +%s.%N); out=$({script}); e=$(date +%s.%N); echo $out $(echo \"$e - $s\" | bc)"
+            timed = f"s=$(date +%s.%N); out=$({script}); e=$(date +%s.%N); echo $out $(awk \"BEGIN {{print $e - $s}}\")"
             cmd = ["docker", "run", "--rm", "-v", f"{tree}:/rootfs:ro", "--tmpfs", "/work:size=3g", tools,
                    "sh", "-c", timed]
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -73,7 +75,7 @@ def main() -> int:
                 continue
             size, read, total = out.stdout.split()
             pack = float(total) - float(read)
-            print(f"{comp:5} {opts or 'default':26} pack {pack:6.1f} s  {int(size) / 2**20:6.1f} MiB  "
+            print(f"{comp:5} {opts or 'default':30} pack {pack:6.1f} s  {int(size) / 2**20:6.1f} MiB  "
                   f"read {float(read):5.1f} s")
     return 0
 

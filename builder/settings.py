@@ -57,7 +57,8 @@ SETTINGS: tuple[Field, ...] = (
     Field("kernel.prune", LIST, [], "Module folders (under kernel/) left out of the image to save space.",
           pattern=r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*"),
     Field("squashfs.compression", STR, "zstd", "squashfs compressor.", choices=("zstd", "xz", "gzip")),
-    Field("squashfs.level", INT, 15, "Compression level (zstd 1-22, ignored for xz/gzip)."),
+    Field("squashfs.level", INT, 10, "Compression level (zstd 1-22, ignored for xz/gzip); bench/squashfs.py "
+          "measures the choices."),
     Field("console.autologin", BOOL, False, "Log root in on the serial console and tty1 without a password. "
           "For test and development images only: by default the consoles ask for a login and root has no "
           "password, so a person at the console gets nothing; log in over SSH with a key from the node config."),
