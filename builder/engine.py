@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -10,7 +11,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,23 +172,20 @@ class Engine:
         return steps
 
     @contextmanager
-    def _archive(self, ref: str, src: str, spool_dir: Path) -> Iterator[tarfile.TarFile]:
-        """A path inside an image as a tar archive (spooled to disk; works for FROM-scratch images too)."""
+    def _archive(self, ref: str, src: str) -> Iterator[tarfile.TarFile]:
+        """A path inside an image as a tar stream, read once in order as the engine sends it (nothing is spooled
+        to disk: an exported ISO is written once); works for FROM-scratch images too."""
         container = self.client.containers.create(ref, command=["/nonexistent"])
         try:
             bits, _ = container.get_archive(src.rstrip("/"))
-            with tempfile.TemporaryFile(dir=spool_dir) as spool:
-                for chunk in bits:
-                    spool.write(chunk)
-                spool.seek(0)
-                with tarfile.open(fileobj=spool, mode="r:") as tar:
-                    yield tar
+            with tarfile.open(fileobj=io.BufferedReader(_ChunkReader(bits), 1 << 20), mode="r|") as tar:
+                yield tar
         finally:
             container.remove(force=True)
 
     def export(self, ref: str, src: str, dest: Path) -> None:
         """Copy one file out of an image to `dest`, atomically (tmp + rename)."""
-        with self._archive(ref, src, dest.parent) as tar:
+        with self._archive(ref, src) as tar:
             member = tar.next()
             if member is None or not member.isfile():
                 raise BuildFailed(f"{ref}:{src} is not a regular file")
@@ -199,8 +197,8 @@ class Engine:
         partial = dest.with_name(f".{dest.name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
         top = src.rstrip("/").rsplit("/", 1)[-1]
-        with self._archive(ref, src, dest.parent) as tar:
-            for member in tar.getmembers():
+        with self._archive(ref, src) as tar:
+            for member in tar:
                 rel = Path(member.name).relative_to(top)
                 if member.isdir():
                     (partial / rel).mkdir(parents=True, exist_ok=True)
@@ -209,6 +207,27 @@ class Engine:
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(partial, dest)
+
+
+class _ChunkReader(io.RawIOBase):
+    """The byte chunks of docker's archive stream as a readable file."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            self._pending = next(self._chunks, b"")
+            if not self._pending:
+                return 0
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
 
 
 def _extract_to(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:

@@ -159,8 +159,12 @@ def _write_node_files(profile: Profile, dest_root: Path) -> None:
 
 
 def _write_pinned_files(dest_root: Path, extra_files: dict[str, Path]) -> None:
-    """Pinned artifacts and preloaded images at their paths in the root (hard-linked when possible)."""
-    dest_root.mkdir(parents=True, exist_ok=True)
+    """Pinned artifacts and preloaded images at their paths in the root (hard-linked when possible), and their
+    list in /usr/share/maculaos/pinned-files. The list also keeps the folder from being empty: docker's classic
+    builder can fail the step after a COPY that adds nothing ("failed to get layer ...: layer does not exist")."""
+    listing = dest_root / "usr/share/maculaos/pinned-files"
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    listing.write_text("".join(f"{dest}\n" for dest in sorted(extra_files)))
     for dest, source in sorted(extra_files.items()):
         target = dest_root / dest.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)

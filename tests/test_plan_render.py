@@ -51,6 +51,21 @@ def test_every_stage_renders_for_both_arches(tmp_path):
 
 
 
+def test_pinned_files_go_to_the_rootfs_with_their_list_and_the_folder_is_never_empty(tmp_path):
+    k3s = tmp_path / "k3s"
+    k3s.write_bytes(b"ELF")
+    plan = make_plan(load_profile("core"), sde=SDE)
+    rendered = {r.key: r for r in render_plan(plan, tmp_path / "a", "PUB\n", {"/usr/local/bin/k3s": k3s})}
+    pinned = rendered["rootfs"].context / "pinned"
+    assert (pinned / "usr/local/bin/k3s").read_bytes() == b"ELF"
+    assert (pinned / "usr/share/maculaos/pinned-files").read_text() == "/usr/local/bin/k3s\n"
+    assert not (rendered["layer"].context / "overlay/usr/local/bin/k3s").exists()
+    bare = {r.key: r for r in render_plan(plan, tmp_path / "b", "PUB\n")}
+    assert (bare["rootfs"].context / "pinned/usr/share/maculaos/pinned-files").read_text() == ""
+    assert bare["rootfs"].stage_id != rendered["rootfs"].stage_id
+    assert bare["layer"].context.joinpath("overlay/usr/share/maculaos/update.pub").read_text() == "PUB\n"
+
+
 def test_strict_undefined_is_an_error(tmp_path, monkeypatch):
     stages = tmp_path / "stages"
     shutil.copytree(Path(__file__).parents[1] / "stages", stages)
