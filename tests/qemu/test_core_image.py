@@ -24,7 +24,7 @@ from .conftest import OUT, once_per_run
 pytestmark = pytest.mark.qemu
 CLI = [sys.executable, "-m", "maculaos_sdk.cli"]
 CORE_ISO = OUT / "maculaos-core-0.1.0-amd64.iso"
-CORE_STAGES = ("base", "tools", "kernel", "initrd", "rootfs", "squashfs", "bootloader", "iso")
+CORE_STAGES = ("base", "tools", "kernel", "initrd", "rootfs", "layer", "squashfs", "bootloader", "iso")
 
 
 def _build(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
@@ -74,7 +74,7 @@ def test_no_change_rebuild_is_all_cached(core_build):
 
 
 def test_killed_build_leaves_cache_usable(core_build, tmp_path):
-    """An overlay edit rebuilds only rootfs and later; killing that build mid-stage loses nothing."""
+    """An overlay edit rebuilds only the layer and the ISO; killing that build mid-stage loses nothing."""
     profile = tmp_path / "edited.yaml"
     profile.write_text(f"name: core\nextends: {sdk_root() / 'profiles' / 'core.yaml'}\n"
                        f"overlay:\n  /etc/maculaos-kill-test: '{uuid.uuid4()}'\n")
@@ -82,23 +82,23 @@ def test_killed_build_leaves_cache_usable(core_build, tmp_path):
     proc = subprocess.Popen([*CLI, "build-image", "--config", str(profile), "-o", str(out)], cwd=sdk_root(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "TMPDIR": str(tmp_path)})  # what the killed build leaves stays here
-    squashfs_log = out / "logs" / "50-squashfs.log"
+    iso_log = out / "logs" / "60-iso.log"
     deadline = time.monotonic() + 1500  # it may first wait for another worker's build to finish
-    while not (squashfs_log.exists() and "Step 4/" in squashfs_log.read_text()):
+    while not (iso_log.exists() and "Step 7/" in iso_log.read_text()):
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        assert time.monotonic() < deadline, "squashfs stage never started"
+        assert time.monotonic() < deadline, "iso stage never started"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     first = proc.communicate()[0]
-    for stage in ("base", "tools", "kernel", "initrd"):
+    for stage in ("base", "tools", "kernel", "initrd", "rootfs", "squashfs"):  # the edit leaves the OS alone
         assert any(line.split()[:2] == [stage, "cached"] for line in first.splitlines()), first
 
     again = _build("--config", str(profile), "-o", str(out))
     assert again.returncode == 0, again.stderr[-3000:]
     stages = json.loads((out / "maculaos-core-0.1.0-amd64.manifest.json").read_text())["stages"]
     cached = {key: stage["cached"] for key, stage in stages.items()}
-    assert cached == {**dict.fromkeys(CORE_STAGES, True), "squashfs": False, "bootloader": True, "iso": False}, \
-        again.stderr  # rootfs finished before the kill and is kept; squashfs, cut off, is built again
+    assert cached == {**dict.fromkeys(CORE_STAGES, True), "iso": False}, \
+        again.stderr  # the layer finished before the kill and is kept; the ISO, cut off, is built again
     assert (out / "maculaos-core-0.1.0-amd64.iso").is_file()
 
 
