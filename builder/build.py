@@ -313,9 +313,14 @@ def manifest(plan: BuildPlan, result: BuildResult, inputs: Inputs, exported: dic
 
 
 def trim_cache(engine: Engine, keep: set[str]) -> None:
-    """Keep the engine's stage images within the cache limit (never the ones this plan uses)."""
+    """Keep the engine's stage images within the cache limit (never the ones this plan uses). Housekeeping:
+    an engine error here (another build removing images meanwhile) is said, never fails the finished build."""
     limit = gc.cache_max()
-    done = gc.collect(engine.client, keep, limit, dangling_older_than="6h")
+    try:
+        done = gc.collect(engine.client, keep, limit, dangling_older_than="6h")
+    except Exception as err:  # docker.errors.APIError and the like; the SDK's import stays lazy
+        ui.info(f"  cache: not trimmed this time ({str(err).splitlines()[0][:200]}); `maculaos-sdk gc` does it")
+        return
     what = [f"{len(done.removed)} stage image(s) no recent build used"] if done.removed else []
     what += ["untagged images killed builds left"] if done.dangling_bytes else []
     if what:

@@ -90,16 +90,16 @@ def last_used(image: StageImage) -> float:
 
 
 def stage_images(client: Any) -> list[StageImage]:
-    """Every tagged `maculaos-sdk/*` image, one entry per tag."""
+    """Every tagged `maculaos-sdk/*` image, one entry per tag. One listing call: docker-py's `images.list`
+    inspects each listed image afterwards, which failed when another build removed one in between."""
     found = []
-    for image in client.images.list(filters={"label": LABEL_STAGE}):
-        attrs = image.attrs
-        created = attrs.get("Created", 0)
-        if isinstance(created, str):  # the API gives RFC 3339; the list endpoint gives seconds
+    for row in client.api.images(filters={"label": LABEL_STAGE}):
+        created = row.get("Created", 0)
+        if isinstance(created, str):  # seconds in the list endpoint; RFC 3339 elsewhere
             created = calendar.timegm(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S"))
-        for tag in image.tags:
+        for tag in row.get("RepoTags") or ():
             if tag.startswith(REPO_PREFIX):
-                found.append(StageImage(tag, image.id, int(attrs.get("Size", 0)), float(created)))
+                found.append(StageImage(tag, row["Id"], int(row.get("Size", 0)), float(created)))
     return found
 
 

@@ -37,9 +37,6 @@ class FakeImages:
             raise LookupError(ref)
         return FakeImage(ref, [ref])
 
-    def list(self, filters: dict) -> list[FakeImage]:
-        assert filters == {"label": "io.maculaos.stage"}
-        return [FakeImage(ref, [ref]) for ref in sorted(self.client.tags)]
 
     def remove(self, ref: str) -> None:
         self.client.removed.append(ref)
@@ -88,6 +85,13 @@ class FakeApi:
         self.kills.append(container)
         self.killed.set()
 
+    def images(self, filters: dict) -> list[dict]:
+        assert filters == {"label": "io.maculaos.stage"}
+        if self.client.list_error is not None:
+            raise self.client.list_error
+        return [{"Id": f"sha256:{ref}", "RepoTags": [ref], "Size": 2**20, "Created": 1_700_000_000}
+                for ref in sorted(self.client.tags)]
+
     def build(self, **kw):
         self.client.builds.append(kw)
         dockerfile = (Path(kw["path"]) / "Dockerfile").read_text()
@@ -130,6 +134,7 @@ class FakeClient:
         self.together: set[str] = set()
         self.together_barrier = threading.Barrier(2)
         self.prune_error: Exception | None = None
+        self.list_error: Exception | None = None
         self.images = FakeImages(self)
         self.containers = FakeContainers()
         self.api = FakeApi(self)
@@ -228,6 +233,15 @@ def test_a_prune_refused_by_the_engine_does_not_fail_the_build_that_succeeded(en
     _build(client, env / "out")
     err = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
     assert "the engine refused to prune untagged images (500 Client Error: Server Error: disk I/O)" in err
+
+
+def test_an_image_removed_by_another_build_while_the_cache_is_trimmed_does_not_fail_the_build(env, capsys):
+    client = FakeClient()
+    client.list_error = FakeApiError(404, "Not Found: no such image: sha256:b9a9")
+    result = _build(client, env / "out")
+    assert result.artifacts
+    assert "cache: not trimmed this time (404 Client Error: Not Found: no such image" in \
+        " ".join(capsys.readouterr().err.split())
 
 
 def test_second_build_is_all_cached(env):
