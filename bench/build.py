@@ -11,8 +11,6 @@ image cold right after and prints its time and its ratio to the amd64 one (the t
 from __future__ import annotations
 
 import argparse
-import hashlib
-import shutil
 import statistics
 import subprocess
 import sys
@@ -24,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.boot import MILESTONES, one_boot  # noqa: E402
-from maculaos_sdk.paths import cache_dir  # noqa: E402
+from bench.repro import build as build_from_nothing  # noqa: E402
+from bench.repro import sha256  # noqa: E402
 
 CLI = [str(ROOT / ".venv/bin/maculaos-sdk")]
 
@@ -35,17 +34,11 @@ def timed_build(args: list[str]) -> float:
     return time.monotonic() - start
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def cold_build(profile: str, arch: list[str], out: Path) -> float:
-    shutil.rmtree(cache_dir() / "bootstrap", ignore_errors=True)
-    return timed_build(['-p', profile, '--no-cache', '-o', str(out), *arch])
+def cold_build(profile: str, arch: str, out: Path) -> float:
+    """Seconds for bench/repro.py's build from nothing (no stage cache, no bootstrap tarball)."""
+    start = time.monotonic()
+    build_from_nothing(profile, arch, out)
+    return time.monotonic() - start
 
 
 def seconds_to_shell(iso: Path) -> float:
@@ -71,16 +64,16 @@ def main() -> int:
     iso = out / f"maculaos-{args.profile}-{version}-{args.arch}.iso"
     cold = None
     if not args.skip_cold:
-        cold = cold_build(args.profile, arch, out)
+        cold = cold_build(args.profile, args.arch, out)
         figures.append((f"cold build, {args.arch} (s)", f"{cold:.1f}"))
         if not args.no_repro:
             with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
-                again = cold_build(args.profile, arch, Path(tmp))
+                again = cold_build(args.profile, args.arch, Path(tmp))
                 same = sha256(iso) == sha256(Path(tmp) / iso.name)
             figures.append(("second cold build (s)", f"{again:.1f}"))
             figures.append(("two cold ISOs bit-identical", "yes" if same else "no (bench/repro.py says where)"))
         if args.compare_arm64:
-            arm = cold_build(args.profile, ['--arch', 'arm64'], out)
+            arm = cold_build(args.profile, 'arm64', out)
             figures.append(("cold build, arm64 (s)", f"{arm:.1f} ({arm / cold:.2f}x amd64)"))
     figures.append(("no-change rebuild (s)", f"{timed_build(['-p', args.profile, *arch]):.2f}"))
 

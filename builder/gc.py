@@ -9,11 +9,9 @@ it was created. Images of the plan just built are never removed, so a no-change 
 
 from __future__ import annotations
 
-import calendar
 import os
 import re
 import shutil
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,12 +92,9 @@ def stage_images(client: Any) -> list[StageImage]:
     inspects each listed image afterwards, which failed when another build removed one in between."""
     found = []
     for row in client.api.images(filters={"label": LABEL_STAGE}):
-        created = row.get("Created", 0)
-        if isinstance(created, str):  # seconds in the list endpoint; RFC 3339 elsewhere
-            created = calendar.timegm(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S"))
         for tag in row.get("RepoTags") or ():
-            if tag.startswith(REPO_PREFIX):
-                found.append(StageImage(tag, row["Id"], int(row.get("Size", 0)), float(created)))
+            if tag.startswith(REPO_PREFIX):  # the list endpoint gives Created in seconds
+                found.append(StageImage(tag, row["Id"], int(row.get("Size", 0)), float(row.get("Created", 0))))
     return found
 
 
