@@ -80,13 +80,13 @@ def _stage_images() -> Check:
     from .engine import connect
 
     try:
-        images = gc.stage_images(connect())
+        listing = gc.list_images(connect())
         limit = gc.cache_max()
     except Exception as exc:
         return Check("stage-image cache", False, getattr(exc, "message", str(exc)), "see the docker engine check",
                      required=False)
-    total = gc.total_size(images)
-    return Check("stage-image cache", total <= limit, f"{len(images)} images, {gc.human(total)} "
+    total = listing.held(listing.images)
+    return Check("stage-image cache", total <= limit, f"{len(listing.images)} images, {gc.human(total)} "
                  f"(limit {gc.human(limit)}, MACULAOS_SDK_CACHE_MAX)", "maculaos-sdk gc", required=False)
 
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,25 @@ class StageImage:
 
     ref: str  # maculaos-sdk/<stage>:<id prefix>
     image_id: str
-    size: int
+    size: int  # bytes its removal frees (listed: its layers no other stage image shares, then)
     created: float  # seconds since 1970
+    chain: tuple[str, ...] = ()  # the image and the images it was built on, nearest first
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The stage images and the bytes of each image's own top layer (its size less its parent's).
+
+    A stage built on another (iso on tools, rootfs on base) lists the other's layers in its own size too:
+    bytes are counted once per image in the union of the chains, as the engine stores them."""
+
+    images: list[StageImage]
+    own_bytes: dict[str, int]
+
+    def held(self, images: list[StageImage]) -> int:
+        """Bytes the engine holds for `images`, each shared layer counted once."""
+        ids: set[str] = set().union(*(i.chain for i in images)) if images else set()
+        return sum(self.own_bytes.get(x, 0) for x in ids)
 
 
 @dataclass
@@ -87,20 +103,25 @@ def last_used(image: StageImage) -> float:
         return image.created
 
 
-def stage_images(client: Any) -> list[StageImage]:
-    """Every tagged `maculaos-sdk/*` image, one entry per tag. One listing call: docker-py's `images.list`
-    inspects each listed image afterwards, which failed when another build removed one in between."""
+def list_images(client: Any) -> Listing:
+    """The stage images with their parent chains. One listing call (docker-py's `images.list` inspects each
+    listed image afterwards, which failed when another build removed one in between); it includes the
+    untagged images the classic builder keeps for each step, whose parent links give the chains."""
+    rows = client.api.images(all=True)
+    size = {r["Id"]: int(r.get("Size", 0)) for r in rows}
+    parent = {r["Id"]: r.get("ParentId") or "" for r in rows}
+    own = {i: size[i] - size[parent[i]] if parent[i] in size else size[i] for i in size}
     found = []
-    for row in client.api.images(filters={"label": LABEL_STAGE}):
+    for row in rows:
+        if LABEL_STAGE not in (row.get("Labels") or {}):
+            continue
+        chain = [row["Id"]]
+        while parent.get(chain[-1]) in size and len(chain) < 1000:
+            chain.append(parent[chain[-1]])
         for tag in row.get("RepoTags") or ():
             if tag.startswith(REPO_PREFIX):  # the list endpoint gives Created in seconds
-                found.append(StageImage(tag, row["Id"], int(row.get("Size", 0)), float(row.get("Created", 0))))
-    return found
-
-
-def total_size(images: list[StageImage]) -> int:
-    """Bytes the images hold, each image counted once however many tags name it."""
-    return sum({i.image_id: i.size for i in images}.values())
+                found.append(StageImage(tag, row["Id"], size[row["Id"]], float(row.get("Created", 0)), tuple(chain)))
+    return Listing(found, own)
 
 
 def collect(client: Any, keep: set[str], limit: int, *, dry_run: bool = False,
@@ -112,11 +133,11 @@ def collect(client: Any, keep: set[str], limit: int, *, dry_run: bool = False,
     running at the same time could lose its intermediate images, so builds only prune old ones, or all of
     them when disk space runs out.
     """
-    images = stage_images(client)
-    total = total_size(images)
+    listing = list_images(client)
+    left = list(listing.images)
+    total = listing.held(left)
     removed: list[StageImage] = []
-    remaining_tags = Counter(i.image_id for i in images)
-    for image in sorted((i for i in images if i.ref not in keep), key=last_used):
+    for image in sorted((i for i in listing.images if i.ref not in keep), key=last_used):
         if total <= limit:
             break
         if not dry_run:
@@ -125,10 +146,10 @@ def collect(client: Any, keep: set[str], limit: int, *, dry_run: bool = False,
             except Exception:  # in use by a container, or removed meanwhile: leave it
                 continue
             _marker(image.ref).unlink(missing_ok=True)
-        removed.append(image)
-        remaining_tags[image.image_id] -= 1
-        if remaining_tags[image.image_id] == 0:  # the last tag: the image itself is gone
-            total -= image.size
+        left.remove(image)
+        after = listing.held(left)  # the image's last tag gone: its layers no one else builds on go too
+        removed.append(replace(image, size=total - after))
+        total = after
     result = Collected(removed, total)
     if dangling_older_than is not None and not dry_run:
         result.dangling_bytes, result.prune_refused = _prune_dangling(client, dangling_older_than)

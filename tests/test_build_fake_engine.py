@@ -85,12 +85,12 @@ class FakeApi:
         self.kills.append(container)
         self.killed.set()
 
-    def images(self, filters: dict) -> list[dict]:
-        assert filters == {"label": "io.maculaos.stage"}
+    def images(self, all: bool) -> list[dict]:
+        assert all is True  # the untagged step images too: their parent links give each image's chain
         if self.client.list_error is not None:
             raise self.client.list_error
-        return [{"Id": f"sha256:{ref}", "RepoTags": [ref], "Size": 2**20, "Created": 1_700_000_000}
-                for ref in sorted(self.client.tags)]
+        return [{"Id": f"sha256:{ref}", "ParentId": "", "RepoTags": [ref], "Size": 2**20, "Created": 1_700_000_000,
+                 "Labels": {"io.maculaos.stage": ref.split("/")[-1].split(":")[0]}} for ref in sorted(self.client.tags)]
 
     def build(self, **kw):
         self.client.builds.append(kw)
