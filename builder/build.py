@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from . import __version__, artifacts, explain, gc, images, keys, ui
+from . import __version__, archive, artifacts, explain, gc, images, keys, ui
 from .arch import Architecture
 from .boards import Board
 from .bootstrap import bootstrap
@@ -291,6 +291,7 @@ def manifest(plan: BuildPlan, result: BuildResult, inputs: Inputs, exported: dic
     """The build's record: what was built from what, and how long it took."""
     profile = plan.profile
     by_key = {s.stage.key: s.stage for s in result.stages}
+    rootfs = next((s for s in result.stages if s.stage.key == "rootfs"), None)
     return {
         "profile": profile.name,
         "version": profile.version,
@@ -307,7 +308,7 @@ def manifest(plan: BuildPlan, result: BuildResult, inputs: Inputs, exported: dic
         "pinned_artifacts": {dest: {"sha256": path.name} for dest, path in sorted(inputs.pinned.items())},
         "images": inputs.image_records,
         "kernel": _kernel_info(engine, by_key.get("kernel"), previous),
-        "packages": _packages(engine, by_key.get("rootfs"), previous),
+        **archive.rootfs_pins(engine, rootfs and rootfs.stage.image, bool(rootfs and not rootfs.cached), previous),
         "build_seconds": round(seconds, 1),
     }
 
@@ -372,8 +373,10 @@ def _build_image(profile: Profile, options: BuildOptions, engine: Engine | None)
     result.manifest = out / f"{plan.basename}.manifest.json"
     previous = _previous_manifest(result.manifest)
     exported = export_artifacts(engine, rendered, plan, inputs.secret, out, previous, result)
-    text = json.dumps(manifest(plan, result, inputs, exported, engine, previous, time.monotonic() - started),
-                      indent=2, sort_keys=True) + "\n"
+    record = manifest(plan, result, inputs, exported, engine, previous, time.monotonic() - started)
+    if note := archive.moved(previous, record):
+        ui.info(f"[yellow]note:[/] {escape(note)}")
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
     result.manifest.write_text(text)
     (out / "manifest.json").write_text(text)
     trim_cache(engine, {r.image for r in rendered})
@@ -426,12 +429,3 @@ def _kernel_info(engine: Engine, r: RenderedStage | None, previous: dict[str, An
     package, version = read_text_from_image(engine, r.image, "/out/kernel-package.tsv").split()[:2]
     release = read_text_from_image(engine, r.image, "/out/kernel-version").strip()
     return {"package": package, "version": version, "release": release}
-
-
-def _packages(engine: Engine, r: RenderedStage | None, previous: dict[str, Any]) -> dict[str, str]:
-    if r is None:
-        return {}
-    if previous.get("stages", {}).get("rootfs", {}).get("id") == r.stage_id and previous.get("packages"):
-        return previous["packages"]
-    text = read_text_from_image(engine, r.image, "/usr/share/maculaos/packages.tsv")
-    return dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)

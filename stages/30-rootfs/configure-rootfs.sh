@@ -20,6 +20,14 @@ grep -q 'maculaos/dns.static' /etc/udhcpc/default.script \
   || { echo "configure-rootfs: cannot find RESOLV_CONF= in /etc/udhcpc/default.script" >&2; exit 3; }
 # DHCP must not hold up the consoles: start networking with the default runlevel, not sysinit.
 if rc-update del networking sysinit 2>/dev/null; then rc-update add networking default; fi
+# Nor does udev: replaying every device event takes seconds under emulation, and nothing before the consoles
+# needs it (the initrd loaded the boot path's drivers; devtmpfs makes the nodes). It starts with the default
+# runlevel, before the network (the layer's /etc/init.d/udev: before net networking).
+rc-update del udev sysinit >/dev/null
+rc-update add udev default >/dev/null
+# cgroups likewise: only k3s needs the hierarchy (its init script: need cgroups).
+rc-update del cgroups sysinit >/dev/null
+rc-update add cgroups default >/dev/null
 
 # No prebuilt OpenRC deptree: rc-update -u here would bake in rc_sys()=DOCKER keyword exclusions.
 
