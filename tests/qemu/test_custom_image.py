@@ -94,7 +94,8 @@ def test_custom_image_and_node_config_take_effect(custom_build, make_machine, tm
     assert m.succeed("cat /etc/myapp/config.yaml") == "setting: value\n"
     m.succeed("test -s /var/lib/rancher/k3s/agent/images/hello.tar")
     assert 'VERSION_ID="1.2.0"' in m.succeed("cat /etc/os-release")
-    mac = m.succeed("cat /sys/class/net/eth0/address").strip().replace(":", "")
+    # the NIC's driver loads from udev's events, in the default runlevel beside the consoles and the test channel
+    mac = m.wait_until_succeeds("cat /sys/class/net/eth0/address", timeout=60).strip().replace(":", "")
     m.wait_until_succeeds("test -e /run/maculaos/config.applied", timeout=90)
     assert m.succeed("hostname").strip() == f"custom-{mac[-4:]}"
     assert m.succeed("cat /var/lib/maculaos/setup-runs") == "setup ran\n"

@@ -44,6 +44,6 @@ def test_install_from_iso_menu_to_blank_disk_then_boot_it(test_iso, make_machine
     m.succeed("grep -q ' /var/lib/maculaos ext4 ' /proc/mounts")
     # the ISO's node config (install.config) was installed with the node and applied at boot
     assert "installed-${MAC_SUFFIX}" in m.succeed("cat /var/lib/maculaos/config.yaml")
+    m.wait_until_succeeds("test -e /run/maculaos/config.applied", timeout=90)  # after networking: eth0 is there
     mac = m.succeed("cat /sys/class/net/eth0/address").strip().replace(":", "")
-    m.wait_until_succeeds("test -e /run/maculaos/config.applied", timeout=90)
     assert m.succeed("hostname").strip() == f"installed-{mac[-4:]}"
