@@ -56,7 +56,10 @@ def test_live_boot_bios(test_iso, make_machine, record_property):
     m.succeed("test -x /run/maculaos/lower/usr/bin/python3 -a ! -e /run/maculaos/layer/usr/bin/python3")
     m.fail("touch /run/maculaos/layer/etc/probe")
     assert m.succeed("readlink /etc/runlevels/default/maculaos-config").strip() == "/etc/init.d/maculaos-config"
-    assert "maculaos-firewall" in m.succeed("rc-status sysinit")
+    # before the consoles only maculaos-sysinit runs; udev, the boot firewall and cgroups come with the default
+    # runlevel (before the network)
+    assert m.succeed("ls /etc/runlevels/sysinit").split() == ["maculaos-sysinit"]
+    assert {"udev", "maculaos-firewall", "cgroups"} <= set(m.succeed("ls /etc/runlevels/default").split())
     assert re.search(r"^tmpfs /run/maculaos/rw tmpfs", mounts, re.M), mounts
     assert m.succeed("cat /proc/cmdline").count("macula.mode=live") == 1
 
