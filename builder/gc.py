@@ -31,7 +31,8 @@ class StageImage:
 
     ref: str  # maculaos-sdk/<stage>:<id prefix>
     image_id: str
-    size: int  # bytes its removal frees (listed: its layers no other stage image shares, then)
+    size: int  # as listed: the engine's size, the layers of the images it builds on included; in a
+    # collection's `removed`: the bytes its removal freed (its layers no kept image builds on)
     created: float  # seconds since 1970
     chain: tuple[str, ...] = ()  # the image and the images it was built on, nearest first
 

@@ -22,11 +22,11 @@ INITRD_MODULES: dict[str, list[str]] = {
     "amd64": ["loop", "squashfs", "overlay", "isofs", "sr_mod", "ata_piix", "ahci", "sd_mod",
               "virtio_pci", "virtio_blk", "virtio_scsi", "virtio_console", "nvme", "usb_storage", "uas",
               "xhci_pci", "ehci_pci", "ext4", "vfat", "nls_cp437", "nls_iso8859_1",
-              # recovery network
-              "virtio_net", "e1000", "e1000e"],
+              # recovery: its network, and USB keyboards (the console's, once xhci took the controller from the BIOS)
+              "virtio_net", "e1000", "e1000e", "usbhid", "hid_generic"],
     "arm64": ["loop", "squashfs", "overlay", "isofs", "sr_mod", "sd_mod", "virtio_pci", "virtio_mmio",
               "virtio_blk", "virtio_scsi", "virtio_console", "nvme", "usb_storage", "uas", "xhci_pci",
-              "ext4", "vfat", "nls_cp437", "nls_iso8859_1", "virtio_net"],
+              "ext4", "vfat", "nls_cp437", "nls_iso8859_1", "virtio_net", "usbhid", "hid_generic"],
 }
 
 # Packages the boot path itself needs, whatever the profile asks for.

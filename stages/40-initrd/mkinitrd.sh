@@ -14,14 +14,15 @@ done < /kernel/initrd-modules.txt
 #   order       the boot medium's path: buses, disk and CD drivers, squashfs, overlay, isofs (every boot)
 #   order.data  the data partition's and other media's filesystems (ext4, vfat, nls): disk and recovery boots,
 #               or a live boot that finds no ISO 9660 medium
-#   order.net   network drivers: recovery's network only (the booted system's udev loads them itself)
+#   order.recovery  network drivers and USB keyboards: the recovery shell only (the booted system's udev loads
+#               them itself)
 # A module's group is its folder's, or the earliest group of the modules that need it (helpers such as crc16,
 # which only ext4 needs, go with ext4); modules.dep lists every module's dependencies, transitively. A helper
 # nothing needs outright is a soft dependency of the module after it (modprobe lists crc32c before jbd2).
 awk -v dep="/kernel/lib/modules/$kver/modules.dep" '
   function base(p) { sub(/\.(xz|zst|gz)$/, "", p); return p }
   function group(p) {
-    if (p ~ /^kernel\/(drivers\/)?net\//) return 2
+    if (p ~ /^kernel\/((drivers\/)?net|drivers\/hid)\//) return 2
     if (p ~ /^kernel\/fs\// && p !~ /^kernel\/fs\/(squashfs|overlayfs|isofs)\//) return 1
     if (p ~ /^kernel\/(lib|crypto|arch\/[^\/]+\/crypto)\//) return 3  # a helper: its users decide
     return 0
@@ -33,7 +34,7 @@ awk -v dep="/kernel/lib/modules/$kver/modules.dep" '
     for (i = 1; i <= NR; i++) { m = order[i]; if (g[m] == 3) continue
       n = split(deps[m], d, " "); for (j = 1; j <= n; j++) if ((d[j] in g) && g[d[j]] > g[m]) g[d[j]] = g[m] }
     for (i = NR; i >= 1; i--) { m = order[i]; if (g[m] == 3) g[m] = next_g; else next_g = g[m] }  # softdeps
-    split("order order.data order.net", name, " ")
+    split("order order.data order.recovery", name, " ")
     for (i = 1; i <= NR; i++) { m = order[i]; print m > (root "/lib/modules/" name[g[m] + 1]) }
   }' root="$root" /kernel/initrd-modules.txt
 install -m 0755 /src/init $root/init

@@ -135,10 +135,12 @@ def test_installed_disk_boots_slot_a_with_persistent_data_and_recovery(disk_mach
     m.wait_for_console_text(r"\nkept", timeout=30)
     ssh = subprocess.run(["ssh", "-i", str(key), "-p", str(port), "-o", "StrictHostKeyChecking=no",
                           "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30",
-                          "root@127.0.0.1", "cat /proc/cmdline; ls /mnt/maculaos"],
+                          "root@127.0.0.1", "cat /proc/cmdline; ls /mnt/maculaos; cut -d' ' -f1 /proc/modules"],
                          capture_output=True, text=True, timeout=120)
     assert ssh.returncode == 0, ssh.stderr
     assert "macula.mode=recovery" in ssh.stdout and "marker" in ssh.stdout
+    # the recovery shell loaded its group of the initrd's modules: the NIC and USB keyboards (usbhid)
+    assert {"virtio_net", "usbhid", "hid_generic", "ext4"} <= set(ssh.stdout.split())
 
 
 def test_good_update_boots_b_and_is_confirmed_then_manual_rollback(disk_machine, bundle_server):
