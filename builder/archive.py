@@ -33,13 +33,12 @@ def parse_packages(text: str) -> dict[str, str]:
     return dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
 
 
-def rootfs_pins(engine: Engine, image: str | None, rebuilt: bool, previous: dict[str, Any]) -> dict[str, Any]:
-    """`packages` and `archive` for the manifest: read from the rootfs image when it was built now or the
-    previous manifest lacks them, else the previous manifest's (same image, same record)."""
+def rootfs_pins(engine: Engine, image: str | None, unchanged: bool, previous: dict[str, Any]) -> dict[str, Any]:
+    """`packages` and `archive` for the manifest: the previous manifest's when the rootfs image is `unchanged`
+    since it (the same image, reused from the cache) and it has them, else read from the image."""
     if image is None:
         return {"packages": {}, "archive": {}}
-    if not rebuilt and previous.get("stages", {}).get("rootfs", {}).get("image") == image \
-            and previous.get("packages") and "archive" in previous:
+    if unchanged and previous.get("packages") and "archive" in previous:
         return {"packages": previous["packages"], "archive": previous["archive"]}
     try:
         archive = parse_record(read_text_from_image(engine, image, RECORD))

@@ -290,8 +290,8 @@ def manifest(plan: BuildPlan, result: BuildResult, inputs: Inputs, exported: dic
              previous: dict[str, Any], seconds: float) -> dict[str, Any]:
     """The build's record: what was built from what, and how long it took."""
     profile = plan.profile
-    by_key = {s.stage.key: s.stage for s in result.stages}
-    rootfs = next((s for s in result.stages if s.stage.key == "rootfs"), None)
+    by_key = {s.stage.key: s for s in result.stages}
+    rootfs = by_key.get("rootfs")
     return {
         "profile": profile.name,
         "version": profile.version,
@@ -308,7 +308,7 @@ def manifest(plan: BuildPlan, result: BuildResult, inputs: Inputs, exported: dic
         "pinned_artifacts": {dest: {"sha256": path.name} for dest, path in sorted(inputs.pinned.items())},
         "images": inputs.image_records,
         "kernel": _kernel_info(engine, by_key.get("kernel"), previous),
-        **archive.rootfs_pins(engine, rootfs and rootfs.stage.image, bool(rootfs and not rootfs.cached), previous),
+        **archive.rootfs_pins(engine, rootfs and rootfs.stage.image, _unchanged(rootfs, previous), previous),
         "build_seconds": round(seconds, 1),
     }
 
@@ -421,11 +421,17 @@ def _finish_artifact(dest: Path, r: RenderedStage, profile: Profile, secret: Pat
     return entries
 
 
-def _kernel_info(engine: Engine, r: RenderedStage | None, previous: dict[str, Any]) -> dict[str, str]:
-    if r is None:
+def _unchanged(s: StageResult | None, previous: dict[str, Any]) -> bool:
+    """True when the stage's image is the one the previous manifest recorded, reused from the cache: what was read
+    from it then still holds. A rebuild with the same id (--no-cache) may have installed other versions."""
+    return s is not None and s.cached and previous.get("stages", {}).get(s.stage.key, {}).get("id") == s.stage.stage_id
+
+
+def _kernel_info(engine: Engine, s: StageResult | None, previous: dict[str, Any]) -> dict[str, str]:
+    if s is None:
         return {}
-    if previous.get("stages", {}).get("kernel", {}).get("id") == r.stage_id and previous.get("kernel"):
+    if _unchanged(s, previous) and previous.get("kernel"):
         return previous["kernel"]
-    package, version = read_text_from_image(engine, r.image, "/out/kernel-package.tsv").split()[:2]
-    release = read_text_from_image(engine, r.image, "/out/kernel-version").strip()
+    package, version = read_text_from_image(engine, s.stage.image, "/out/kernel-package.tsv").split()[:2]
+    release = read_text_from_image(engine, s.stage.image, "/out/kernel-version").strip()
     return {"package": package, "version": version, "release": release}

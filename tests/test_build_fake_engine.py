@@ -52,13 +52,15 @@ class FakeImages:
 
 
 class FakeContainer:
+    files = {"kernel-package.tsv": b"linux-image-6.1.0-1-amd64\t6.1.1-1\n", "kernel-version": b"6.1.0-1\n",
+             "packages.tsv": b"bash\t5.2\nopenrc\t0.45\n"}  # by file name; anything else reads as an ISO
+
     def __init__(self, ref: str) -> None:
         self.ref = ref
 
     def get_archive(self, path: str):
         name = path.rsplit("/", 1)[-1]
-        data = {"kernel-package.tsv": b"linux-image-6.1.0-1-amd64\t6.1.1-1\n", "kernel-version": b"6.1.0-1\n",
-                "packages.tsv": b"bash\t5.2\nopenrc\t0.45\n"}.get(name, b"ISO9660 image bytes")
+        data = self.files.get(name, b"ISO9660 image bytes")
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
             info = tarfile.TarInfo(name)
@@ -479,3 +481,19 @@ def test_after_a_failed_stage_nothing_that_reads_it_starts_and_running_stages_fi
     built = [b["labels"]["io.maculaos.stage"] for b in client.builds]
     assert "tools" in built and not {"initrd", "rootfs", "squashfs", "iso"} & set(built), built
     assert any(tag.startswith("maculaos-sdk/tools:") for tag in client.tags)  # finished, so cached
+
+
+def test_a_rebuild_with_the_same_ids_records_what_its_images_hold_not_the_last_manifest(env, monkeypatch):
+    client = FakeClient()
+    out = env / "out"
+    _build(client, out)
+    # the archive moved: a --no-cache rebuild of the same plan installs a newer kernel and bash
+    monkeypatch.setitem(FakeContainer.files, "kernel-package.tsv", b"linux-image-6.1.0-2-amd64\t6.1.4-1\n")
+    monkeypatch.setitem(FakeContainer.files, "packages.tsv", b"bash\t5.3\nopenrc\t0.45\n")
+    build_image(load_profile("core"), BuildOptions(output=out, check_packages=False, no_cache=True),
+                engine=Engine(client))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kernel"]["version"] == "6.1.4-1" and manifest["packages"]["bash"] == "5.3"
+    _build(client, out)  # all cached now: the record is carried over, still the new one
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kernel"]["version"] == "6.1.4-1" and manifest["packages"]["bash"] == "5.3"
