@@ -39,7 +39,9 @@ BOOT_PACKAGES = ["sysvinit-core", "openrc", "udev", "kmod", "iproute2", "ifupdow
                  # node config (config.yaml, the schema shared with the host), firewall, ssh
                  "python3-yaml", "nftables", "openssh-server",
                  # `maculaos upgrade`: bundle signatures
-                 "minisign"]
+                 "minisign",
+                 # the clock: boards without an RTC start in 1970, and TLS and pointer expiry need the time
+                 "chrony"]
 
 HOST = "@host"
 

@@ -105,8 +105,10 @@ def validate_layer(path: Path, data: dict[str, Any], lines: dict[str, int]) -> l
         if spec.key == "overlay":
             nested.extend(_validate_overlay(path, value, lines))
         elif spec.key == "install.config" and value:
-            source = path.parent / value
-            if not source.is_file():
+            source = (path.parent / value).resolve()
+            if not source.is_relative_to(path.parent.resolve()):
+                add(f"{value!r} is outside the profile's folder", f"keep the install config under {path.parent}")
+            elif not source.is_file():
                 add(f"missing file {value!r}", f"paths are relative to {path.parent}")
             else:
                 nested.extend(config_errors(nodeconfig.validate_files([source])))

@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import maculaos_device
 import yaml
 from maculaos_device import layout, manifest
 
+from . import confined
 from .arch import Architecture
 from .boards import BootFlow
 from .bootstrap import DPKG_OPTIONS
@@ -141,21 +144,18 @@ def _render_file(env: jinja2.Environment, rel: str, variables: dict[str, Any], w
 
 def _write_node_files(profile: Profile, dest_root: Path) -> None:
     """What the device needs besides the overlay: the on-device tool with the modules it shares with the SDK,
-    the profile's default config.yaml and its first-boot commands."""
+    the profile's default config.yaml and its first-boot commands. Written through `confined`: the profile's
+    overlay folders came first and may have placed symlinks on these paths."""
     package = Path(str(maculaos_device.__file__)).parent  # `maculaos` and what it shares with the SDK
-    lib = dest_root / "usr/lib/maculaos" / maculaos_device.__name__
-    lib.mkdir(parents=True, exist_ok=True)
+    lib = f"usr/lib/maculaos/{maculaos_device.__name__}"
     for module in sorted(package.glob("*.py")):
-        shutil.copyfile(module, lib / module.name)
-        (lib / module.name).chmod(0o644)
-    share = dest_root / "usr/share/maculaos"
-    share.mkdir(parents=True, exist_ok=True)
+        confined.copy_file(dest_root, f"{lib}/{module.name}", module).chmod(0o644)
     config = profile.settings.config
     if config:
-        (share / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=True))
+        confined.write_text(dest_root, "usr/share/maculaos/config.yaml", yaml.safe_dump(dict(config), sort_keys=True))
     firstboot = profile.settings.firstboot
     if firstboot:
-        (share / "firstboot").write_text("".join(f"{c}\n" for c in firstboot))
+        confined.write_text(dest_root, "usr/share/maculaos/firstboot", "".join(f"{c}\n" for c in firstboot))
 
 
 def _write_pinned_files(dest_root: Path, extra_files: dict[str, Path]) -> None:
@@ -175,29 +175,45 @@ def _write_pinned_files(dest_root: Path, extra_files: dict[str, Path]) -> None:
 
 
 def _write_profile_overlay(profile: Profile, dest_root: Path) -> None:
+    """The profile's overlay entries, in path order, confined to `dest_root` (see `_confined_writes`)."""
     dest_root.mkdir(parents=True, exist_ok=True)
     for dest, spec in sorted(profile.settings.overlay.items()):
         if spec is None:
             continue
-        target = dest_root / dest.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        mode = None
-        if isinstance(spec, str):
-            target.write_text(spec)
-        else:
-            mode = int(str(spec["mode"]), 8) if "mode" in spec else None
-            if "content" in spec:
-                target.write_text(str(spec["content"]))
-            else:
-                source = profile.overlay_sources[dest]
-                if source.is_dir():
-                    shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)
-                else:
-                    shutil.copy2(source, target)
-        if mode is not None:
-            target.chmod(mode)
-        elif target.is_file():
-            target.chmod(0o644 if not os.access(target, os.X_OK) else 0o755)
+        with _confined_writes(profile, f"overlay.{dest}"):
+            _write_overlay_entry(profile, dest_root, dest, spec)
+
+
+def _write_overlay_entry(profile: Profile, dest_root: Path, dest: str, spec: str | dict[str, Any]) -> None:
+    if isinstance(spec, str):
+        target = confined.write_text(dest_root, dest, spec)
+    elif "content" in spec:
+        target = confined.write_text(dest_root, dest, str(spec["content"]))
+    elif profile.overlay_sources[dest].is_dir():
+        target = confined.copy_tree(dest_root, dest, profile.overlay_sources[dest])
+    else:
+        target = confined.copy_file(dest_root, dest, profile.overlay_sources[dest])
+    mode = int(str(spec["mode"]), 8) if isinstance(spec, dict) and "mode" in spec else None
+    if mode is not None:  # confined: `target` is the real file or folder just written, never a symlink
+        target.chmod(mode)
+    elif target.is_file():
+        target.chmod(0o644 if not os.access(target, os.X_OK) else 0o755)
+
+
+@contextmanager
+def _confined_writes(profile: Profile, key: str) -> Iterator[None]:
+    """Overlay folders are copied with their symlinks (they are the image's), so a later entry could name a
+    path through one: it is refused, never written on the build host where the link points."""
+    file, line = profile.origins.get(key, profile.origins.get("overlay", ("profile", 1)))
+    try:
+        yield
+    except confined.ThroughLink as exc:
+        raise BadInput(f"{file}:{line}: {key}: the path goes through {exc} that an earlier overlay entry placed",
+                       "an overlay entry cannot be written through a symlink: name the path the link points to"
+                       ) from None
+    except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
+        raise BadInput(f"{file}:{line}: {key}: {exc}", "two overlay entries disagree on what this path is"
+                       ) from None
 
 
 def tree_entries(root: Path) -> dict[str, str]:
@@ -272,11 +288,10 @@ def render_stage(planned: PlannedStage, plan: BuildPlan, inputs: dict[str, Rende
     for source in meta.context:
         if source == "profile-overlay":
             _write_profile_overlay(profile, context / "overlay")
-            _write_node_files(profile, context / "overlay")
-            if update_public_key:  # `maculaos upgrade` checks signatures against it: read-only root, not /etc
-                pub = context / "overlay" / "usr" / "share" / "maculaos" / "update.pub"
-                pub.parent.mkdir(parents=True, exist_ok=True)
-                pub.write_text(update_public_key)
+            with _confined_writes(profile, "overlay"):
+                _write_node_files(profile, context / "overlay")
+                if update_public_key:  # `maculaos upgrade` checks signatures against it: read-only root, not /etc
+                    confined.write_text(context / "overlay", "usr/share/maculaos/update.pub", update_public_key)
         elif source == "pinned-files":  # pinned artifacts and preloaded images (hard-linked)
             _write_pinned_files(context / "pinned", extra_files or {})
         elif source == "signing-key-id":  # the bundle manifest names the key that signs it (minisign's id)

@@ -51,3 +51,72 @@ def test_non_utf8_and_empty_profiles_are_one_line_each(tmp_path, capsys):
         assert main(["build-image", "--config", str(path), "--dry-run"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: {path}{message}") and err.count("\n") == 0, err
+
+
+def _profile_with_linked_overlay(tmp_path, entries: str):
+    """A third-party profile whose overlay folder holds symlinks to the build host's files and folders."""
+    host = tmp_path / "host"
+    (host / "keys").mkdir(parents=True)
+    (host / "keys" / "id").write_text("secret key\n")
+    tree = tmp_path / "p" / "files" / "etc"
+    tree.mkdir(parents=True)
+    (tree / "keys").symlink_to(host / "keys")
+    (tree / "id").symlink_to(host / "keys" / "id")
+    (tree / "up").symlink_to("../../../..")
+    path = tmp_path / "p" / "p.yaml"
+    path.write_text(BASE + "overlay:\n  /etc: {source: files/etc}\n" + entries)
+    return path, host
+
+
+def _host_state(host):
+    return {p.relative_to(host).as_posix(): (p.stat().st_mode, p.read_bytes() if p.is_file() else b"")
+            for p in sorted(host.rglob("*"))}
+
+
+@pytest.mark.parametrize("entry, link", [
+    ("/etc/keys/id: {content: 'overwritten', mode: '4755'}", "/etc/keys"),
+    ("/etc/keys: {source: files/etc, mode: '0777'}", "/etc/keys"),
+    ("/etc/up/host/keys/id: 'overwritten'", "/etc/up"),
+])
+def test_an_overlay_entry_through_a_symlink_is_refused_and_nothing_on_the_host_changes(tmp_path, capsys, entry,
+                                                                                       link):
+    path, host = _profile_with_linked_overlay(tmp_path, f"  {entry}\n")
+    before = _host_state(host)
+    assert main(["build-image", "--config", str(path), "--dry-run", str(tmp_path / "dry")]) == 2
+    err = capsys.readouterr().err.strip()
+    key = entry.split(":")[0]
+    assert f"overlay.{key}: the path goes through {link} is a symlink" in err, err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [err.splitlines()[-1]]
+    assert "Traceback" not in err and _host_state(host) == before
+
+
+def test_an_overlay_file_named_like_a_symlink_replaces_the_link_in_the_image_not_its_target(tmp_path, capsys):
+    path, host = _profile_with_linked_overlay(tmp_path, "  /etc/id: {content: 'mine', mode: '0600'}\n")
+    before = _host_state(host)
+    assert main(["build-image", "--config", str(path), "--dry-run", str(tmp_path / "dry")]) == 0
+    assert _host_state(host) == before
+    [layer] = (tmp_path / "dry").rglob("overlay/etc/id")
+    assert not layer.is_symlink() and layer.read_text() == "mine" and layer.stat().st_mode & 0o7777 == 0o600
+    assert (layer.parent / "keys").is_symlink()  # the folder's own links stay links in the image
+
+
+def test_the_node_files_never_follow_a_symlink_an_overlay_placed(tmp_path, capsys):
+    host = tmp_path / "host"
+    host.mkdir()
+    lib = tmp_path / "p" / "files" / "lib"
+    lib.mkdir(parents=True)
+    (lib / "maculaos_device").symlink_to(host)  # where the SDK puts the on-device tool
+    path = tmp_path / "p" / "p.yaml"
+    path.write_text(BASE + "overlay:\n  /usr/lib/maculaos: {source: files/lib}\n")
+    assert main(["build-image", "--config", str(path), "--dry-run", str(tmp_path / "dry")]) == 2
+    assert "overlay: the path goes through /usr/lib/maculaos/maculaos_device is a symlink" in capsys.readouterr().err
+    assert list(host.iterdir()) == []
+
+
+def test_the_install_config_stays_in_the_profile_folder(tmp_path, capsys):
+    (tmp_path / "node.yaml").write_text("hostname: x\n")
+    (tmp_path / "p").mkdir()
+    path = tmp_path / "p" / "p.yaml"
+    path.write_text(BASE + "install:\n  config: ../node.yaml\n")
+    assert main(["build-image", "--config", str(path), "--dry-run"]) == 2
+    assert "install.config: '../node.yaml' is outside the profile's folder" in capsys.readouterr().err

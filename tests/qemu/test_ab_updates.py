@@ -98,6 +98,10 @@ def test_installed_disk_boots_slot_a_with_persistent_data_and_recovery(disk_mach
     assert s["slots"] == {"A": {"version": "0.1.0"}, "B": {"version": None}}
     mounts = m.succeed("cat /proc/mounts")
     assert " /var/lib/maculaos ext4 " in mounts and " /etc overlay " in mounts
+    # the data partition and its binds: nothing on it is setuid or a device node
+    options = {line.split()[1]: set(line.split()[3].split(",")) for line in mounts.splitlines()}
+    for where in ("/run/maculaos/data", "/var/lib/maculaos"):
+        assert {"nosuid", "nodev"} <= options[where], (where, options[where])
     host_key = m.succeed("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
     # what a compromised root would plant in /etc: a marker, an init script in the default runlevel, and the
     # config service taken out of it
