@@ -56,7 +56,7 @@ def source_for(dev: Device, location: str | None) -> Source:
     name = f"channels/{upgrade['channel']}/{rel.get('VARIANT_ID')}-{rel.get('MACULAOS_ARCH')}.json"
     pointer = updater.verify_pointer(dev, server.read(name, 65536), server.read(name + ".minisig", 65536),
                                      upgrade["channel"], int(time.time()))
-    return Source(server.where(pointer.bundle), allow_http)
+    return Source(server.where(pointer.bundle), allow_http, pinned=pointer)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -157,22 +157,28 @@ def parse_slot_record(raw: bytes) -> SlotRecord:
                       sha256=entry.sha256)
 
 
+POINTER_FORMAT = 2  # 2: the pointer carries its bundle's manifest digest (format 1 named a folder only)
+
+
 @dataclass(frozen=True)
 class Pointer:
     """A channel pointer (`channels/<channel>/<profile>-<arch>.json` + `.minisig`), signed by `publish`:
-    which bundle a channel names, since when, and until when a device may trust that it is current."""
+    which bundle a channel names (its folder, its version and the sha256 of its signed manifest.json, so no
+    other signed bundle can stand in for it), since when, and until when a device may trust it is current."""
 
     profile: str
     arch: str
     channel: str
     version: str
     bundle: str
+    manifest_sha256: str
     published: int
     expires: int
 
     def to_json(self) -> str:
-        return json.dumps({"format": 1, "profile": self.profile, "arch": self.arch, "channel": self.channel,
-                           "version": self.version, "bundle": self.bundle, "published": self.published,
+        return json.dumps({"format": POINTER_FORMAT, "profile": self.profile, "arch": self.arch,
+                           "channel": self.channel, "version": self.version, "bundle": self.bundle,
+                           "manifest_sha256": self.manifest_sha256, "published": self.published,
                            "expires": self.expires}, sort_keys=True) + "\n"
 
 
@@ -188,11 +194,15 @@ def _epoch(data: dict, key: str) -> int:
 
 def parse_pointer(raw: bytes) -> Pointer:
     data = _object(raw, 65536)
-    if data.get("format") != 1:
-        raise ManifestError("not a MaculaOS channel pointer (format 1)")
+    if data.get("format") != POINTER_FORMAT:
+        raise ManifestError(f"not a MaculaOS channel pointer of format {POINTER_FORMAT} (one that names its "
+                            "bundle's manifest digest): publish it again with this SDK")
     bundle = data.get("bundle")
     if not isinstance(bundle, str) or not BUNDLE_NAME.fullmatch(bundle) or ".." in bundle:
         raise ManifestError("field 'bundle' names no bundle folder")
+    digest = data.get("manifest_sha256")
+    if not isinstance(digest, str) or not SHA256.fullmatch(digest):
+        raise ManifestError("field 'manifest_sha256' is not a sha256")
     return Pointer(profile=_word(data, "profile"), arch=_word(data, "arch"), channel=_word(data, "channel"),
-                   version=_version(data, "version"), bundle=bundle, published=_epoch(data, "published"),
-                   expires=_epoch(data, "expires"))
+                   version=_version(data, "version"), bundle=bundle, manifest_sha256=digest,
+                   published=_epoch(data, "published"), expires=_epoch(data, "expires"))

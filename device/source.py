@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO
 
+from .manifest import Pointer
 from .system import DeviceError
 
 HTTP_TIMEOUT = 30
@@ -16,8 +17,9 @@ RETRIES = 5
 
 
 class Source:
-    def __init__(self, location: str, allow_http: bool = False) -> None:
+    def __init__(self, location: str, allow_http: bool = False, pinned: Pointer | None = None) -> None:
         self.location = location.rstrip("/")
+        self.pinned = pinned  # the channel pointer that named this bundle: its manifest must be the one it names
         self.is_url = location.startswith(("http://", "https://"))
         if location.startswith("http://") and not allow_http:
             raise DeviceError(f"{location}: plain http is refused (anyone on the path can hold updates back); use "

@@ -139,6 +139,11 @@ def verify_pointer(dev: Device, raw: bytes, signature: bytes, channel: str, now:
     rel = dev.release()
     if (p.profile, p.arch, p.channel) != (rel.get("VARIANT_ID"), rel.get("MACULAOS_ARCH"), channel):
         raise DeviceError(f"the {channel} channel pointer is for {p.profile}-{p.arch} on {p.channel}: refused")
+    floor = clock_floor(dev, p)
+    if now < floor:
+        raise DeviceError(f"this node's clock ({now}) is behind {floor}, a time it already trusts (the image's build "
+                          f"or a signed channel pointer): it cannot tell whether the {channel} channel is current; "
+                          "wait for the clock to be set (chronyc tracking) or set it, then try again")
     if p.expires <= now:
         raise DeviceError(f"the {channel} channel pointer expired {now - p.expires} s ago: the update server is stale "
                           "or replays an old state (publish again to refresh it)")
@@ -150,6 +155,19 @@ def verify_pointer(dev: Device, raw: bytes, signature: bytes, channel: str, now:
         seen[channel] = p.published
         bootenv.write_atomic(dev.seen_pointers_file, (json.dumps(seen, sort_keys=True) + "\n").encode())
     return p
+
+
+# How far behind a publisher's clock a node's may be before a pointer's signing time says it is wrong.
+CLOCK_SKEW = 3600
+
+
+def clock_floor(dev: Device, pointer: manifest.Pointer | None = None) -> int:
+    """The earliest time this node's clock can truly show: when its image was built, and (less a skew) when the
+    newest channel pointer it followed, or the one in hand, was signed. Below it, expiry dates mean nothing."""
+    build = dev.release().get("MACULAOS_BUILD_TIME", "")
+    signed_times = [*_seen_pointers(dev).values(), *([pointer.published] if pointer else [])]
+    return max([int(build) if build.isascii() and build.isdigit() else 0,
+                *(t - CLOCK_SKEW for t in signed_times)])
 
 
 def _seen_pointers(dev: Device) -> dict[str, int]:
@@ -165,10 +183,18 @@ def verify_bundle(dev: Device, src: Source) -> Manifest:
     raw = src.read("manifest.json", manifest.MAX_MANIFEST_BYTES)
     if not signed(dev, raw, src.read("manifest.json.minisig", manifest.MAX_SIGNATURE_BYTES)):
         raise DeviceError(f"bundle signature does not verify against {dev.update_key}: refused, nothing written")
+    pinned = src.pinned
+    if pinned and hashlib.sha256(raw).hexdigest() != pinned.manifest_sha256:
+        raise DeviceError(f"{src.where('manifest.json')} is not the manifest the {pinned.channel} channel pointer "
+                          f"names (sha256 {pinned.manifest_sha256[:16]}...): another signed bundle in its place, "
+                          "refused, nothing written")
     try:
         m = manifest.parse(raw)
     except manifest.ManifestError as exc:
         raise DeviceError(f"manifest.json is not a valid bundle manifest ({exc}): refused") from None
+    if pinned and m.version != pinned.version:  # same digest, so only a pointer signed wrongly gets here
+        raise DeviceError(f"the {pinned.channel} channel pointer names {pinned.version}, the bundle is {m.version}: "
+                          "refused")
     ours = manifest.key_id(dev.update_key.read_text(errors="replace"))
     if m.signing_key_id and m.signing_key_id != ours:
         raise DeviceError(f"manifest names signing key {m.signing_key_id}, but this node's key is {ours}: refused")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 from device_fixtures import make_bundle, make_key, make_node, sign
-from maculaos_device import versions
+from maculaos_device import cli, updater, versions
 from maculaos_device.cli import main
 
 from maculaos_sdk.publish import publish
@@ -121,6 +121,58 @@ def test_a_channel_pointer_must_be_signed_and_name_a_folder_on_the_server(node, 
     sign(node.secret, pointer)
     assert main(["upgrade", "--check"], node) == 1
     assert "is for test-amd64 on beta: refused" in capsys.readouterr().err
+
+
+def test_the_channel_pointer_binds_the_manifest_it_names(node, server, tmp_path, capsys):
+    """Any bundle signed with the node's key, put on the server under the name the pointer gives, was installed:
+    the pointer names its manifest's sha256 and version, and nothing else stands in for it."""
+    url, root = server
+    config(node, f"upgrade:\n  url: {url}\n  allow_http: true\n")
+    pointer = publish_channel(node, root, tmp_path)
+    named = json.loads(pointer.read_text())["bundle"]
+    assert main(["upgrade", "--check"], node) == 0
+    capsys.readouterr()
+    for version in ("0.2.0", "0.3.0"):  # a rebuilt 0.2.0 (other bytes), and a newer bundle, both validly signed
+        shutil.rmtree(root / named)
+        make_bundle(root / named, node.secret, version)
+        assert main(["upgrade", "--apply", "--no-reboot"], node) == 1
+        assert "is not the manifest the stable channel pointer names" in capsys.readouterr().err
+    assert main(["upgrade", "--status"], node) == 0
+    assert json.loads(capsys.readouterr().out)["slots"]["B"] == {"version": None}  # nothing written
+    body = json.loads(pointer.read_text())
+    body.pop("manifest_sha256")
+    pointer.write_text(json.dumps({**body, "format": 1}))  # what an older SDK published
+    sign(node.secret, pointer)
+    assert main(["upgrade", "--check"], node) == 1
+    assert "publish it again with this SDK" in capsys.readouterr().err
+
+
+BUILD_TIME = 1735689600  # 2025-01-01: what MACULAOS_BUILD_TIME says in the image
+
+
+@pytest.mark.parametrize("clock, verdict", [
+    (60, "this node's clock (60) is behind 1735689600"),  # a Pi at power-on: no expiry date means anything
+    (BUILD_TIME, "channel pointer expired"),  # the same Pi once sysinit raised its clock to the build time
+])
+def test_a_node_whose_clock_is_behind_what_it_trusts_refuses_to_judge_freshness(node, server, tmp_path, capsys,
+                                                                                 monkeypatch, clock, verdict):
+    url, root = server
+    with node.os_release.open("a") as f:
+        f.write(f'MACULAOS_BUILD_TIME="{BUILD_TIME}"\n')
+    config(node, f"upgrade:\n  url: {url}\n  allow_http: true\n")
+    publish_channel(node, root, tmp_path / "2023", now=1672531200)  # published 2023-01-01, expired 2023-01-31
+    monkeypatch.setattr(cli.time, "time", lambda: clock)
+    assert main(["upgrade", "--check"], node) == 1
+    assert verdict in capsys.readouterr().err
+    monkeypatch.undo()
+    now = int(time.time())
+    publish_channel(node, root, tmp_path / "today", now=now)  # a fresh pointer, signed today
+    monkeypatch.setattr(cli.time, "time", lambda: clock)
+    assert main(["upgrade", "--check"], node) == 1  # the clock is behind the pointer's own signing time
+    assert f"this node's clock ({clock}) is behind {now - updater.CLOCK_SKEW}" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["upgrade", "--check"], node) == 0  # the clock set: the same pointer is followed
+    assert updater.clock_floor(node) == max(BUILD_TIME, now - updater.CLOCK_SKEW)
 
 
 def test_a_server_sending_more_than_a_manifest_may_be_is_cut_off(node, server, capsys):

@@ -77,3 +77,48 @@ def test_publish_cli_incomplete_bundle_is_exit_2(tmp_path, capsys):
     assert main(["publish", str(bundle), "--to", str(tmp_path / "srv"), "--public-key", str(tmp_path / "x.pub")]) == 2
     err = capsys.readouterr().err
     assert "incomplete bundle" in err and "Traceback" not in err
+
+
+def test_the_pointer_names_the_digest_of_the_manifest_it_points_at(tmp_path):
+    secret = tmp_path / "k.key"
+    public = keys.generate(secret)
+    server = tmp_path / "srv"
+    publish([make_bundle(tmp_path / "out", "0.2.0", secret)], server, "stable", public, signing_key=secret)
+    body = json.loads((server / "channels/stable/test-amd64.json").read_text())
+    manifest = server / "maculaos-test-0.2.0-amd64.bundle" / "manifest.json"
+    assert (body["format"], body["manifest_sha256"]) == (2, hashlib.sha256(manifest.read_bytes()).hexdigest())
+
+
+@pytest.mark.parametrize("tamper", ["unsigned", "other-key", "names-a-missing-bundle"])
+def test_publish_never_re_signs_a_pointer_it_cannot_verify(tmp_path, tamper):
+    """One write of `version: 999` on the server became a validly signed pointer at the next publish."""
+    secret = tmp_path / "k.key"
+    public = keys.generate(secret)
+    server = tmp_path / "srv"
+    publish([make_bundle(tmp_path / "out", "0.2.0", secret)], server, "stable", public, signing_key=secret)
+    pointer = server / "channels/stable/test-amd64.json"
+    body = json.loads(pointer.read_text())
+    pointer.write_text(json.dumps({**body, "version": "999", "bundle": "maculaos-test-999-amd64.bundle"}))
+    if tamper == "other-key":
+        keys.generate(tmp_path / "attacker.key")
+        keys.sign(pointer, tmp_path / "attacker.key", "x")
+    elif tamper == "names-a-missing-bundle":
+        keys.sign(pointer, secret, "x")  # the publisher's own key, but nothing on the server backs it
+    tampered = (pointer.read_bytes(), pointer.with_name(pointer.name + ".minisig").read_bytes())
+    with pytest.raises(BadInput, match="does not verify|bundle folder|not a bundle folder"):
+        publish([make_bundle(tmp_path / "new", "0.3.0", secret)], server, "stable", public, signing_key=secret)
+    assert (pointer.read_bytes(), pointer.with_name(pointer.name + ".minisig").read_bytes()) == tampered
+
+
+def test_publish_dot_from_inside_a_bundle_keeps_the_server_folder(tmp_path, monkeypatch, capsys):
+    secret = tmp_path / "k.key"
+    keys.generate(secret)
+    server = tmp_path / "srv"
+    publish([make_bundle(tmp_path / "out", "0.2.0", secret)], server, "stable", signing_key=secret)
+    bundle = make_bundle(tmp_path / "out", "0.3.0", secret)
+    monkeypatch.chdir(bundle)
+    assert main(["publish", ".", "--to", str(server), "--signing-key", str(secret)]) == 0
+    assert (server / "maculaos-test-0.2.0-amd64.bundle" / "manifest.json").is_file()  # still there
+    assert json.loads((server / "channels/stable/test-amd64.json").read_text())["bundle"] == bundle.name
+    assert main(["publish", ".", "--to", "sub", "--signing-key", str(secret)]) == 2  # into itself
+    assert "would copy it into itself" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import functools
 import http.server
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import threading
@@ -305,7 +306,20 @@ def test_tampered_bundles_are_refused_with_nothing_written(disk_machine, bundle_
     assert m.succeed("cat /run/maculaos/esp/grub/grubenv /run/maculaos/esp/grub/grubenv.bak | sha256sum") == env_hash
     after = m.upgrade_status()
     assert after == before
+    # a node with no clock, as a Pi at power-on: the RTC set to 1970 before the reboot; sysinit raises the clock
+    # to the image's build time, and that is still behind the stale pointer's signing time: no freshness verdict
+    m.succeed(f"python3 -c {shlex.quote(SET_RTC_TO_1970)}")
     assert m.reboot() == "A"
+    build_time = int(m.succeed(". /usr/lib/os-release && echo $MACULAOS_BUILD_TIME"))
+    assert build_time <= int(m.succeed("date +%s")) < build_time + 3600
+    m.succeed(f"printf 'upgrade:\\n  url: {url}/stale\\n' > /var/lib/maculaos/config.d/90-https.yaml")
+    assert "this node's clock" in m.fail("maculaos upgrade --check")
+    assert m.upgrade_status() == before
+
+
+# RTC_SET_TIME (linux/rtc.h: _IOW('p', 0x0a, struct rtc_time)) with 1970-01-01 00:01:00
+SET_RTC_TO_1970 = ("import fcntl, struct; f = open('/dev/rtc0', 'wb'); "
+                   "fcntl.ioctl(f, 0x4024700a, struct.pack('9i', 0, 1, 0, 1, 0, 70, 4, 0, 0))")
 
 
 def test_factory_reset_wipes_node_state_and_keeps_os_and_user_data(disk_machine):
