@@ -1,5 +1,7 @@
 """Where a bundle comes from: a folder (USB stick, local path) or an https URL. Every read is capped: a
-server sending more than the signed size (or than a manifest may be) is refused, not buffered."""
+server sending more than the signed size (or than a manifest may be) is refused, not buffered; a server
+dripping bytes is cut off at an overall deadline (not only a per-read timeout); a redirect never leaves
+https for http."""
 
 from __future__ import annotations
 
@@ -14,6 +16,57 @@ from .system import DeviceError
 
 HTTP_TIMEOUT = 30
 RETRIES = 5
+# A download's overall deadline: DEADLINE_BASE seconds plus its size at MIN_RATE bytes a second (a 120 MB root
+# file system may take 33 minutes); a slower server holds the update lock no longer than that.
+DEADLINE_BASE = 60
+MIN_RATE = 64 << 10
+
+
+class _NoDowngrade(urllib.request.HTTPRedirectHandler):
+    """Redirects stay on http(s), and one that starts on https stays on https."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 (urllib's signature)
+        if not newurl.startswith(("https://", "http://")) or \
+                (req.full_url.startswith("https://") and not newurl.startswith("https://")):
+            raise DeviceError(f"{req.full_url} redirects to {newurl}: a redirect away from https is refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_NoDowngrade)
+
+
+class _Deadline:
+    """A response read one network read at a time, refused once its deadline has passed."""
+
+    def __init__(self, resp: BinaryIO, url: str, max_bytes: int) -> None:
+        self._resp, self._url = resp, url
+        self._start = time.monotonic()
+        self._deadline = self._start + DEADLINE_BASE + max_bytes / MIN_RATE
+        self._got = 0
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        if time.monotonic() > self._deadline:
+            self._resp.close()
+            seconds = time.monotonic() - self._start
+            raise DeviceError(f"{self._url}: {self._got} bytes in {seconds:.0f} s, slower than the "
+                              f"{MIN_RATE >> 10} KiB/s allowed: cut off")
+        data = self._resp.read1(size if size >= 0 else 1 << 20)  # one network read: blocks HTTP_TIMEOUT at most
+        self._got += len(data)
+        return data
+
+    def close(self) -> None:
+        self._resp.close()
+
+    def __enter__(self) -> _Deadline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Source:
@@ -44,13 +97,13 @@ class Source:
         last = ""
         for attempt in range(RETRIES):
             try:
-                resp = urllib.request.urlopen(self.where(name), timeout=HTTP_TIMEOUT)  # noqa: S310 (scheme checked)
+                resp = _OPENER.open(self.where(name), timeout=HTTP_TIMEOUT)  # noqa: S310 (scheme checked)
                 length = resp.headers.get("Content-Length")
-                size = int(length) if length and length.isdigit() else None
+                size = int(length) if length and length.isascii() and length.isdigit() else None
                 if size is not None and size > max_bytes:
                     resp.close()
                     raise DeviceError(f"{self.where(name)} is {size} bytes, more than the {max_bytes} allowed")
-                return resp, size
+                return _Deadline(resp, self.where(name), max_bytes), size
             except urllib.error.HTTPError as exc:
                 raise DeviceError(f"cannot fetch {self.where(name)}: HTTP {exc.code}") from None
             except (urllib.error.URLError, OSError) as exc:
