@@ -65,8 +65,8 @@ SETTINGS: tuple[Field, ...] = (
     Field("console.grub_password", STR, "", "GRUB superuser password as `grub-mkpasswd-pbkdf2` prints it "
           "(`grub.pbkdf2.sha512.<rounds>.<salt>.<hash>`). Set, the normal entries still boot unattended, but "
           "editing an entry (the kernel line), the GRUB shell and Recovery ask for it. Required by "
-          "`build-image --release`.",
-          pattern=r"grub\.pbkdf2\.sha512\.[0-9]{1,7}\.[0-9A-F]{16,256}\.[0-9A-F]{16,256}"),
+          "`build-image --release`. At least 10000 rounds (grub-mkpasswd-pbkdf2's default).",
+          pattern=r"grub\.pbkdf2\.sha512\.[1-9][0-9]{4,6}\.[0-9A-F]{16,256}\.[0-9A-F]{16,256}"),
     Field("console.recovery_password", STR, "", "Root password of the recovery shell, as a SHA-512 crypt hash "
           "(`mkpasswd -m sha-512` prints it). Set, Recovery asks for it before the shell; unset, Recovery's console "
           "stays locked unless console.autologin is set (its sshd still takes the node config's keys).",

@@ -43,7 +43,9 @@ FIELDS: tuple[Field, ...] = (
           pattern=r"^[a-z0-9-]+(\.[a-z0-9-]+)+$"),
     Field("maculaos.mesh.tls_mode", STR, "development", "TLS mode.", choices=("development", "production")),
     Field("k3s.args", LIST, ["server", "--disable=traefik", "--disable=servicelb", "--write-kubeconfig-mode=600",
-                             "--data-dir=/var/lib/rancher/k3s"], "k3s command line."),
+                             "--data-dir=/var/lib/rancher/k3s"], "k3s command line. A join token belongs in "
+          "`--token-file=` (a file on the data partition): the service moves `--token=` out of the process list "
+          "into /run/maculaos/k3s-token (0600).", secret=True),
     Field("k3s.airgap", BOOL, True, "Import the preloaded images from /var/lib/rancher/k3s/agent/images."),
     Field("network.dhcp", BOOL, True, "Configure eth0 by DHCP."),
     Field("firewall.open_ports", LIST, [], "More inbound ports to open, each `<port>/tcp` or `<port>/udp` (e.g. "
@@ -55,7 +57,7 @@ FIELDS: tuple[Field, ...] = (
           "and any image with wpasupplicant and a wireless interface). Empty: no Wi-Fi.", pattern=r"[\x20-\x7e]{1,32}"),
     Field("wifi.psk", STR, "", "WPA passphrase (8-63 printable characters, no quotes or backslashes) or the 64 hex "
           "digits of the key. Stored on the node only as the derived key (WPA-PSK).",
-          pattern=r"[\x20\x21\x23-\x5b\x5d-\x7e]{8,63}|[0-9A-Fa-f]{64}"),
+          pattern=r"[\x20\x21\x23-\x5b\x5d-\x7e]{8,63}|[0-9A-Fa-f]{64}", secret=True),
     Field("wifi.key_mgmt", STR, "WPA-PSK", "Wi-Fi security.", choices=("WPA-PSK", "SAE", "NONE")),
     Field("wifi.country", STR, "", "Regulatory domain, ISO 3166 code (e.g. DE); empty: the driver's default.",
           pattern=r"[A-Z]{2}"),
@@ -225,6 +227,27 @@ def plan(config: dict[str, Any], facts: dict[str, str]) -> dict[str, Any]:
         # what apply does for Wi-Fi; the passphrase stays out of the plan (it is written to /run 0644)
         "wifi": {k: config["wifi"][k] for k in ("ssid", "key_mgmt", "country", "interface")},
     }
+
+
+K3S_TOKEN_FILE = "/run/maculaos/k3s-token"
+
+
+def k3s_argv(args: list[str]) -> tuple[list[str], str | None]:
+    """k3s's arguments with a join token (`--token=X`, `--token X`, `-t X`) taken out of them (any user can read
+    a process's argv) and replaced by `--token-file=K3S_TOKEN_FILE`; the token, or None, to write there 0600."""
+    argv: list[str] = []
+    token = None
+    items = iter(args)
+    for arg in items:
+        if arg in ("--token", "-t"):
+            token = next(items, "")
+        elif arg.startswith("--token="):
+            token = arg.split("=", 1)[1]
+        else:
+            argv.append(arg)
+    if token:
+        argv.append(f"--token-file={K3S_TOKEN_FILE}")
+    return argv, token or None
 
 
 def wpa_supplicant_conf(wifi: dict[str, str]) -> str:

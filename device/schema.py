@@ -32,6 +32,11 @@ class Field:
     choices: tuple[str, ...] = ()
     pattern: str | None = None  # every value (each item of a list) must match it whole
     nullable: bool = True  # null resets the key to its default (False: null is an error)
+    secret: bool = False  # its value is never echoed in a problem (a passphrase, a token)
+
+    def shown(self, value: Any) -> str:
+        """The value as a problem message may show it."""
+        return "(not shown: a secret)" if self.secret else repr(value)
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ class Schema:
             elif not kind_ok(spec.kind, v):
                 hint = 'quote it, e.g. "1.2"' if spec.kind == STR and isinstance(v, int | float) else (
                     f"e.g. {json.dumps(spec.default)}")
-                add(f"expected a {spec.kind}, got {type(v).__name__} {v!r}", hint)
+                add(f"expected a {spec.kind}, got {type(v).__name__} {spec.shown(v)}", hint)
             else:
                 self._check_values(spec, v, add)
                 if rule:
@@ -122,9 +127,10 @@ class Schema:
                 item = item[1:]
             at = {"key": f"{spec.key}[{i}]"} if spec.kind == LIST else {}
             if spec.choices and item not in spec.choices:
-                add(f"unknown value {item!r}", suggest(item, list(spec.choices)) or f"one of {', '.join(spec.choices)}")
+                add(f"unknown value {spec.shown(item)}",
+                    "" if spec.secret else suggest(item, list(spec.choices)) or f"one of {', '.join(spec.choices)}")
             elif spec.pattern and not re.fullmatch(spec.pattern, str(item)):
-                add(f"invalid value {item!r}", f"must match {spec.pattern}", **at)
+                add(f"invalid value {spec.shown(item)}", f"must match {spec.pattern}", **at)
 
 
 def _nearest_line(lines: dict[str, int], key: str) -> int:

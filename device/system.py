@@ -148,7 +148,9 @@ class Device:
             return
         self.esp.mkdir(parents=True, exist_ok=True)
         dev = self.partition(layout.PART_ESP)
-        proc = subprocess.run(["mount", "-t", "vfat", "-o", "rw,noatime", str(dev), str(self.esp)],
+        # root's alone: the ESP holds GRUB's password hash and the initrd with recovery's
+        options = "rw,noatime,nosuid,nodev,noexec,uid=0,gid=0,fmask=0077,dmask=0077"
+        proc = subprocess.run(["mount", "-t", "vfat", "-o", options, str(dev), str(self.esp)],
                               capture_output=True, text=True)
         if proc.returncode != 0 and not _mounted(self.esp):
             raise DeviceError(f"cannot mount the boot partition {dev}: {proc.stderr.strip()}")

@@ -103,6 +103,10 @@ def test_installed_disk_boots_slot_a_with_persistent_data_and_recovery(disk_mach
     options = {line.split()[1]: set(line.split()[3].split(",")) for line in mounts.splitlines()}
     for where in ("/run/maculaos/data", "/var/lib/maculaos"):
         assert {"nosuid", "nodev"} <= options[where], (where, options[where])
+    # the ESP (GRUB's password hash, the initrd with recovery's) is root's alone
+    assert {"fmask=0077", "dmask=0077", "noexec"} <= options["/run/maculaos/esp"], options["/run/maculaos/esp"]
+    modes = m.succeed("stat -c %a /run/maculaos/esp/grub/grubenv /run/maculaos/esp/grub").split()
+    assert [int(mode, 8) & 0o077 for mode in modes] == [0, 0], modes
     host_key = m.succeed("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
     # what a compromised root would plant in /etc: a marker, an init script in the default runlevel, and the
     # config service taken out of it

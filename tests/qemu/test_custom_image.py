@@ -111,15 +111,19 @@ def test_custom_image_and_node_config_take_effect(custom_build, make_machine, tm
               f"  modules: [mac80211_hwsim]\n"
               f"  mesh:\n    roles:\n      gateway: true\nssh_authorized_keys:\n  - {pub}\n"
               f"wifi:\n  ssid: maculaos-lab\n  psk: {WIFI_PSK}\n  country: DE\n"
-              f"run_cmd:\n  - hostapd -B /var/lib/maculaos/lab-ap.conf\n")
+              f"run_cmd:\n  - hostapd -B /var/lib/maculaos/lab-ap.conf\n"
+              f"k3s:\n  args: [server, --token=s3cret-join-token]\n")
     m.succeed(f"cat > /var/lib/maculaos/config.yaml <<'EOF'\n{config}EOF\n"
               "maculaos config validate /var/lib/maculaos/config.yaml && sync")
     assert m.reboot() == "A"
     m.wait_until_succeeds("test -e /run/maculaos/config.applied", timeout=90)
     assert m.succeed("hostname").strip() == "edge-amd64-1"
-    # what holds keys and k3s arguments is root's alone
-    assert m.succeed("stat -c '%a %U' /var/lib/maculaos/config.last-good.json /etc/default/k3s").split("\n")[:2] \
-        == ["600 root", "600 root"]
+    # what holds keys, k3s arguments and run_cmd is root's alone, and the join token is in no process's argv
+    private = ("/var/lib/maculaos/config.last-good.json", "/etc/default/k3s", "/run/maculaos/config.applied",
+               "/var/log/maculaos-config.log", "/run/maculaos/k3s-token")
+    assert m.succeed(f"stat -c '%a %U' {' '.join(private)}").splitlines() == ["600 root"] * len(private)
+    assert m.succeed("cat /run/maculaos/k3s-token") == "s3cret-join-token\n"
+    assert m.succeed(". /etc/default/k3s && echo $K3S_ARGS") == "server --token-file=/run/maculaos/k3s-token\n"
     mesh = json.loads(m.succeed("cat /run/maculaos/mesh.json"))
     assert mesh["roles"] == ["peer", "gateway"] and mesh["ports"] == ["443/tcp", "80/tcp"]
     ruleset = json.loads(m.succeed("nft -j list table inet maculaos"))

@@ -27,7 +27,9 @@ LOG = Path("/var/log/maculaos-config.log")
 def say(msg: str) -> None:
     line = f"maculaos-config: {msg}"
     print(line, flush=True)
-    with LOG.open("a") as f:
+    fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # it may name k3s args or run_cmd lines
+    os.fchmod(fd, 0o600)  # a log left by an older image was 0644
+    with os.fdopen(fd, "a") as f:
         f.write(line + "\n")
 
 
@@ -141,8 +143,10 @@ def apply(plan: dict) -> None:
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", "/etc/ssh/ssh_host_ed25519_key"])
     labels = [f"{k}={v}" for k, v in plan["labels"].items()]
     write(Path("/etc/rancher/k3s/config.yaml"), json.dumps({"node-label": labels}, indent=2) + "\n")
-    write(Path("/etc/default/k3s"), "K3S_ARGS='" + " ".join(a.replace("'", "") for a in plan["k3s_args"]) + "'\n",
-          0o600)  # k3s arguments may carry a token
+    k3s_args, token = nodeconfig.k3s_argv(plan["k3s_args"])
+    if token:  # k3s reads it from a file: in its argv any local user would see it
+        write(Path(nodeconfig.K3S_TOKEN_FILE), token + "\n", 0o600)
+    write(Path("/etc/default/k3s"), "K3S_ARGS='" + " ".join(a.replace("'", "") for a in k3s_args) + "'\n", 0o600)
     mesh = plan["mesh"]
     write(Path("/run/maculaos/mesh.json"), json.dumps(mesh, sort_keys=True) + "\n")
     ruleset = firewall(plan["open_ports"])
@@ -210,7 +214,8 @@ def main() -> int:
         rc = run(command)
         if rc != 0:
             say(f"run_cmd: {command} failed ({rc})")
-    write(Path("/run/maculaos/config.applied"), json.dumps(plan, sort_keys=True) + "\n")  # done, for this boot
+    # done, for this boot; root's alone: it holds the k3s args and run_cmd
+    write(Path("/run/maculaos/config.applied"), json.dumps(plan, sort_keys=True) + "\n", 0o600)
     return 0
 
 
