@@ -96,6 +96,10 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return items
 
 
+# Kernel module folders the firewall is made of: no profile may prune them.
+NETFILTER = ("net/netfilter", "net/ipv4/netfilter", "net/ipv6/netfilter")
+
+
 def validate_layer(path: Path, data: dict[str, Any], lines: dict[str, int]) -> list[BadInput]:
     """Check one profile file's keys and value types; return every problem found."""
     nested: list[BadInput] = []
@@ -114,6 +118,13 @@ def validate_layer(path: Path, data: dict[str, Any], lines: dict[str, int]) -> l
                 nested.extend(config_errors(nodeconfig.validate_files([source])))
         elif spec.key == "config":
             nested.extend(config_errors(nodeconfig.check(value, str(path), lines, prefix="config.")))
+        elif spec.key == "kernel.prune":
+            for i, folder in enumerate(value):
+                kept = [nf for nf in NETFILTER if f"{nf}/".startswith(f"{folder.lstrip('-').strip('/')}/")]
+                if kept and not folder.startswith("-"):
+                    add(f"{folder!r} holds {kept[0]}: the firewall needs it (without it the node fails closed and "
+                        "never brings its network up)", "prune folders below it instead (e.g. net/netfilter/ipvs)",
+                        key=f"kernel.prune[{i}]")
 
     return config_errors(SCHEMA.check(data, str(path), lines, rule=files_and_config)) + nested
 

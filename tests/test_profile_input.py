@@ -120,3 +120,14 @@ def test_the_install_config_stays_in_the_profile_folder(tmp_path, capsys):
     path.write_text(BASE + "install:\n  config: ../node.yaml\n")
     assert main(["build-image", "--config", str(path), "--dry-run"]) == 2
     assert "install.config: '../node.yaml' is outside the profile's folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder, ok", [("net/netfilter", False), ("net", False), ("net/ipv4/", False),
+                                        ("net/ipv6/netfilter", False), ("net/netfilter/ipvs", True),
+                                        ("net/wireless", True)])
+def test_the_firewall_s_modules_cannot_be_pruned(write_profile, capsys, folder, ok):
+    path = write_profile(BASE + f"kernel:\n  prune: [{folder}]\n")
+    assert main(["build-image", "--config", str(path), "--dry-run"]) == (0 if ok else 2)
+    err = capsys.readouterr().err
+    assert (f"kernel.prune[0]: '{folder}' holds net/" in err) is not ok, err
+    assert "Traceback" not in err

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from maculaos_sdk.profile import load_profile
+from maculaos_sdk.render import kernel_cmdline
 
 from .conftest import OUT, build_once
 from .maculaos import check_native_step_outputs
@@ -75,6 +76,33 @@ def test_live_boot_bios(test_iso, make_machine, record_property):
     assert "started" in m.succeed("rc-service maculaos-testchannel status")
     assert m.succeed("cat /proc/1/comm").strip() == "init"
     check_native_step_outputs(m)
+    m.shutdown()
+
+
+def test_without_netfilter_the_node_fails_closed(test_iso, make_machine):
+    """nf_tables blacklisted on the kernel line (typed at GRUB's prompt, as anyone at the console of an unlocked
+    image may): the boot firewall cannot load, so maculaos-firewall fails, and networking and sshd, which need
+    it, never start: no address, nothing listening. Before, the service succeeded and the network came up open."""
+    m = make_machine(test_iso, "no-netfilter")
+    m.start()
+    m.wait_for_console_text(r"MaculaOS \S+ \(live\)", timeout=60)
+    m.send_console("c")
+    for command in (f"linux /boot/vmlinuz macula.mode=live {kernel_cmdline(load_profile('test'))} "
+                    "modprobe.blacklist=nf_tables", "initrd /boot/initrd.img"):
+        m.wait_for_console_text(r"grub> ", timeout=30)
+        m.send_console(command + "\n")
+    m.wait_for_console_text(r"grub> ", timeout=120)
+    m.send_console("boot\n")
+    m.wait_for_channel(timeout=180)
+    assert "modprobe.blacklist=nf_tables" in m.succeed("cat /proc/cmdline")
+    m.wait_until_succeeds("test -z \"$(ls /run/openrc/starting)\"", timeout=90)  # the runlevel has settled
+    assert m.execute("rc-service maculaos-firewall status")[0] != 0
+    started = set(m.succeed("ls /run/openrc/started").split())
+    assert "maculaos-testchannel" in started and not {"networking", "ssh", "maculaos-firewall"} & started, started
+    assert m.succeed("ip -4 -o addr show dev eth0") == ""
+    listening = [line.split()[1] for line in m.succeed("cat /proc/net/tcp /proc/net/tcp6").splitlines()[1:]
+                 if line.split()[3] == "0A"]
+    assert listening == [], listening
     m.shutdown()
 
 
