@@ -137,6 +137,7 @@ class VmConfig:
     guest_config: Path | None = None  # a node config handed to the guest through fw_cfg
     nic: str = "virtio-net-pci"  # the NIC model and disk bus the board's hardware is imitated with
     disk_bus: str = "virtio"
+    iso_on_usb: bool = False  # an ISO attached as a USB stick (the firmware boots it) instead of a CD
 
     @classmethod
     def for_image(cls, image: Path, *, arch: str | None = None, **kw: object) -> VmConfig:
@@ -188,7 +189,10 @@ def qemu_command(cfg: VmConfig, *, interactive: bool = False, extra: list[str] |
         cmd += ["-virtfs", f"local,path={cfg.share},mount_tag={SHARE_TAG},security_model=none,id=share"]
     if cfg.guest_config is not None:
         cmd += ["-fw_cfg", f"name={FW_CFG_CONFIG},file={cfg.guest_config}"]
-    if cfg.is_iso:
+    if cfg.is_iso and cfg.iso_on_usb:
+        cmd += ["-device", "qemu-xhci", "-drive", f"file={cfg.image},format=raw,readonly=on,if=none,id=stick",
+                "-device", "usb-storage,drive=stick,bootindex=0"]
+    elif cfg.is_iso:
         if arch is Architecture.amd64:
             cmd += ["-drive", f"file={cfg.image},media=cdrom,readonly=on,if=ide"]
         else:

@@ -40,6 +40,9 @@ def medium_disk(dev: Device) -> str | None:
 def auto_device(dev: Device) -> str:
     """The first fixed disk that is not the boot medium."""
     skip = medium_disk(dev)
+    if skip is None:
+        raise DeviceError(f"install: cannot tell the boot medium (nothing mounted at {MEDIUM}): refusing to pick "
+                          "a disk")
     for pattern in ("vd*", "sd*", "nvme*n*", "mmcblk[0-9]*"):
         for d in sorted(Path("/sys/block").glob(pattern)):
             if d.name != skip and int((d / "size").read_text()) > 0:
@@ -74,8 +77,10 @@ def install(dev: Device, device: str, config: str | None, yes: bool) -> None:
     name = node.name
     if disk_of(dev.sys_block, name) != name:
         raise DeviceError(f"install: {device} is a partition; give the whole disk")
-    if name == medium_disk(dev):
-        raise DeviceError(f"install: {device} is the boot medium")
+    medium = medium_disk(dev)
+    if medium is None or name == medium:  # the medium, or no way to tell it apart: never written
+        raise DeviceError(f"install: {device} is the boot medium" if medium else
+                          f"install: cannot tell the boot medium (nothing mounted at {MEDIUM}): refusing to write")
     if config:
         from . import nodeconfig
 

@@ -130,13 +130,16 @@ class Device:
                 return Path(found)
             raise DeviceError(f"no partition {name} on the MaculaOS card")
         disk = self.boot_disk()
+        if disk is None:  # never a partition of that name on whichever disk comes first
+            raise DeviceError(f"cannot tell the boot disk (nothing mounted at {self.run / 'lower'}): refusing to "
+                              f"pick a partition named {name} on any disk")
         for uevent in sorted(self.sys_block.glob("*/uevent")):
             try:
                 lines = uevent.read_text().splitlines()
             except OSError:
                 continue
             dev = uevent.parent.name
-            if f"PARTNAME={name}" in lines and (disk is None or disk_of(self.sys_block, dev) == disk):
+            if f"PARTNAME={name}" in lines and disk_of(self.sys_block, dev) == disk:
                 return Path("/dev") / dev
         raise DeviceError(f"no partition named {name} on the boot disk {disk or '(unknown)'}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,8 @@ def test_without_netfilter_the_node_fails_closed(test_iso, make_machine):
     m.start()
     m.wait_for_console_text(r"MaculaOS \S+ \(live\)", timeout=60)
     m.send_console("c")
-    for command in (f"linux /boot/vmlinuz macula.mode=live {kernel_cmdline(load_profile('test'))} "
+    cmdline = kernel_cmdline(load_profile("test"))  # $medium_id: set by the ISO's grub.cfg, as GRUB's entries use it
+    for command in (f"linux /boot/vmlinuz macula.mode=live macula.medium=$medium_id {cmdline} "
                     "modprobe.blacklist=nf_tables", "initrd /boot/initrd.img"):
         m.wait_for_console_text(r"grub> ", timeout=30)
         m.send_console(command + "\n")
@@ -104,6 +106,36 @@ def test_without_netfilter_the_node_fails_closed(test_iso, make_machine):
                  if line.split()[3] == "0A"]
     assert listening == [], listening
     m.shutdown()
+
+
+def test_a_usb_live_boot_takes_only_its_own_medium(test_iso, make_machine, tmp_path):
+    """The operator boots the official USB stick on a node whose internal NVMe disk holds a planted
+    maculaos/rootfs.squashfs (ahead of the stick in Linux's order). The live system runs from the stick GRUB
+    booted, found by the id GRUB passed (macula.medium=); with the medium's id copied next to the planted
+    squashfs as well, the boot stops in the rescue shell instead of choosing."""
+    planted = tmp_path / "planted"
+    (planted / "maculaos").mkdir(parents=True)
+    (planted / "maculaos" / "rootfs.squashfs").write_bytes(b"not the medium's root\n" * 4096)
+    nvme = tmp_path / "internal.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "internal", "-d", str(planted), str(nvme), "64M"], check=True)
+    m = make_machine(test_iso, "usb-planted", iso_on_usb=True, disks=(nvme,), disk_bus="nvme")
+    m.start()
+    m.wait_for_channel(timeout=180)
+    medium_id = m.succeed("cat /run/maculaos/medium/maculaos/medium.id").strip()
+    assert f"macula.medium={medium_id}" in m.succeed("cat /proc/cmdline")
+    mounts = {line.split()[1]: line.split()[0] for line in m.succeed("cat /proc/mounts").splitlines()}
+    stick = m.succeed("for d in /sys/block/sd*; do readlink -f $d; done")
+    assert "/usb" in stick and mounts["/run/maculaos/medium"].startswith("/dev/sd"), (stick, mounts)
+    # the planted disk now carries the medium's id too: two disks claim to be the medium
+    m.succeed(f"mount /dev/nvme0n1 /mnt && echo {medium_id} > /mnt/maculaos/medium.id && umount /mnt && sync")
+    m.shutdown()
+    again = make_machine(test_iso, "usb-duplicate", iso_on_usb=True, disks=(nvme,), disk_bus="nvme",
+                         test_channel=False)
+    again.start()
+    again.wait_for_console_text(rf"disks (nvme0n1 sda|sda nvme0n1) all carry the boot medium id {medium_id}: "
+                                "refusing to choose one", timeout=180)
+    again.wait_for_console_text(r"MaculaOS recovery shell", timeout=30)
+    assert "boot medium /dev/" not in again.console_text()
 
 
 def test_recovery_from_boot_menu_uefi(test_iso, make_machine):
