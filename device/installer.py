@@ -9,9 +9,11 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
-from . import layout
+from . import layout, updater
+from .bootenv import other
 from .manifest import SlotRecord
 from .system import Device, DeviceError, disk_of, log
 from .updater import invalidate, read_back_sha256, write_slot
@@ -233,9 +235,20 @@ def grow_data(dev: Device) -> None:
 
 
 def factory_reset(dev: Device, keep_data: bool) -> None:
-    """Node state is wiped by the initrd at the next boot (it alone sees the data partition unused)."""
+    """Node state is wiped by the initrd at the next boot (it alone sees the data partition unused); the other
+    slot, which may hold an older or a pending system, is forgotten now: the node comes back on the system it
+    runs, and on nothing else."""
     if dev.mode() != "disk":
         raise DeviceError(f"not an installed system (mode {dev.mode()}): nothing to do")
+    env = updater.store(dev).load()
+    booted = dev.booted()
+    if booted != env.active:
+        raise DeviceError(f"slot {booted} is on trial: confirm it (maculaos confirm) or roll back before a factory "
+                          "reset")
+    standby = other(booted)
+    if env.trial:
+        updater.store(dev).save(replace(env, trial="", tries=0))
+    updater.forget_slot(dev, standby, dev.slot_device(standby))
     marker = dev.data_root / ".factory-reset"
     marker.write_text("keep-data\n" if keep_data else "wipe-data\n")
     os.sync()

@@ -38,6 +38,11 @@ SLOTS = ("A", "B")
 DATA_BINDS = (("maculaos", "var/lib/maculaos"), ("rancher", "var/lib/rancher"), ("home", "home"),
               ("data", "var/lib/data"))
 ETC_OVERLAY = ("overlay/etc/upper", "overlay/etc/work")
+# What a factory reset leaves on the data partition: the anti-rollback floor, and with --keep-data the users'
+# folders; everything else (node state, k3s, /etc's overlay, folders nobody knows) goes.
+HIGHEST_VERSION_FILE = "highest-version"
+RESET_KEEPS = (HIGHEST_VERSION_FILE, "lost+found")
+USER_DATA = ("home", "data")
 # The only /etc files that outlive a reboot (shell patterns under /etc). At every boot the initrd copies these
 # from the persistent /etc overlay into a fresh upper layer and drops the rest, so neither a compromised root
 # nor an offline write keeps init scripts, keys, whiteouts or opaque folders in /etc. Settings belong in the

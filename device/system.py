@@ -106,7 +106,7 @@ class Device:
     @property
     def highest_file(self) -> Path:
         """The highest version ever committed on this node: kept through factory resets."""
-        return self.data_root / "highest-version"
+        return self.data_root / layout.HIGHEST_VERSION_FILE
 
     # --- hardware --------------------------------------------------------------------------------
     def boot_disk(self) -> str | None:

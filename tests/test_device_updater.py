@@ -377,3 +377,20 @@ def test_write_checked_reads_each_chunk_back_from_the_device_not_the_stream(tmp_
     slot.write_bytes(bytes(10 * step))
     monkeypatch.setattr(updater.os, "write", lossy)
     assert not updater.write_checked(io.BytesIO(data), slot, _chunked(data, step))
+
+
+def test_a_factory_reset_forgets_the_other_slot_and_is_refused_on_a_trial_boot(tmp_path, key, node):
+    """The other slot may hold an older system (a rollback target) or a pending update: after a factory reset
+    the node comes back on the system it runs and nothing else."""
+    from maculaos_device import installer
+
+    updater.apply(node, Source(str(bundle(tmp_path, key))))  # 0.2.0 pending on B
+    node.boot("B", "0.2.0")
+    with pytest.raises(DeviceError, match="slot B is on trial"):
+        installer.factory_reset(node, keep_data=False)
+    assert not (node.data_root / ".factory-reset").exists()
+    node.boot("A", "0.1.0")  # the trial was not confirmed: GRUB came back to A, B still pending
+    installer.factory_reset(node, keep_data=True)
+    assert state(node) == BootEnv(active="A", trial="", tries=0)
+    assert slot_b_forgotten(node) and updater.status(node)["slots"]["B"] == {"version": None}
+    assert (node.data_root / ".factory-reset").read_text() == "keep-data\n" and node.reboots == [False]

@@ -330,7 +330,9 @@ def test_factory_reset_wipes_node_state_and_keeps_os_and_user_data(disk_machine)
     m = disk_machine()
     host_key = m.succeed("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")  # kept by reboots (ETC_PERSIST)
     m.succeed("mkdir -p /var/lib/rancher/k3s && echo a > /var/lib/maculaos/config.yaml"
-              " && echo b > /var/lib/rancher/k3s/state && echo c > /var/lib/data/user-file && sync")
+              " && echo b > /var/lib/rancher/k3s/state && echo c > /var/lib/data/user-file"
+              " && echo d > /home/user-file && mkdir /run/maculaos/data/planted && echo e > /run/maculaos/data/.hidden"
+              " && echo f > /var/lib/rancher/other && sync")
     assert "--confirm" in m.fail("maculaos factory-reset")  # refuses without --confirm
     m.send_channel_nowait("maculaos factory-reset --confirm --keep-data")
     assert m.wait_for_boot() == "A"
@@ -338,7 +340,12 @@ def test_factory_reset_wipes_node_state_and_keeps_os_and_user_data(disk_machine)
     m.succeed("test ! -e /var/lib/maculaos/config.yaml && test ! -e /var/lib/rancher/k3s/state")
     m.wait_until_succeeds("test -e /run/maculaos/config.applied", timeout=120)
     assert m.succeed("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub") != host_key  # a new node identity
-    assert m.succeed("cat /var/lib/data/user-file") == "c\n"
+    assert m.succeed("cat /var/lib/data/user-file /home/user-file") == "c\nd\n"  # --keep-data: the users' folders
+    # what nobody knows, or only the old node state knew, is gone
+    left = set(m.succeed("ls -A /run/maculaos/data").split())
+    assert {"data", "home", "maculaos", "overlay"} <= left <= {*(d.split("/")[0] for d in layout.data_dirs()),
+                                                                *layout.RESET_KEEPS}, left
+    m.succeed("test ! -e /var/lib/rancher/other")
     s = m.upgrade_status()
     assert (s["booted"], s["active"], s["version"]) == ("A", "A", "0.1.0")
 
