@@ -108,6 +108,13 @@ def test_installed_disk_boots_slot_a_with_persistent_data_and_recovery(disk_mach
     modes = m.succeed("stat -c %a /run/maculaos/esp/grub/grubenv /run/maculaos/esp/grub").split()
     assert [int(mode, 8) & 0o077 for mode in modes] == [0, 0], modes
     host_key = m.succeed("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
+    # sshd as it runs: keys only for every user, no forwarding, few tries
+    sshd = dict(line.split(" ", 1) for line in m.succeed("sshd -T").splitlines() if " " in line)
+    assert {k: sshd[k] for k in ("passwordauthentication", "kbdinteractiveauthentication", "maxauthtries",
+                                 "allowtcpforwarding", "x11forwarding", "allowagentforwarding")} == {
+        "passwordauthentication": "no", "kbdinteractiveauthentication": "no", "maxauthtries": "3",
+        "allowtcpforwarding": "no", "x11forwarding": "no", "allowagentforwarding": "no"}
+    assert sshd["permitrootlogin"] in ("prohibit-password", "without-password")  # one setting, two names
     # what a compromised root would plant in /etc: a marker, an init script in the default runlevel, and the
     # config service taken out of it
     m.succeed("echo kept > /var/lib/maculaos/marker && echo planted > /etc/maculaos/marker"
