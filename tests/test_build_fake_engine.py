@@ -387,16 +387,38 @@ def test_dry_run_writes_dockerfiles_without_engine(env):
     assert not (env / "out").exists()  # and nothing written where a build would write
 
 
+@pytest.mark.parametrize("extra, refusal", [
+    ("", "console.grub_password: signed with .*release.key \\(not the development key\\), this build is a release"),
+    ("services: [maculaos-testchannel]\n", "services\\[7\\]: .*maculaos-testchannel is a root shell for tests"),
+    ("config:\n  upgrade:\n    allow_http: true\n", "config.upgrade.allow_http: .*plain-http updates"),
+    ("config:\n  wifi:\n    ssid: lab\n    psk: s3cret-passphrase\n", "config.wifi.psk: .*readable by anyone"),
+    ("config:\n  k3s:\n    args: [server, --token=s3cret]\n", "config.k3s.args: .*readable by anyone"),
+    ("images: [registry.example/app:1.0]\n", "images\\[0\\]: .*registry.example/app:1.0 is not pinned by digest"),
+])
+def test_a_build_signed_with_a_real_key_is_held_to_the_release_checks_without_the_flag(env, extra, refusal):
+    """The release gate was a flag: a build signed with a non-development key could carry a test channel,
+    plain-http updates, secrets or unpinned images. The key decides now."""
+    secret = env / "release.key"
+    keys.generate(secret)
+    pbkdf2 = "grub.pbkdf2.sha512.10000." + "AB12" * 16 + "." + "CD34" * 32
+    locked = "" if not extra else f"console:\n  grub_password: {pbkdf2}\n"
+    profile = env / "signed.yaml"
+    profile.write_text(f"name: signed\nextends: core\n{locked}{extra}")
+    with pytest.raises(BadInput, match=refusal):
+        build_image(load_profile(str(profile)), BuildOptions(output=env / "out", dry_run=env / "dry",
+                                                             signing_key=secret), engine=None)
+
+
 def test_a_release_build_refuses_the_development_key_and_autologin(env):
     with pytest.raises(BadInput, match="--release: bundles would be signed with this checkout's development key"):
         build_image(load_profile("core"), BuildOptions(output=env / "out", dry_run=env / "dry", release=True),
                     engine=None)
     secret = env / "release.key"
     keys.generate(secret)
-    with pytest.raises(BadInput, match="test.yaml: console.autologin: a release image must not log root in"):
+    with pytest.raises(BadInput, match="test.yaml: console.autologin: --release: a release image must not log root"):
         build_image(load_profile("test"), BuildOptions(output=env / "out", dry_run=env / "dry", release=True,
                                                        signing_key=secret), engine=None)
-    with pytest.raises(BadInput, match="console.grub_password: a release needs a GRUB password"):
+    with pytest.raises(BadInput, match="console.grub_password: --release: a release needs a GRUB password"):
         build_image(load_profile("core"), BuildOptions(output=env / "out", dry_run=env / "dry", release=True,
                                                        signing_key=secret), engine=None)
     pbkdf2 = "grub.pbkdf2.sha512.10000." + "AB12" * 16 + "." + "CD34" * 32
