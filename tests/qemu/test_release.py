@@ -33,7 +33,7 @@ def test_a_release_with_a_throwaway_key_is_locked_and_signed_by_it(tmp_path):
     assert build["signing_key_id"] == manifest["signing_key_id"]
     # the layer it was built from (hashed into the layer stage's id) trusts the throwaway key alone, and its
     # inittab logs nobody in
-    layer = cache_dir() / "contexts" / profile.artifact_basename / "layer"
+    layer = cache_dir() / "contexts" / profile.artifact_basename() / "layer"
     assert (layer / "overlay/usr/share/maculaos/update.pub").read_text() == public.read_text()
     gettys = [line for line in (layer / "inittab").read_text().splitlines() if "agetty" in line]
     assert len(gettys) == 2 and not any("--autologin" in line for line in gettys), gettys
