@@ -21,6 +21,7 @@ from typing import Any
 import requests
 import yaml
 
+from . import ui
 from .errors import BadInput, BuildFailed
 from .paths import cache_dir, sdk_root
 
@@ -45,8 +46,20 @@ class Artifact:
     def cache_path(self) -> Path:
         return store_dir() / self.sha256
 
+    @property
+    def max_bytes(self) -> int:
+        """What a download may be: the lock's size when it gives one, else MAX_BYTES."""
+        return self.size if self.size else MAX_BYTES
+
     def is_cached(self) -> bool:
         return self.cache_path.is_file()
+
+
+# A download with no size in the lock is cut off past this (the largest pinned file is 194 MB).
+MAX_BYTES = 2 << 30
+# Cached files whose sha256 this process has checked: (path, size, mtime_ns, inode) - a file changed since is
+# hashed again before a build uses it.
+_VERIFIED: set[tuple[str, int, int, int]] = set()
 
 
 class ArtifactUnavailable(BuildFailed):
@@ -119,6 +132,27 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _stamp(path: Path) -> tuple[str, int, int, int]:
+    st = path.stat()
+    return str(path), st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def verified_cache(a: Artifact) -> Path | None:
+    """The cached file of `a`, once its sha256 checked out (again, if it changed since this process checked it);
+    a cached file that no longer matches is removed, and None is returned, as for one never cached."""
+    if not a.is_cached():
+        return None
+    if _stamp(a.cache_path) in _VERIFIED:
+        return a.cache_path
+    if file_sha256(a.cache_path) != a.sha256:
+        a.cache_path.unlink(missing_ok=True)
+        ui.info(f"[yellow]note:[/] cached artifact {a.name} ({a.arch}) no longer matched its sha256: removed, "
+                "fetching it again")
+        return None
+    _VERIFIED.add(_stamp(a.cache_path))
+    return a.cache_path
+
+
 def _store(a: Artifact, part: Path) -> Path:
     got = file_sha256(part)
     if got != a.sha256:
@@ -128,15 +162,18 @@ def _store(a: Artifact, part: Path) -> Path:
                                   "the download was corrupted or altered; if upstream re-published, re-pin the lock")
     part.chmod(a.mode)  # the image gets the file as cached (it is hard-linked into the build context)
     os.replace(part, a.cache_path)
+    _VERIFIED.add(_stamp(a.cache_path))
     return a.cache_path
 
 
 def fetch(a: Artifact, *, offline: bool = False, retries: int = 5, timeout: float = 30,
           session: requests.Session | None = None,
           progress: Callable[[int, int | None], None] | None = None) -> Path:
-    """The verified cached file of `a`, downloading it first (resuming a partial download) unless offline."""
-    if a.is_cached():
-        return a.cache_path
+    """The verified cached file of `a`, downloading it first (resuming a partial download) unless offline; a
+    download is cut off at the lock's size (or MAX_BYTES)."""
+    cached = verified_cache(a)
+    if cached is not None:
+        return cached
     if offline:
         raise ArtifactUnavailable(f"artifact {a.name} {a.version} ({a.arch}) is not in the cache and --offline "
                                   f"is set (URL {a.url})", _how_to_provide(a))
@@ -154,11 +191,17 @@ def fetch(a: Artifact, *, offline: bool = False, retries: int = 5, timeout: floa
                 r.raise_for_status()
                 if have and r.status_code != 206:
                     have = 0  # the server ignored Range: start over
-                total = int(r.headers.get("Content-Length", 0)) + have or None
+                length = r.headers.get("Content-Length", "")
+                total = (int(length) if length.isascii() and length.isdigit() else 0) + have or None
                 with part.open("ab" if have else "wb") as f:
                     for chunk in r.iter_content(CHUNK):
                         f.write(chunk)
                         have += len(chunk)
+                        if have > a.max_bytes or (total or 0) > a.max_bytes:
+                            part.unlink(missing_ok=True)
+                            raise ArtifactUnavailable(f"artifact {a.name} ({a.arch}) from {a.url}: more than the "
+                                                      f"{a.max_bytes} bytes it may be: refused, nothing cached",
+                                                      "the server sends something else; check the URL and the lock")
                         if progress:
                             progress(have, total)
                 if total is not None and have < total:

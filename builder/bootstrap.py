@@ -21,11 +21,16 @@ NODOC = ["path-exclude=/usr/share/doc/*", "path-include=/usr/share/doc/*/copyrig
 DPKG_OPTIONS = [*NODOC, "force-unsafe-io"]
 
 
+# The only keys the bootstrap trusts: Debian's archive keys, not every key the build host's apt trusts (a third
+# party's repository key there could otherwise sign a Debian mirror's Release file).
+DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+
+
 def mmdebstrap_command(params: dict[str, Any], tarball: Path) -> list[str]:
     """The mmdebstrap invocation for the base params (see render.bootstrap_params)."""
     cmd = ["mmdebstrap", "--mode=root", f"--variant={params['variant']}", f"--arch={params['arch']}",
            f"--components={','.join(params['components'])}", "--skip=output/mknod",
-           "--aptopt=Acquire::Retries \"5\""]
+           f"--keyring={DEBIAN_KEYRING}", "--aptopt=Acquire::Retries \"5\""]
     if params["include"]:
         cmd.append(f"--include={','.join(params['include'])}")
     cmd += [f"--dpkgopt={opt}" for opt in params["dpkg_options"]]
@@ -52,6 +57,9 @@ def bootstrap(params: dict[str, Any], tarball: Path, log: IO[str]) -> None:
     """Create the base rootfs tarball; atomic (a killed run leaves no half tarball behind)."""
     if shutil.which("mmdebstrap") is None:
         raise BuildFailed("mmdebstrap is not installed", "run `make setup` (apt-get install mmdebstrap)")
+    if not DEBIAN_KEYRING.is_file():
+        raise BuildFailed(f"{DEBIAN_KEYRING} is missing: the bootstrap trusts Debian's archive keys alone",
+                          "run `make setup` (apt-get install debian-archive-keyring)")
     check_foreign_arch(params["arch"])
     tarball.parent.mkdir(parents=True, exist_ok=True)
     partial = tarball.with_name(f"{tarball.name}.{os.getpid()}.partial.tar")

@@ -64,10 +64,11 @@ def lock(tmp_path, monkeypatch, server):
     monkeypatch.setenv("MACULAOS_SDK_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "artifacts.lock.yaml"
     entries = []
-    for name, url_path, sha in [("good", "good", SHA), ("flaky", "flaky", SHA), ("bad", "bad", SHA),
-                                ("gone", "missing", SHA.replace("a", "b"))]:
+    for name, url_path, sha, size in [("good", "good", SHA, ""), ("flaky", "flaky", SHA, ""), ("bad", "bad", SHA, ""),
+                                      ("gone", "missing", SHA.replace("a", "b"), ""),
+                                      ("small", "good", SHA, ", size: 1000")]:  # the lock says 1000 bytes
         entries.append(f"{name}:\n  version: '1'\n  install: /opt/{name}\n  mode: '0755'\n  arches:\n"
-                       f"    amd64: {{url: '{server}/{url_path}', sha256: {sha}}}\n")
+                       f"    amd64: {{url: '{server}/{url_path}', sha256: {sha}{size}}}\n")
     path.write_text("".join(entries))
     monkeypatch.setenv("MACULAOS_ARTIFACTS_LOCK", str(path))
     return artifacts.load_lock(path)
@@ -143,3 +144,19 @@ def test_the_repository_lock_file_is_valid():
     lock = artifacts.load_lock(Path(__file__).parents[1] / "artifacts.lock.yaml")
     assert {"k3s", "k3s-airgap-images"} <= set(lock)
     assert lock["k3s"]["amd64"].mode == 0o755
+
+
+def test_a_download_larger_than_the_lock_says_is_cut_off_and_nothing_is_cached(lock):
+    with pytest.raises(artifacts.ArtifactUnavailable, match="more than the 1000 bytes it may be"):
+        artifacts.fetch(lock["small"]["amd64"], retries=1)
+    assert not list(artifacts.store_dir().glob("*"))
+
+
+def test_a_cached_file_altered_since_it_was_fetched_is_fetched_again(lock):
+    path = artifacts.fetch(lock["good"]["amd64"], retries=1)
+    n = len(Server.requests)
+    path.chmod(0o644)
+    with path.open("r+b") as f:  # same size, other bytes: a bad disk, or someone with write access to the cache
+        f.write(b"tampered")
+    assert artifacts.fetch(lock["good"]["amd64"], retries=1).read_bytes() == PAYLOAD
+    assert len(Server.requests) == n + 1

@@ -191,3 +191,14 @@ def test_rpi5_takes_its_kernel_from_backports_and_rpi4_from_the_suite(tmp_path):
     assert "--release trixie-backports" in files["rpi5"] and "Suites: %s\\n" in files["rpi5"]
     assert '"trixie-backports"' in files["rpi5"]
     assert "--release" not in files["rpi4"] and "backports" not in files["rpi4"]
+
+
+def test_the_bootstrap_trusts_debian_s_archive_keys_alone():
+    """Not every key the build host's apt trusts (a third party's repository key could sign a mirror's Release)."""
+    from maculaos_sdk.arch import Architecture
+    from maculaos_sdk.bootstrap import DEBIAN_KEYRING, mmdebstrap_command
+    from maculaos_sdk.render import bootstrap_params
+
+    cmd = mmdebstrap_command(bootstrap_params(load_profile("core"), Architecture("amd64"), 1735689600), Path("x.tar"))
+    assert [a for a in cmd if a.startswith("--keyring")] == [f"--keyring={DEBIAN_KEYRING}"]
+    assert DEBIAN_KEYRING == Path("/usr/share/keyrings/debian-archive-keyring.gpg")
