@@ -155,6 +155,10 @@ def test_installed_disk_boots_slot_a_with_persistent_data_and_recovery(disk_mach
                          capture_output=True, text=True, timeout=120)
     assert ssh.returncode == 0, ssh.stderr
     assert "macula.mode=recovery" in ssh.stdout and "marker" in ssh.stdout
+    # recovery's sshd shows the node's own host key, not one made up at each recovery boot
+    scan = subprocess.run(f"ssh-keyscan -t ed25519 -p {port} 127.0.0.1 2>/dev/null | ssh-keygen -lf -", shell=True,
+                          capture_output=True, text=True, timeout=60)
+    assert scan.stdout.split()[1] == host_key.split()[1], (scan.stdout, host_key)
     # the recovery shell loaded its group of the initrd's modules: the NIC and USB keyboards (usbhid)
     assert {"virtio_net", "usbhid", "hid_generic", "ext4"} <= set(ssh.stdout.split())
 
