@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from . import __version__, archive, artifacts, explain, gc, images, keys, ui
 from .arch import Architecture
-from .boards import Board
+from .boards import Board, BootFlow
 from .bootstrap import bootstrap
 from .debian_index import check_packages
 from .engine import LABEL_STAGE_ID, Deadlines, Engine, connect, read_text_from_image
@@ -383,6 +383,18 @@ def build_image(profile: Profile, options: BuildOptions, engine: Engine | None =
         return _build_image(profile, options, engine)
 
 
+def open_on_this_board(profile: Profile) -> str | None:
+    """What a locked image still leaves open on its board, said at build time (the README's security section)."""
+    if profile.board.boot_flow(profile.arch) is not BootFlow.rpi_firmware:
+        return None
+    uboot = ("U-Boot boots without stopping for a key (overlays/maculaos-locked.dtbo)" if
+             profile.settings.console.grub_password else
+             "U-Boot's autoboot can be interrupted on the UART or a USB keyboard (console.grub_password locks it)")
+    return (f"{profile.board.name}: {uboot}; the Pi firmware reads config.txt, the device trees and U-Boot from the "
+            "card's FAT partition unsigned, so whoever holds the card can change them, and the data partition is "
+            "not encrypted")
+
+
 def _build_image(profile: Profile, options: BuildOptions, engine: Engine | None) -> BuildResult:
     plan = make_plan(profile)
     gc.cache_max()  # a bad MACULAOS_SDK_CACHE_MAX or stage deadline stops the build before any stage
@@ -390,6 +402,8 @@ def _build_image(profile: Profile, options: BuildOptions, engine: Engine | None)
     ui.info(f"[bold]MaculaOS[/] {profile.name} {profile.version} ({plan.arch}, {plan.board.name}), "
             f"{len(plan.stages)} stages, SOURCE_DATE_EPOCH={plan.sde}")
     inputs = resolve_inputs(plan, options, engine)
+    if note := open_on_this_board(profile):
+        ui.info(f"[yellow]note:[/] {escape(note)}")
     workdir = cache_dir() / "contexts" / plan.basename
     rendered = render_plan(plan, workdir, inputs.public_key, {**inputs.pinned, **inputs.image_files})
     result = BuildResult(plan=plan)

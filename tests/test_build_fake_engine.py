@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 import tarfile
 import threading
 from pathlib import Path
@@ -519,3 +520,26 @@ def test_a_rebuild_with_the_same_ids_records_what_its_images_hold_not_the_last_m
     _build(client, out)  # all cached now: the record is carried over, still the new one
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kernel"]["version"] == "6.1.4-1" and manifest["packages"]["bash"] == "5.3"
+
+
+def test_a_locked_pi_card_has_u_boot_boot_without_a_key_and_the_build_says_what_stays_open(env, capsys):
+    """U-Boot's autoboot could be interrupted on the UART or a USB keyboard, bypassing GRUB's and recovery's
+    passwords: with console.grub_password the card carries an overlay that sets U-Boot's /config bootdelay -2
+    and bootsecure, and config.txt loads it; an unlocked card does not, and the build says what stays open."""
+    pbkdf2 = "grub.pbkdf2.sha512.10000." + "AB12" * 16 + "." + "CD34" * 32
+    for locked in (True, False):
+        profile = env / f"pi-{locked}.yaml"
+        profile.write_text("name: pi\nextends: core\narch: arm64\nboard: rpi4\noutputs: [-iso, sdimage]\n"
+                           + (f"console:\n  grub_password: {pbkdf2}\n" if locked else ""))
+        dry = env / f"dry-{locked}"
+        build_image(load_profile(str(profile)), BuildOptions(output=env / "out", dry_run=dry), engine=None)
+        config = (dry / "75-sdimage" / "config.txt").read_text().splitlines()
+        assert ("dtoverlay=maculaos-locked" in config) is locked
+        assert ("dtc -q -@ -I dts -O dtb -o /work/boot/overlays/maculaos-locked.dtbo" in
+                (dry / "75-sdimage" / "Dockerfile").read_text()) is locked
+        err = " ".join(capsys.readouterr().err.split())  # as one line: the console wraps it
+        said = "U-Boot boots without stopping for a key" if locked else "U-Boot's autoboot can be interrupted"
+        assert said in err and "reads config.txt, the device trees and U-Boot from the card" in err, err
+    overlay = subprocess.run(["dtc", "-q", "-I", "dts", "-O", "dts", str(dry / "75-sdimage" / "maculaos-locked.dts")],
+                             capture_output=True, text=True, check=True).stdout
+    assert "bootdelay = <0xfffffffe>;" in overlay and "bootsecure = <0x01>;" in overlay
