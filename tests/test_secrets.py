@@ -41,7 +41,7 @@ def test_a_k3s_join_token_moves_from_argv_to_a_file(args, argv, token):
 
 @pytest.mark.parametrize("rounds, ok", [("1", False), ("9999", False), ("10000", True), ("100000", True)])
 def test_a_grub_password_hash_needs_the_rounds_grub_mkpasswd_gives(write_profile, capsys, rounds, ok):
-    path = write_profile("name: x\nextends: core\nconsole:\n  grub_password: grub.pbkdf2.sha512."
+    path = write_profile(f"name: rounds{rounds}\nextends: core\nconsole:\n  grub_password: grub.pbkdf2.sha512."
                          f"{rounds}.{'AB12' * 16}.{'CD34' * 32}\n")
     assert main(["build-image", "--config", str(path), "--dry-run"]) == (0 if ok else 2)
     assert ("console.grub_password: invalid value" in capsys.readouterr().err) is not ok
