@@ -76,6 +76,11 @@ def test_live_boot_bios(test_iso, make_machine, record_property):
     m.wait_until_succeeds("ip -4 -o addr show dev eth0 | grep -q 'inet 10.0.2.15/'", timeout=60)
     assert "started" in m.succeed("rc-service maculaos-testchannel status")
     assert m.succeed("cat /proc/1/comm").strip() == "init"
+    # the kernel settings the firewall service applied before the network, and protocols that never load
+    assert m.succeed("sysctl -n kernel.kptr_restrict kernel.sysrq net.ipv4.conf.all.accept_redirects "
+                     "net.ipv4.conf.all.send_redirects fs.suid_dumpable").split() == ["2", "0", "0", "0", "0"]
+    for protocol in ("dccp", "sctp", "rds", "tipc"):
+        assert "install /bin/false" in m.succeed(f"modprobe -n -v {protocol} 2>&1 || true")
     check_native_step_outputs(m)
     m.shutdown()
 
