@@ -138,6 +138,7 @@ class VmConfig:
     nic: str = "virtio-net-pci"  # the NIC model and disk bus the board's hardware is imitated with
     disk_bus: str = "virtio"
     iso_on_usb: bool = False  # an ISO attached as a USB stick (the firmware boots it) instead of a CD
+    rtc_base: str | None = None  # the RTC's start (QEMU -rtc base=), e.g. a board without a clock: 1970-01-01
 
     @classmethod
     def for_image(cls, image: Path, *, arch: str | None = None, **kw: object) -> VmConfig:
@@ -209,6 +210,7 @@ def qemu_command(cfg: VmConfig, *, interactive: bool = False, extra: list[str] |
         device = f"nvme,serial=maculaos{n}" if cfg.disk_bus == "nvme" else "virtio-blk-pci"
         cmd += ["-drive", f"file={disk},format={fmt},if=none,id=disk{n}", "-device", f"{device},drive=disk{n}{boot}"]
     cmd += ["-device", "virtio-rng-pci"]
+    cmd += ["-rtc", f"base={cfg.rtc_base}"] if cfg.rtc_base else []
     return cmd + (extra or [])
 
 

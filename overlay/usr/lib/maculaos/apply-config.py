@@ -175,6 +175,9 @@ def wifi(settings: dict) -> None:
     if not Path(f"/sys/class/net/{iface}").exists():
         say(f"wifi: no interface {iface} (this board's wireless driver is not loaded or pruned)")
         return
+    if run(["nft", "list", "table", "inet", "maculaos"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+        say(f"wifi: no firewall table loaded: {iface} stays down (fail closed)")
+        return
     write(WPA_CONF, nodeconfig.wpa_supplicant_conf(settings), 0o600)  # holds the derived key
     pidfile = Path(f"/run/wpa_supplicant.{iface}.pid")
     if pidfile.is_file():
