@@ -13,7 +13,7 @@ done < /kernel/initrd-modules.txt
 # The init loads modules in groups, each when a boot needs it (each insmod costs time, most under emulation):
 #   order       the boot medium's path: buses, disk and CD drivers, squashfs, overlay, isofs (every boot)
 #   order.data  the data partition's and other media's filesystems (ext4, vfat, nls): every boot, after the
-#               first group (a live boot looks at every disk for its medium's id, and refuses two)
+#               first group (a live boot hashes any squashfs on any disk before it takes one)
 #   order.recovery  network drivers and USB keyboards: the recovery shell only (the booted system's udev loads
 #               them itself)
 # A module's group is its folder's, or the earliest group of the modules that need it (helpers such as crc16,

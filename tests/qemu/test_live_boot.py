@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -115,9 +116,10 @@ def test_without_netfilter_the_node_fails_closed(test_iso, make_machine):
 
 def test_a_usb_live_boot_takes_only_its_own_medium(test_iso, make_machine, tmp_path):
     """The operator boots the official USB stick on a node whose internal NVMe disk holds a planted
-    maculaos/rootfs.squashfs (ahead of the stick in Linux's order). The live system runs from the stick GRUB
-    booted, found by the id GRUB passed (macula.medium=); with the medium's id copied next to the planted
-    squashfs as well, the boot stops in the rescue shell instead of choosing."""
+    maculaos/rootfs.squashfs (found before the stick, which enumerates late). The live system runs from the
+    stick: GRUB passed its squashfs's sha256 (macula.medium=), and the planted one is hashed and refused. Two
+    disks that both carry the medium (the ISO as a CD and a copy of it on a disk) stop the boot in the rescue
+    shell instead of having one chosen."""
     planted = tmp_path / "planted"
     (planted / "maculaos").mkdir(parents=True)
     (planted / "maculaos" / "rootfs.squashfs").write_bytes(b"not the medium's root\n" * 4096)
@@ -125,22 +127,24 @@ def test_a_usb_live_boot_takes_only_its_own_medium(test_iso, make_machine, tmp_p
     subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "internal", "-d", str(planted), str(nvme), "64M"], check=True)
     m = make_machine(test_iso, "usb-planted", iso_on_usb=True, disks=(nvme,), disk_bus="nvme")
     m.start()
-    m.wait_for_channel(timeout=180)
-    medium_id = m.succeed("cat /run/maculaos/medium/maculaos/medium.id").strip()
-    assert f"macula.medium={medium_id}" in m.succeed("cat /proc/cmdline")
+    m.wait_for_channel(timeout=240)
+    assert re.search(r"maculaos-init: ignoring /dev/nvme0n1: its maculaos/rootfs.squashfs is not the one GRUB "
+                     r"booted", m.console_text())
+    medium_sum = m.succeed("sha256sum /run/maculaos/medium/maculaos/rootfs.squashfs").split()[0]
+    assert f"macula.medium={medium_sum}" in m.succeed("cat /proc/cmdline")
     mounts = {line.split()[1]: line.split()[0] for line in m.succeed("cat /proc/mounts").splitlines()}
     stick = m.succeed("for d in /sys/block/sd*; do readlink -f $d; done")
     assert "/usb" in stick and mounts["/run/maculaos/medium"].startswith("/dev/sd"), (stick, mounts)
-    # the planted disk now carries the medium's id too: two disks claim to be the medium
-    m.succeed(f"mount /dev/nvme0n1 /mnt && echo {medium_id} > /mnt/maculaos/medium.id && umount /mnt && sync")
     m.shutdown()
-    again = make_machine(test_iso, "usb-duplicate", iso_on_usb=True, disks=(nvme,), disk_bus="nvme",
-                         test_channel=False)
-    again.start()
-    again.wait_for_console_text(rf"disks (nvme0n1 sda|sda nvme0n1) all carry the boot medium id {medium_id}: "
-                                "refusing to choose one", timeout=180)
-    again.wait_for_console_text(r"MaculaOS recovery shell", timeout=30)
-    assert "boot medium /dev/" not in again.console_text()
+
+    copy = tmp_path / "copy.img"  # the ISO's bytes on a disk, as a stick flashed from it
+    shutil.copyfile(test_iso, copy)
+    two = make_machine(test_iso, "two-media", disks=(copy,), test_channel=False)
+    two.start()
+    two.wait_for_console_text(r"disks (sr0 vda|vda sr0) all carry the medium GRUB booted: refusing to choose one",
+                              timeout=240)
+    two.wait_for_console_text(r"MaculaOS recovery shell", timeout=30)
+    assert "boot medium /dev/" not in two.console_text()
 
 
 def test_recovery_from_boot_menu_uefi(test_iso, make_machine):
