@@ -71,7 +71,9 @@ def ssh_when_up(cmd: list[str], timeout: float = 120) -> subprocess.CompletedPro
     deadline = time.monotonic() + timeout
     while True:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        not_up = "Connection reset" in out.stderr or "Connection refused" in out.stderr
+        # QEMU's forward accepts and then closes when nothing listens in the guest yet: ssh calls that a
+        # reset, a refusal, or (seen once sshd started later, after maculaos-config) kex_exchange_identification
+        not_up = any(s in out.stderr for s in ("Connection reset", "Connection refused", "kex_exchange_identification"))
         if out.returncode == 0 or not not_up or time.monotonic() > deadline:
             return out
         time.sleep(2)
