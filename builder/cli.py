@@ -156,7 +156,7 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_profile_keys(args: argparse.Namespace) -> int:
-    from .settings import reference_markdown
+    from .stages import reference_markdown
 
     print(reference_markdown(), end="")
     return EXIT_OK

@@ -7,23 +7,18 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import maculaos_device
-import yaml
 from maculaos_device import layout, manifest
 
-from . import confined
 from .arch import Architecture
 from .boards import BootFlow
 from .bootstrap import DPKG_OPTIONS
+from .contexts import CONTEXT_SOURCES, ContextInputs
 from .errors import BadInput
-from .paths import sdk_root, stages_dir
 from .plan import BOOT_PACKAGES, HOST, INITRD_MODULES, BuildPlan, PlannedStage
 from .profile import Profile
 from .stages import StageMeta
@@ -142,80 +137,6 @@ def _render_file(env: jinja2.Environment, rel: str, variables: dict[str, Any], w
         raise BadInput(f"{where}: template error: {exc}", "fix the template") from None
 
 
-def _write_node_files(profile: Profile, dest_root: Path) -> None:
-    """What the device needs besides the overlay: the on-device tool with the modules it shares with the SDK,
-    the profile's default config.yaml and its first-boot commands. Written through `confined`: the profile's
-    overlay folders came first and may have placed symlinks on these paths."""
-    package = Path(str(maculaos_device.__file__)).parent  # `maculaos` and what it shares with the SDK
-    lib = f"usr/lib/maculaos/{maculaos_device.__name__}"
-    for module in sorted(package.glob("*.py")):
-        confined.copy_file(dest_root, f"{lib}/{module.name}", module).chmod(0o644)
-    config = profile.settings.config
-    if config:
-        confined.write_text(dest_root, "usr/share/maculaos/config.yaml", yaml.safe_dump(dict(config), sort_keys=True))
-    firstboot = profile.settings.firstboot
-    if firstboot:
-        confined.write_text(dest_root, "usr/share/maculaos/firstboot", "".join(f"{c}\n" for c in firstboot))
-
-
-def _write_pinned_files(dest_root: Path, extra_files: dict[str, Path]) -> None:
-    """Pinned artifacts and preloaded images at their paths in the root (hard-linked when possible), and their
-    list in /usr/share/maculaos/pinned-files. The list also keeps the folder from being empty: docker's classic
-    builder can fail the step after a COPY that adds nothing ("failed to get layer ...: layer does not exist")."""
-    listing = dest_root / "usr/share/maculaos/pinned-files"
-    listing.parent.mkdir(parents=True, exist_ok=True)
-    listing.write_text("".join(f"{dest}\n" for dest in sorted(extra_files)))
-    for dest, source in sorted(extra_files.items()):
-        target = dest_root / dest.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copyfile(source, target)
-
-
-def _write_profile_overlay(profile: Profile, dest_root: Path) -> None:
-    """The profile's overlay entries, in path order, confined to `dest_root` (see `_confined_writes`)."""
-    dest_root.mkdir(parents=True, exist_ok=True)
-    for dest, spec in sorted(profile.settings.overlay.items()):
-        if spec is None:
-            continue
-        with _confined_writes(profile, f"overlay.{dest}"):
-            _write_overlay_entry(profile, dest_root, dest, spec)
-
-
-def _write_overlay_entry(profile: Profile, dest_root: Path, dest: str, spec: str | dict[str, Any]) -> None:
-    if isinstance(spec, str):
-        target = confined.write_text(dest_root, dest, spec)
-    elif "content" in spec:
-        target = confined.write_text(dest_root, dest, str(spec["content"]))
-    elif profile.overlay_sources[dest].is_dir():
-        target = confined.copy_tree(dest_root, dest, profile.overlay_sources[dest])
-    else:
-        target = confined.copy_file(dest_root, dest, profile.overlay_sources[dest])
-    mode = int(str(spec["mode"]), 8) if isinstance(spec, dict) and "mode" in spec else None
-    if mode is not None:  # confined: `target` is the real file or folder just written, never a symlink
-        target.chmod(mode)
-    elif target.is_file():
-        target.chmod(0o644 if not os.access(target, os.X_OK) else 0o755)
-
-
-@contextmanager
-def _confined_writes(profile: Profile, key: str) -> Iterator[None]:
-    """Overlay folders are copied with their symlinks (they are the image's), so a later entry could name a
-    path through one: it is refused, never written on the build host where the link points."""
-    file, line = profile.origins.get(key, profile.origins.get("overlay", ("profile", 1)))
-    try:
-        yield
-    except confined.ThroughLink as exc:
-        raise BadInput(f"{file}:{line}: {key}: the path goes through {exc} that an earlier overlay entry placed",
-                       "an overlay entry cannot be written through a symlink: name the path the link points to"
-                       ) from None
-    except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
-        raise BadInput(f"{file}:{line}: {key}: {exc}", "two overlay entries disagree on what this path is"
-                       ) from None
-
-
 def tree_entries(root: Path) -> dict[str, str]:
     """Each entry of a folder as the stage id sees it: type, permission bits and content digest (not
     mtimes), in the order `tree_digest` hashes them. `build-image --explain` diffs two of these."""
@@ -285,28 +206,9 @@ def render_stage(planned: PlannedStage, plan: BuildPlan, inputs: dict[str, Rende
             out.write_text(_render_file(env, rel, variables, src))
         else:
             shutil.copy2(src, out)
-    for source in meta.context:
-        if source == "profile-overlay":
-            _write_profile_overlay(profile, context / "overlay")
-            with _confined_writes(profile, "overlay"):
-                _write_node_files(profile, context / "overlay")
-                if update_public_key:  # `maculaos upgrade` checks signatures against it: read-only root, not /etc
-                    confined.write_text(context / "overlay", "usr/share/maculaos/update.pub", update_public_key)
-        elif source == "pinned-files":  # pinned artifacts and preloaded images (hard-linked)
-            _write_pinned_files(context / "pinned", extra_files or {})
-        elif source == "signing-key-id":  # the bundle manifest names the key that signs it (minisign's id)
-            (context / "signing-key.id").write_text(manifest.key_id(update_public_key) + "\n")
-        elif source == "layout":  # the disk layout module the device's installer also uses
-            shutil.copyfile(Path(str(layout.__file__)), context / "layout.py")
-        elif source == "image-parts":  # shell helpers the disk and SD image stages share
-            shutil.copyfile(stages_dir() / "_shared" / "image-parts.sh", context / "image-parts.sh")
-        elif source == "install-config":  # the node config the ISO's unattended install uses
-            (context / source).mkdir()
-            if profile.settings.install.config:
-                origin = Path(profile.origins["install.config"][0]).parent
-                shutil.copyfile(origin / profile.settings.install.config, context / source / "config.yaml")
-        else:
-            shutil.copytree(sdk_root() / source, context / source, symlinks=True, dirs_exist_ok=True)
+    sources = ContextInputs(profile, update_public_key, extra_files or {})
+    for source in meta.context:  # names checked against the registry when the stage was loaded
+        CONTEXT_SOURCES[source].write(sources, context)
     if meta.bootstrap and not profile.settings.base_image:
         (context / "bootstrap.json").write_text(json.dumps(bootstrap_params(profile, arch, sde), sort_keys=True))
     dockerfile = (context / "Dockerfile").read_text()
@@ -327,3 +229,13 @@ def render_stage(planned: PlannedStage, plan: BuildPlan, inputs: dict[str, Rende
     files["Dockerfile"] = "F own " + hashlib.sha256(own.encode()).hexdigest()
     return RenderedStage(planned=planned, context=context, dockerfile=dockerfile, stage_id=stage_id,
                          id_inputs={**key, "files": files})
+
+
+def render_plan(plan: BuildPlan, workdir: Path, update_public_key: str = "",
+                extra_files: dict[str, Path] | None = None) -> list[RenderedStage]:
+    """Render every stage in plan order; each id folds in its inputs' ids."""
+    done: dict[str, RenderedStage] = {}
+    for planned in plan.stages:
+        inputs = {name: done[key] for name, key in planned.inputs}
+        done[planned.key] = render_stage(planned, plan, inputs, workdir, update_public_key, extra_files)
+    return list(done.values())

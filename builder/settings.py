@@ -4,7 +4,7 @@ schema engine the node config uses too, maculaos_device.schema)."""
 from __future__ import annotations
 
 from maculaos_device import layout
-from maculaos_device.schema import BOOL, INT, LIST, MAP, STR, Field, Schema, reference_row
+from maculaos_device.schema import BOOL, INT, LIST, MAP, STR, Field, Schema
 
 from .boards import BOARDS
 
@@ -91,15 +91,3 @@ SETTINGS: tuple[Field, ...] = (
 SCHEMA = Schema(SETTINGS, reference_hint="see `maculaos-sdk profile keys`", list_removals=True)
 SETTINGS_BY_KEY: dict[str, Field] = SCHEMA.by_key
 
-
-def reference_markdown() -> str:
-    """A markdown table of all settings, generated so the docs cannot drift from the code."""
-    from .stages import load_stages
-
-    readers: dict[str, list[str]] = {}
-    for meta in load_stages().values():
-        for key in meta.options:
-            readers.setdefault(key, []).append(meta.name)
-    rows = ["| key | kind | default | meaning | stages reading it |", "| --- | --- | --- | --- | --- |"]
-    rows += [reference_row(s, repr(s.default), ", ".join(readers.get(s.key, []))) for s in SETTINGS]
-    return "\n".join(rows) + "\n"

@@ -7,9 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from maculaos_device.schema import reference_row
 
+from .contexts import CONTEXT_SOURCES
 from .errors import BadInput
 from .paths import stages_dir
+from .settings import SETTINGS, SETTINGS_BY_KEY
 
 _META_KEYS = {"name", "description", "inputs", "arches", "context", "exports", "provides", "bootstrap", "runs",
               "options"}
@@ -50,12 +53,14 @@ def load_stage(folder: Path) -> StageMeta:
         raise BadInput(f"{meta_file}: {sorted(unknown)[0]}: unknown key", f"one of {sorted(_META_KEYS)}")
     if raw.get("runs", "target") not in ("host", "target"):
         raise BadInput(f"{meta_file}: runs: must be host or target", "host: native tools; target: the image's arch")
-    from .settings import SETTINGS_BY_KEY
-
     options = tuple(raw.get("options") or ())
     for key in options:
         if key not in SETTINGS_BY_KEY:
             raise BadInput(f"{meta_file}: options: {key!r} is not a profile key", "see `maculaos-sdk profile keys`")
+    context = tuple(raw.get("context") or ())
+    for name in context:
+        if name not in CONTEXT_SOURCES:
+            raise BadInput(f"{meta_file}: context: unknown source {name!r}", f"one of {', '.join(CONTEXT_SOURCES)}")
     if not (folder / "Dockerfile.j2").is_file():
         raise BadInput(f"{folder}: stage has no Dockerfile.j2", "every stage folder needs a template")
     return StageMeta(
@@ -64,7 +69,7 @@ def load_stage(folder: Path) -> StageMeta:
         description=str(raw.get("description", "")),
         inputs=tuple(raw.get("inputs") or ()),
         arches=tuple(raw.get("arches") or ("amd64", "arm64")),
-        context=tuple(raw.get("context") or ()),
+        context=context,
         exports=dict(raw.get("exports") or {}),
         provides=raw.get("provides"),
         bootstrap=bool(raw.get("bootstrap", False)),
@@ -89,3 +94,15 @@ def load_stages(root: Path | None = None) -> dict[str, StageMeta]:
                 raise BadInput(f"{meta.folder}/stage.yaml: inputs: unknown stage {dep!r}",
                                f"known stages: {', '.join(stages)}")
     return stages
+
+
+def reference_markdown() -> str:
+    """A markdown table of all profile settings and the stages reading each, generated so the docs cannot drift
+    from the code."""
+    readers: dict[str, list[str]] = {}
+    for meta in load_stages().values():
+        for key in meta.options:
+            readers.setdefault(key, []).append(meta.name)
+    rows = ["| key | kind | default | meaning | stages reading it |", "| --- | --- | --- | --- | --- |"]
+    rows += [reference_row(s, repr(s.default), ", ".join(readers.get(s.key, []))) for s in SETTINGS]
+    return "\n".join(rows) + "\n"

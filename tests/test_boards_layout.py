@@ -187,8 +187,8 @@ def test_foreign_bootstrap_names_a_missing_arch_test_or_binfmt(monkeypatch):
 
 
 def test_iso_size_limit_allows_what_the_board_firmware_adds(tmp_path):
-    from maculaos_sdk.build import _check_size
     from maculaos_sdk.errors import BuildFailed
+    from maculaos_sdk.export import check_size as _check_size
 
     iso = tmp_path / "x.iso"
     with iso.open("wb") as f:
@@ -206,8 +206,8 @@ def test_iso_size_limit_allows_what_the_board_firmware_adds(tmp_path):
 
 def test_nuc_firmware_packages_follow_the_suites_names(tmp_path):
     """trixie moved i915's firmware out of firmware-misc-nonfree; the NUC image lost its GPU firmware."""
-    from maculaos_sdk.build import render_plan
     from maculaos_sdk.plan import make_plan
+    from maculaos_sdk.render import render_plan
 
     for suite, package in (("trixie", "firmware-intel-graphics"), ("bookworm", "firmware-misc-nonfree")):
         profile = load_profile("core", {"board": "nuc", "debian.suite": suite})

@@ -153,7 +153,7 @@ def env(tmp_path, monkeypatch):
         tarball.parent.mkdir(parents=True, exist_ok=True)
         tarball.write_bytes(b"tar")
 
-    monkeypatch.setattr("maculaos_sdk.build.bootstrap", fake_bootstrap)
+    monkeypatch.setattr("maculaos_sdk.schedule.bootstrap", fake_bootstrap)
     return tmp_path
 
 
@@ -437,7 +437,7 @@ def test_a_release_build_refuses_the_development_key_and_autologin(env):
 
 
 def test_dry_run_of_a_cross_build_plans_the_host_base_and_the_board(env, monkeypatch):
-    monkeypatch.setattr("maculaos_sdk.build.check_packages", lambda *a, **k: pytest.fail("dry runs look nothing up"))
+    monkeypatch.setattr("maculaos_sdk.inputs.check_packages", lambda *a, **k: pytest.fail("dry runs look nothing up"))
     out = env / "dry"
     build_image(load_profile("core", {"arch": "arm64", "board": "rpi4"}),
                 BuildOptions(output=env / "out", dry_run=out), engine=None)

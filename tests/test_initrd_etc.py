@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from maculaos_device import layout
 
-from maculaos_sdk.build import render_plan
 from maculaos_sdk.errors import BadInput
 from maculaos_sdk.plan import make_plan
 from maculaos_sdk.profile import load_profile
+from maculaos_sdk.render import render_plan
 
 
 def rendered_initrd(tmp_path: Path, profile: str) -> tuple[str, str]:

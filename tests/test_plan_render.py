@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from maculaos_sdk.build import render_plan
 from maculaos_sdk.errors import BadInput
 from maculaos_sdk.plan import make_plan
 from maculaos_sdk.profile import load_profile
-from maculaos_sdk.render import tree_digest
+from maculaos_sdk.render import render_plan, tree_digest
 from maculaos_sdk.stages import load_stages
 
 SDE = 1735689600
@@ -90,6 +89,18 @@ def test_a_template_sees_only_the_profile_keys_its_stage_declares(tmp_path):
     meta.write_text(meta.read_text().replace("options: [", "options: [squashfs.nosuch, "))
     with pytest.raises(BadInput, match=r"stage.yaml: options: 'squashfs.nosuch' is not a profile key"):
         load_stages(stages)
+
+
+def test_a_context_entry_is_a_declared_source(tmp_path):
+    """`context:` names come from one registry (contexts.CONTEXT_SOURCES): an unknown one stops loading the
+    stages, and no SDK folder is copied into a build context just because a stage named it."""
+    stages = tmp_path / "stages"
+    shutil.copytree(Path(__file__).parents[1] / "stages", stages)
+    meta = stages / "45-layer" / "stage.yaml"
+    meta.write_text(meta.read_text().replace("context: [overlay, profile-overlay]", "context: [overlay, builder]"))
+    with pytest.raises(BadInput, match=r"45-layer/stage.yaml: context: unknown source 'builder'") as exc:
+        load_stages(stages)
+    assert "profile-overlay" in exc.value.hint
 
 
 def _ids(tmp_path, profile, sde=SDE):
