@@ -16,7 +16,7 @@ from typing import Any
 
 import maculaos_device
 import yaml
-from maculaos_device import layout, manifest
+from maculaos_device import manifest
 
 from . import confined
 from .errors import BadInput
@@ -61,8 +61,16 @@ def _signing_key_id(inputs: ContextInputs, context: Path) -> None:
     (context / "signing-key.id").write_text(manifest.key_id(inputs.update_public_key) + "\n")
 
 
-def _layout(inputs: ContextInputs, context: Path) -> None:
-    shutil.copyfile(Path(str(layout.__file__)), context / "layout.py")
+# What the image stages run of the device's own code (`python3 -m maculaos_device.<module>`): the disk layout and
+# the bundle manifest and slot record writers. Standard library only.
+DEVICE_MODULES = ("__init__", "layout", "manifest", "versions")
+
+
+def _device_modules(inputs: ContextInputs, context: Path) -> None:
+    package = Path(str(maculaos_device.__file__)).parent
+    (context / maculaos_device.__name__).mkdir()
+    for name in DEVICE_MODULES:
+        shutil.copyfile(package / f"{name}.py", context / maculaos_device.__name__ / f"{name}.py")
 
 
 def _image_parts(inputs: ContextInputs, context: Path) -> None:
@@ -88,7 +96,8 @@ CONTEXT_SOURCES: dict[str, ContextSource] = {s.name: s for s in (
     ContextSource("pinned-files", "pinned artifacts and preloaded container images, under pinned/", _pinned_files),
     ContextSource("signing-key-id", "signing-key.id: the minisign id of the key that signs bundles",
                   _signing_key_id),
-    ContextSource("layout", "layout.py: the disk layout the device's installer also uses", _layout),
+    ContextSource("device-modules", "maculaos_device/: the device's layout, manifest and versions modules (the disk "
+                  "layout the installer uses, the one writer of bundle manifests and slot records)", _device_modules),
     ContextSource("image-parts", "image-parts.sh: shell helpers the disk and SD image stages share", _image_parts),
     ContextSource("install-config", "install-config/: the node config the ISO's unattended install uses",
                   _install_config),

@@ -16,7 +16,7 @@ from . import layout, updater
 from .bootenv import other
 from .manifest import SlotRecord
 from .system import Device, DeviceError, disk_of, log
-from .updater import invalidate, read_back_sha256, write_slot
+from .updater import invalidate, read_back_sha256, record_slot, write_slot
 
 MEDIUM = Path("/run/maculaos/medium")
 MEDIUM_FILES = ("maculaos/rootfs.squashfs", "boot/vmlinuz", "boot/initrd.img", "maculaos/esp/grub/grub.cfg")
@@ -145,7 +145,7 @@ def install(dev: Device, device: str, config: str | None, yes: bool) -> None:
         for f in ("vmlinuz", "initrd.img"):
             shutil.copyfile(MEDIUM / "boot" / f, target / "A" / f)
         record = SlotRecord(version=version, profile=dev.release().get("VARIANT_ID", ""), size=sq_size, sha256=want)
-        (target / "A/slot.json").write_text(record.to_json())
+        record_slot(target / "A", record)
         os.sync()
     finally:
         subprocess.run(["umount", str(target)])

@@ -2,12 +2,12 @@
 
 Every fact about how an installed disk is laid out lives here: partition names and type GUIDs, the ESP
 size, the slot size rule, the data partition's folders. The same file is `maculaos_device.layout` on the
-host and on the device (`maculaos install`), and `/src/layout.py` in the disk and SD image stages, so the
-three cannot disagree. Standard library only.
+host, on the device (`maculaos install`) and in the disk and SD image stages (context source device-modules),
+so the three cannot disagree. Standard library only.
 
-    python3 layout.py sfdisk --squashfs-bytes N [--esp-mb M] [--slot-mb M] [--data-mb M] [--size-mb M]
-                             [--fixed-ids] [--mbr] [--data-fills-disk] [--json|--sizes]
-    python3 layout.py data-dirs
+    python3 -m maculaos_device.layout sfdisk --squashfs-bytes N [--esp-mb M] [--slot-mb M] [--data-mb M]
+                             [--size-mb M] [--fixed-ids] [--mbr] [--data-fills-disk] [--json|--sizes]
+    python3 -m maculaos_device.layout data-dirs
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def _cmdline_mbr() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="layout.py", description="MaculaOS disk layout")
+    ap = argparse.ArgumentParser(prog="maculaos_device.layout", description="MaculaOS disk layout")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sfdisk", help="print the partition table for sfdisk (and the sizes with --json)")
     s.add_argument("--squashfs-bytes", type=int, required=True)

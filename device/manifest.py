@@ -1,7 +1,9 @@
 """The signed bundle manifest (`manifest.json`) and the per-slot record (`<esp>/<slot>/slot.json`).
 
-A bundle's manifest is written by `stages/80-bundle/mkmanifest.sh` and signed with minisign; the device
-parses it here, after the signature checked out, and never evaluates any of it. Every field must have the
+Both have one writer, here: `bundle_manifest` (the bundle stage runs `python3 -m maculaos_device.manifest bundle`;
+the SDK signs the result with minisign) and `SlotRecord.to_json` (the device after a verified write, and the disk
+and SD image stages through `python3 -m maculaos_device.manifest slot-record` for the slot A they ship). The device
+parses a manifest here, after the signature checked out, and never evaluates any of it. Every field must have the
 expected type and form, or the whole manifest is refused. A slot record is written on the ESP once a
 slot has been read back and matched its signed sha256; a slot without one holds nothing bootable."""
 
@@ -10,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import versions
 
@@ -30,7 +34,7 @@ MAX_CHUNK_BYTES = 64 << 20
 
 
 def chunk_digest(data: bytes | memoryview) -> str:
-    """The digest the manifest's `chunk_blake2b` list holds for one chunk (`b2sum -l 256` in mkmanifest.sh)."""
+    """The digest the manifest's `chunk_blake2b` list holds for one chunk."""
     return hashlib.blake2b(data, digest_size=32).hexdigest()
 
 
@@ -206,3 +210,63 @@ def parse_pointer(raw: bytes) -> Pointer:
     return Pointer(profile=_word(data, "profile"), arch=_word(data, "arch"), channel=_word(data, "channel"),
                    version=_version(data, "version"), bundle=bundle, manifest_sha256=digest,
                    published=_epoch(data, "published"), expires=_epoch(data, "expires"))
+
+
+def _digests(path: Path, chunk_bytes: int) -> tuple[str, list[str]]:
+    """A file's sha256, and the chunk_digest of each chunk_bytes piece (none for chunk_bytes=0)."""
+    whole, chunks = hashlib.sha256(), []
+    with path.open("rb") as f:
+        while piece := f.read(chunk_bytes or 1 << 20):
+            whole.update(piece)
+            if chunk_bytes:
+                chunks.append(chunk_digest(piece))
+    return whole.hexdigest(), chunks
+
+
+def bundle_manifest(folder: Path, profile: str, version: str, arch: str, board: str, min_version: str,
+                    signing_key_id: str, chunk_bytes: int = CHUNK_BYTES) -> str:
+    """The one writer of a bundle's manifest.json, for the payload in `folder`: identity, compatibility, each
+    file's size and sha256, and the rootfs's chunk digests (a device checks its read-back on every CPU). What it
+    writes is parsed back before it is returned: a bad field fails the build, not the device."""
+    files: dict[str, dict[str, object]] = {}
+    for name in PAYLOAD:
+        step = chunk_bytes if name == "rootfs.squashfs" else 0
+        sha, chunks = _digests(folder / name, step)
+        files[name] = {"size": (folder / name).stat().st_size, "sha256": sha}
+        if step:
+            files[name].update(chunk_bytes=step, chunk_blake2b=chunks)
+    text = json.dumps({"format": 1, "name": "maculaos", "profile": profile, "version": version, "arch": arch,
+                       "board": board, "min_version": min_version, "signing_key_id": signing_key_id,
+                       "files": files}, sort_keys=True) + "\n"
+    if not KEY_ID.fullmatch(signing_key_id):
+        raise ManifestError(f"signing key id {signing_key_id!r} is not minisign's 16 hex digits")
+    parse(text.encode())
+    return text
+
+
+def slot_record_of(squashfs: Path, version: str, profile: str) -> SlotRecord:
+    """The record of a slot holding `squashfs` (an image stage's slot A, before any device read it back)."""
+    sha, _ = _digests(squashfs, 0)
+    record = SlotRecord(version=version, profile=profile, size=squashfs.stat().st_size, sha256=sha)
+    return parse_slot_record(record.to_json().encode())
+
+
+def main(argv: list[str]) -> int:
+    """For the image stages: `bundle FOLDER PROFILE VERSION ARCH BOARD MIN_VERSION KEY_ID CHUNK_BYTES` prints a
+    bundle manifest, `slot-record SQUASHFS VERSION PROFILE` a slot record; a bad field exits 2."""
+    try:
+        if argv[:1] == ["bundle"] and len(argv) == 9:
+            print(bundle_manifest(Path(argv[1]), *argv[2:7], argv[7], int(argv[8])), end="")
+        elif argv[:1] == ["slot-record"] and len(argv) == 4:
+            print(slot_record_of(Path(argv[1]), argv[2], argv[3]).to_json(), end="")
+        else:
+            print(main.__doc__, file=sys.stderr)
+            return 2
+    except (ManifestError, ValueError, OSError) as exc:
+        print(f"maculaos_device.manifest: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

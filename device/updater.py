@@ -63,6 +63,12 @@ def slot_record(dev: Device, slot: str) -> SlotRecord | None:
         return None
 
 
+def record_slot(folder: Path, record: SlotRecord) -> None:
+    """The one writer of a slot record (`<esp>/<slot>/slot.json`), once the slot read back as its signed sha256
+    (`apply`, the installer); atomic, so a power cut leaves no record or the whole one."""
+    bootenv.write_atomic(folder / "slot.json", record.to_json().encode())
+
+
 def forget_slot(dev: Device, slot: str, device: Path) -> None:
     """Nothing of `slot` stays bootable: record and boot files removed, the filesystem's start zeroed."""
     folder = dev.esp / slot
@@ -438,7 +444,7 @@ def apply(dev: Device, src: Source, allow_downgrade: bool = False) -> str:
     try:
         write_payload(src, m, device, dev.esp / target)
         record = SlotRecord(version=m.version, profile=m.profile, size=rootfs.size, sha256=rootfs.sha256)
-        bootenv.write_atomic(dev.esp / target / "slot.json", record.to_json().encode())
+        record_slot(dev.esp / target, record)
         envs.save(replace(env, trial=target, tries=0, rolledback=""))
     except BaseException as exc:
         forget_slot(dev, target, device)

@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from maculaos_device import manifest
+from maculaos_device import manifest, updater
 from maculaos_device.bootenv import BootEnv, EnvStore
 from maculaos_device.manifest import SlotRecord
 from maculaos_device.system import Device
@@ -102,7 +102,7 @@ def make_node(root: Path, public_key: Path, version: str = "0.1.0") -> FileDevic
     for name in ("vmlinuz", "initrd.img"):
         (dev.esp / "A" / name).write_bytes(name.encode())
     record = SlotRecord(version=version, profile="test", size=len(rootfs), sha256=hashlib.sha256(rootfs).hexdigest())
-    (dev.esp / "A" / "slot.json").write_text(record.to_json())
+    updater.record_slot(dev.esp / "A", record)
     dev.envs.save(BootEnv())
     dev.boot("A", version)
     return dev

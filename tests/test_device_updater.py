@@ -10,7 +10,7 @@ import io
 import json
 import os
 import subprocess
-from pathlib import Path
+import sys
 
 import pytest
 from device_fixtures import make_bundle, make_key, make_node, sign
@@ -337,17 +337,26 @@ def test_a_malformed_chunk_list_refuses_the_manifest(tmp_path, key, field, value
 
 
 def test_the_bundle_stage_writes_the_chunk_list_the_device_checks(tmp_path):
-    """stages/80-bundle/mkmanifest.sh (run here as the bundle stage runs it) and the device's parser agree."""
-    script = Path(__file__).resolve().parents[1] / "stages/80-bundle/mkmanifest.sh"
+    """The manifest's one writer (run here as the bundle stage runs it) and the device's parser agree."""
     data = os.urandom(2 * manifest.CHUNK_BYTES + 12345)
     for name, content in (("rootfs.squashfs", data), ("vmlinuz", b"k"), ("initrd.img", b"i")):
         (tmp_path / name).write_bytes(content)
-    out = subprocess.run(["sh", str(script), "test", "0.2.0", "amd64", "generic", "0.0.0", "ABCDEF0123456789",
-                          str(manifest.CHUNK_BYTES)], cwd=tmp_path, check=True, capture_output=True).stdout
+    stage = [sys.executable, "-m", "maculaos_device.manifest", "bundle", ".", "test", "0.2.0", "amd64", "generic",
+             "0.0.0"]
+    out = subprocess.run([*stage, "ABCDEF0123456789", str(manifest.CHUNK_BYTES)], cwd=tmp_path, check=True,
+                         capture_output=True).stdout
     rootfs = manifest.parse(out).files["rootfs.squashfs"]
     assert (rootfs.size, rootfs.sha256, rootfs.chunk_bytes, len(rootfs.chunks)) == \
         (len(data), hashlib.sha256(data).hexdigest(), manifest.CHUNK_BYTES, 3)
     assert read_back_chunks(tmp_path / "rootfs.squashfs", rootfs)
+    # a field the parser would refuse fails the build: one line, exit 2
+    bad = subprocess.run([*stage, "not-a-key-id", str(manifest.CHUNK_BYTES)], cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "signing key id 'not-a-key-id'" in bad.stderr and "Traceback" not in bad.stderr
+    record = subprocess.run([sys.executable, "-m", "maculaos_device.manifest", "slot-record", "rootfs.squashfs",
+                             "0.2.0", "test"], cwd=tmp_path, check=True, capture_output=True).stdout
+    assert manifest.parse_slot_record(record) == manifest.SlotRecord("0.2.0", "test", len(data),
+                                                                     hashlib.sha256(data).hexdigest())
 
 
 def _chunked(data: bytes, step: int) -> manifest.FileEntry:

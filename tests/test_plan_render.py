@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -101,6 +102,18 @@ def test_a_context_entry_is_a_declared_source(tmp_path):
     with pytest.raises(BadInput, match=r"45-layer/stage.yaml: context: unknown source 'builder'") as exc:
         load_stages(stages)
     assert "profile-overlay" in exc.value.hint
+
+
+def test_grubs_try_ladder_is_rendered_from_bootenv(tmp_path, monkeypatch):
+    """bootenv.MAX_TRIES is the one place the number of trial boots is set: GRUB's ladder follows it."""
+    from maculaos_device import bootenv
+
+    monkeypatch.setattr(bootenv, "MAX_TRIES", 5)
+    rendered = {r.key: r for r in render_plan(make_plan(load_profile("core"), sde=SDE), tmp_path, "PUB\n")}
+    cfg = (rendered["bootloader"].context / "grub.cfg").read_text()
+    rungs = re.findall(r'if \[ "\$tries" = "(\d)" \]; then set tries=(\d); set boot=\$trial\n', cfg)
+    assert rungs == [(str(n), str(n + 1)) for n in range(5)]
+    assert '  else\n    set rolledback=$trial' in cfg
 
 
 def _ids(tmp_path, profile, sde=SDE):

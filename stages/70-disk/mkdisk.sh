@@ -1,6 +1,6 @@
 #!/bin/sh
 # Assemble the A/B disk image from parts made on plain files; slot B starts empty (all zeros).
-# Sizes, names, type GUIDs and data folders come from layout.py, the module the device's installer uses.
+# Sizes, names, type GUIDs and data folders come from maculaos_device.layout, the module the device's installer uses.
 set -eu
 esp_mb=$1 slot_mb=$2 data_mb=$3 size_mb=$4 sde=$5 version=$6 profile=$7
 sq=/work/rootfs.squashfs img=/work/disk.raw

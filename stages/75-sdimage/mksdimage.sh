@@ -1,5 +1,5 @@
 #!/bin/sh
-# Assemble the Raspberry Pi SD image from parts made on plain files (no loop devices): MBR from layout.py,
+# Assemble the Raspberry Pi SD image from parts made on plain files (no loop devices): MBR from maculaos_device.layout,
 # p1 FAT32 boot partition (Pi firmware, U-Boot, device trees, config.txt, GRUB + grubenv, slot A's kernel
 # and initrd in /A), p2 slot A = the squashfs, p3 slot B empty, p4 data (ext4). Compressed with xz.
 set -eu
@@ -22,7 +22,7 @@ cp /src/config.txt /src/cmdline.txt $boot/
 slot_record "$version" "$profile" > $boot/A/slot.json
 
 find $boot -exec touch -h -d "@$sde" {} +
-mkfs.vfat -F 32 -C -n MACULA_BOOT -i "$(python3 /src/layout.py mbr-id)" /work/boot.img $((esp_mb * 1024)) >/dev/null
+mkfs.vfat -F 32 -C -n MACULA_BOOT -i "$(device layout mbr-id)" /work/boot.img $((esp_mb * 1024)) >/dev/null
 mcopy -s -m -i /work/boot.img $boot/* ::/
 rm -f $img; truncate -s ${need}M $img
 layout --mbr | sfdisk -q $img
