@@ -18,7 +18,7 @@ run:              ## build PROFILE/ARCH if needed, boot it as a dev VM (serial c
 TEST_WORKERS ?= auto
 
 test:             ## lint + unit tests + real QEMU boot tests, amd64 and arm64, one worker per core
-	$(VENV)/ruff check builder device tests bench overlay/usr/lib/maculaos
+	$(VENV)/ruff check builder device tests bench
 	$(VENV)/python -m pytest -v -rA -n $(TEST_WORKERS) --dist worksteal --durations=25 tests
 
 test-arm64:       ## arm64 + Raspberry Pi 4: builds (rootfs emulated), UEFI boots under -M virt, SD card checks
@@ -31,7 +31,7 @@ test-qemu:
 	$(VENV)/python -m pytest -v -rA -n $(TEST_WORKERS) --dist worksteal tests/qemu
 
 lint:
-	$(VENV)/ruff check builder device tests bench overlay/usr/lib/maculaos
+	$(VENV)/ruff check builder device tests bench
 
 bench:            ## cold/warm/overlay rebuild times, ISO size, seconds to shell
 	$(VENV)/python bench/build.py

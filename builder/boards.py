@@ -89,7 +89,7 @@ class Board:
 
 _PI_MODULES = ("sdhci-iproc", "mmc_block", "bcm2835-dma", "bcm2835_wdt", "genet", "broadcom", "xhci_pci",
                "reset-raspberrypi", "pcie-brcmstb")
-WIRELESS_PACKAGES = ("wpasupplicant",)  # node-config `wifi:` (apply-config starts it)
+WIRELESS_PACKAGES = ("wpasupplicant",)  # node-config `wifi:` (`maculaos config apply` starts it)
 _PI_FIRMWARE = ("firmware-brcm80211",)
 _PI_FIRMWARE_KEEP = ("brcm", "cypress", "regulatory.db*")
 

@@ -4,6 +4,7 @@ export (export.py) -> record (record.py). Each phase is a module; the state they
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -28,9 +29,7 @@ __all__ = ["BuildOptions", "BuildResult", "StageResult", "build_image"]
 
 def build_image(profile: Profile, options: BuildOptions, engine: Engine | None = None) -> BuildResult:
     """Build every stage the profile needs and export its artifacts into `options.output`."""
-    if options.dry_run is not None:
-        return _build_image(profile, options, engine)
-    # Two builds of one output take turns (they share its render folder and output files); builds of
+    # Two builds (or dry runs) of one output take turns (they share its render folder and output files); builds of
     # different outputs run side by side and take turns only on the stages they share (schedule.build_stages).
     basename = make_plan(profile).basename
     with cache_lock(f"out-{basename}", f"the build of {basename}"):
@@ -49,7 +48,9 @@ def _build_image(profile: Profile, options: BuildOptions, engine: Engine | None)
     rendered = render_plan(plan, cache_dir() / "contexts" / plan.basename, inputs.public_key,
                            {**inputs.pinned, **inputs.image_files})
     if options.dry_run is not None:
-        dry_run(plan, rendered, options.dry_run)
+        dest = options.dry_run.resolve()  # dry runs of other outputs may share it (out/dry-run): one at a time
+        with cache_lock(f"dry-run-{hashlib.sha256(str(dest).encode()).hexdigest()[:16]}", f"a dry run into {dest}"):
+            dry_run(plan, rendered, options.dry_run)
         return BuildResult(plan=plan)
     (options.output / "logs").mkdir(parents=True, exist_ok=True)
     build = Build(plan, options, inputs, rendered, engine or Engine(connect()),

@@ -16,7 +16,7 @@ from typing import Any
 
 import maculaos_device
 import yaml
-from maculaos_device import manifest
+from maculaos_device import manifest, paths
 
 from . import confined
 from .errors import BadInput
@@ -50,7 +50,7 @@ def _profile_overlay(inputs: ContextInputs, context: Path) -> None:
     with confined_writes(profile, "overlay"):
         write_node_files(profile, root)
         if inputs.update_public_key:  # `maculaos upgrade` checks signatures against it: read-only root, not /etc
-            confined.write_text(root, "usr/share/maculaos/update.pub", inputs.update_public_key)
+            confined.write_text(root, _rel(paths.UPDATE_KEY), inputs.update_public_key)
 
 
 def _pinned_files(inputs: ContextInputs, context: Path) -> None:
@@ -104,27 +104,33 @@ CONTEXT_SOURCES: dict[str, ContextSource] = {s.name: s for s in (
 )}
 
 
+def _rel(path: object) -> str:
+    """An on-device path (maculaos_device.paths) relative to the root of an image being built."""
+    return str(path).lstrip("/")
+
+
 def write_node_files(profile: Profile, dest_root: Path) -> None:
     """What the device needs besides the overlay: the on-device tool with the modules it shares with the SDK,
     the profile's default config.yaml and its first-boot commands. Written through `confined`: the profile's
     overlay folders came first and may have placed symlinks on these paths."""
     package = Path(str(maculaos_device.__file__)).parent  # `maculaos` and what it shares with the SDK
-    lib = f"usr/lib/maculaos/{maculaos_device.__name__}"
+    lib = f"{_rel(paths.LIB)}/{maculaos_device.__name__}"
     for module in sorted(package.glob("*.py")):
         confined.copy_file(dest_root, f"{lib}/{module.name}", module).chmod(0o644)
+    confined.write_text(dest_root, _rel(paths.SHELL_PATHS), paths.shell_file())  # for the OpenRC services
     config = profile.settings.config
     if config:
-        confined.write_text(dest_root, "usr/share/maculaos/config.yaml", yaml.safe_dump(dict(config), sort_keys=True))
+        confined.write_text(dest_root, _rel(paths.DEFAULT_CONFIG), yaml.safe_dump(dict(config), sort_keys=True))
     firstboot = profile.settings.firstboot
     if firstboot:
-        confined.write_text(dest_root, "usr/share/maculaos/firstboot", "".join(f"{c}\n" for c in firstboot))
+        confined.write_text(dest_root, _rel(paths.FIRSTBOOT_LIST), "".join(f"{c}\n" for c in firstboot))
 
 
 def write_pinned_files(dest_root: Path, extra_files: dict[str, Path]) -> None:
     """Pinned artifacts and preloaded images at their paths in the root (hard-linked when possible), and their
-    list in /usr/share/maculaos/pinned-files. The list also keeps the folder from being empty: docker's classic
+    list (paths.PINNED_LIST). The list also keeps the folder from being empty: docker's classic
     builder can fail the step after a COPY that adds nothing ("failed to get layer ...: layer does not exist")."""
-    listing = dest_root / "usr/share/maculaos/pinned-files"
+    listing = dest_root / _rel(paths.PINNED_LIST)
     listing.parent.mkdir(parents=True, exist_ok=True)
     listing.write_text("".join(f"{dest}\n" for dest in sorted(extra_files)))
     for dest, source in sorted(extra_files.items()):

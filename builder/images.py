@@ -12,10 +12,12 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from maculaos_device import paths as device_paths
+
 from .errors import BadInput, BuildFailed
 from .paths import cache_dir
 
-IMAGES_DIR = "/var/lib/rancher/k3s/agent/images"
+IMAGES_DIR = str(device_paths.K3S_IMAGES)
 
 
 def _file_name(ref: str) -> str:

@@ -8,9 +8,11 @@ On the device the package is `/usr/lib/maculaos/maculaos_device/` and `/usr/sbin
     versions    release version ordering
     manifest    the signed bundle manifest and the per-slot record
     bootenv     the GRUB A/B environment (active, trial, tries, rolledback)
+    paths       where things are on a node (the SDK renders templates and paths.sh from it)
     system      paths and hardware of a node, injectable for tests
     source      fetching bundles from a folder or a URL, size-capped
     updater     the update state machine: status, check, apply, rollback, confirm, watchdog
     installer   install from the live ISO, grow the data partition, factory reset
+    applyconfig `maculaos config apply`: the node config applied at boot (maculaos-config)
     cli         the `maculaos` command
 """

@@ -151,8 +151,10 @@ def main(argv: list[str] | None = None, dev: Device | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     dev = dev or Device()
     if argv[:1] == ["config"]:
-        if argv[1:2] == ["apply"]:
-            os.execv("/usr/lib/maculaos/apply-config.py", ["apply-config.py"])
+        if argv[1:] == ["apply"]:
+            from . import applyconfig
+
+            return applyconfig.main()
         from . import nodeconfig
 
         return nodeconfig.main(argv[1:])

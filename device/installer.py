@@ -12,13 +12,13 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from . import layout, updater
+from . import layout, paths, updater
 from .bootenv import other
 from .manifest import SlotRecord
 from .system import Device, DeviceError, disk_of, log
 from .updater import invalidate, read_back_sha256, record_slot, write_slot
 
-MEDIUM = Path("/run/maculaos/medium")
+MEDIUM = Path(paths.MEDIUM)
 MEDIUM_FILES = ("maculaos/rootfs.squashfs", "boot/vmlinuz", "boot/initrd.img", "maculaos/esp/grub/grub.cfg")
 GROW_MIN_SECTORS = 32768  # 16 MiB
 GPT_BACKUP_SECTORS = 34

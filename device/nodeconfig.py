@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from . import paths
 from .schema import BOOL, LIST, STR, STR_MAP, Field, Problem, Schema, get_key, key_lines, reference_row, set_key
 
 MAP = STR_MAP  # label values: strings, numbers or booleans
@@ -45,8 +46,8 @@ FIELDS: tuple[Field, ...] = (
     Field("k3s.args", LIST, ["server", "--disable=traefik", "--disable=servicelb", "--write-kubeconfig-mode=600",
                              "--data-dir=/var/lib/rancher/k3s"], "k3s command line. A join token belongs in "
           "`--token-file=` (a file on the data partition): the service moves `--token=` out of the process list "
-          "into /run/maculaos/k3s-token (0600).", secret=True),
-    Field("k3s.airgap", BOOL, True, "Import the preloaded images from /var/lib/rancher/k3s/agent/images."),
+          f"into {paths.K3S_TOKEN} (0600).", secret=True),
+    Field("k3s.airgap", BOOL, True, f"Import the preloaded images from {paths.K3S_IMAGES}."),
     Field("network.dhcp", BOOL, True, "Configure eth0 by DHCP."),
     Field("firewall.open_ports", LIST, [], "More inbound ports to open, each `<port>/tcp` or `<port>/udp` (e.g. "
           "`6443/tcp` for the k3s API); SSH and the mesh roles' ports are open anyway.",
@@ -172,14 +173,11 @@ def cmdline_overrides(cmdline: str) -> dict[str, Any]:
     return out
 
 
-VM_CONFIG = "run/maculaos/vm-config.yaml"
-
-
 def sources(root: Path = Path("/")) -> list[Path]:
     """The config files of a node, in merge order."""
-    files = [root / "usr/share/maculaos/config.yaml", root / "var/lib/maculaos/config.yaml"]
-    files += sorted((root / "var/lib/maculaos/config.d").glob("*.yaml"))
-    files.append(root / VM_CONFIG)  # a dev VM's host hands this over (overlay/etc/init.d/maculaos-vmhost)
+    files = [Path(paths.under(root, paths.DEFAULT_CONFIG)), Path(paths.under(root, paths.NODE_CONFIG))]
+    files += sorted(Path(paths.under(root, paths.CONFIG_DROPINS)).glob("*.yaml"))
+    files.append(Path(paths.under(root, paths.VM_CONFIG)))  # a dev VM's host hands this over (maculaos-vmhost)
     return [f for f in files if f.is_file()]
 
 
@@ -229,7 +227,7 @@ def plan(config: dict[str, Any], facts: dict[str, str]) -> dict[str, Any]:
     }
 
 
-K3S_TOKEN_FILE = "/run/maculaos/k3s-token"
+K3S_TOKEN_FILE = str(paths.K3S_TOKEN)
 
 
 def k3s_argv(args: list[str]) -> tuple[list[str], str | None]:

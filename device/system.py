@@ -14,12 +14,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import layout
+from . import layout, paths
 
 # Every program the device code runs. tests/test_device_commands.py checks that each run([...]) in the device
 # code names one of these; the rootfs stage refuses to build an image that lacks one of them.
-COMMANDS = ("blockdev", "minisign", "mkfs.ext4", "mkfs.vfat", "mount", "partx", "poweroff", "reboot", "resize2fs",
-            "sfdisk", "sync", "umount")
+COMMANDS = ("blockdev", "hostname", "minisign", "mkfs.ext4", "mkfs.vfat", "modprobe", "mount", "nft", "partx",
+            "poweroff", "rc-service", "reboot", "resize2fs", "sfdisk", "ssh-keygen", "sync", "udhcpc", "umount")
+# Run only where the image has them, after checking (boards with Wi-Fi: boards.WIRELESS_PACKAGES).
+OPTIONAL_COMMANDS = ("wpa_supplicant",)
 HEALTH_HOOK_SECONDS = 120
 LOCK_SECONDS = 600
 
@@ -50,13 +52,13 @@ def read_os_release(path: Path) -> dict[str, str]:
 
 @dataclass
 class Device:
-    run: Path = Path("/run/maculaos")
-    esp: Path = Path("/run/maculaos/esp")
-    state: Path = Path("/var/lib/maculaos")          # node state on the data partition (factory reset wipes it)
-    data_root: Path = Path("/run/maculaos/data")     # the data partition itself (factory reset keeps this)
+    run: Path = Path(paths.RUN)
+    esp: Path = Path(paths.ESP)
+    state: Path = Path(paths.STATE)          # node state on the data partition (factory reset wipes it)
+    data_root: Path = Path(paths.DATA)       # the data partition itself (factory reset keeps this)
     os_release: Path = Path("/etc/os-release")
-    update_key: Path = Path("/usr/share/maculaos/update.pub")  # in the read-only root, never the /etc overlay
-    health_dirs: tuple[Path, ...] = (Path("/etc/maculaos/health.d"), Path("/var/lib/maculaos/health.d"))
+    update_key: Path = Path(paths.UPDATE_KEY)  # in the read-only root, never the /etc overlay
+    health_dirs: tuple[Path, ...] = tuple(Path(d) for d in paths.HEALTH_DIRS)
     cmdline_path: Path = Path("/proc/cmdline")
     config_root: Path = Path("/")
     sys_block: Path = Path("/sys/class/block")

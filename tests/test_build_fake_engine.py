@@ -390,7 +390,7 @@ def test_dry_run_writes_dockerfiles_without_engine(env):
 
 @pytest.mark.parametrize("extra, refusal", [
     ("", "console.grub_password: signed with .*release.key \\(not the development key\\), this build is a release"),
-    ("services: [maculaos-testchannel]\n", "services\\[7\\]: .*maculaos-testchannel is a root shell for tests"),
+    ("services: [maculaos-testchannel]\n", "services\\[8\\]: .*maculaos-testchannel is a root shell for tests"),
     ("config:\n  upgrade:\n    allow_http: true\n", "config.upgrade.allow_http: .*plain-http updates"),
     ("config:\n  wifi:\n    ssid: lab\n    psk: s3cret-passphrase\n", "config.wifi.psk: .*readable by anyone"),
     ("config:\n  k3s:\n    args: [server, --token=s3cret]\n", "config.k3s.args: .*readable by anyone"),

@@ -116,15 +116,9 @@ def test_kernel_command_line_overrides_are_validated_like_files():
 
 
 def _apply_config_module():
-    import importlib.util
+    from maculaos_device import applyconfig
 
-    from maculaos_sdk.paths import sdk_root
-
-    path = sdk_root() / "overlay/usr/lib/maculaos/apply-config.py"
-    spec = importlib.util.spec_from_file_location("apply_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return applyconfig
 
 
 def test_the_config_firewall_replaces_the_boot_table_in_one_transaction_and_covers_forwarding():

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from maculaos_device import layout
+from maculaos_device import layout, paths
 
 from maculaos_sdk.errors import BadInput
 from maculaos_sdk.plan import make_plan
@@ -34,7 +34,7 @@ def init_functions(tmp_path: Path) -> str:
 
 def run_fresh_etc(tmp_path: Path, etc: Path) -> None:
     script = tmp_path / "fresh.sh"
-    script.write_text("set -u\n" + init_functions(tmp_path) + f'fresh_etc "{etc}"\n')
+    script.write_text("set -u\n" + paths.shell_file() + init_functions(tmp_path) + f'fresh_etc "{etc}"\n')
     subprocess.run(["sh", str(script)], check=True)
 
 

@@ -1,27 +1,26 @@
-#!/usr/bin/python3
-"""Apply the node's config.yaml at boot (the maculaos-config service), then run first-boot scripts once.
+"""`maculaos config apply`: apply the node's config.yaml at boot (the maculaos-config service), then run first-boot
+scripts once.
 
-A config that does not validate is reported on the console and in /var/log/maculaos-config.log, and the
-last config that did validate is applied instead (saved in /var/lib/maculaos/config.last-good.json), so a
-typo never takes a node off the network."""
+A config that does not validate is reported on the console and in the log (paths.CONFIG_LOG), and the last
+config that did validate is applied instead (paths.LAST_GOOD_CONFIG), so a typo never takes a node off the
+network."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import signal
 import subprocess
-import sys
 from pathlib import Path
 
-sys.path.insert(0, "/usr/lib/maculaos")
-from maculaos_device import nodeconfig  # noqa: E402
+from . import nodeconfig, paths
 
-STATE = Path("/var/lib/maculaos")
-LAST_GOOD = STATE / "config.last-good.json"
-FIRSTBOOT_LIST = Path("/usr/share/maculaos/firstboot")
-FIRSTBOOT_DONE = STATE / "firstboot.done"
-LOG = Path("/var/log/maculaos-config.log")
+STATE = Path(paths.STATE)
+LAST_GOOD = Path(paths.LAST_GOOD_CONFIG)
+FIRSTBOOT_LIST = Path(paths.FIRSTBOOT_LIST)
+FIRSTBOOT_DONE = Path(paths.FIRSTBOOT_DONE)
+LOG = Path(paths.CONFIG_LOG)
 
 
 def say(msg: str) -> None:
@@ -124,7 +123,7 @@ def apply(plan: dict) -> None:
     run(["hostname", host])
     hosts = [line for line in Path("/etc/hosts").read_text().splitlines() if not line.startswith("127.0.1.1")]
     write(Path("/etc/hosts"), "\n".join([*hosts, f"127.0.1.1\t{host}"]) + "\n")
-    static_dns = Path("/run/maculaos/dns.static")  # tells udhcpc's lease script to keep resolv.conf
+    static_dns = Path(paths.DNS_STATIC)  # tells udhcpc's lease script to keep resolv.conf
     if plan["dns_nameservers"]:
         static_dns.parent.mkdir(parents=True, exist_ok=True)
         static_dns.touch()
@@ -138,7 +137,7 @@ def apply(plan: dict) -> None:
     write(Path("/root/.ssh/authorized_keys"), keys, 0o600)
     Path("/root/.ssh").chmod(0o700)
     if os.path.ismount(STATE):
-        write(STATE / "ssh" / "authorized_keys", keys, 0o600)  # recovery's sshd reads these
+        write(Path(paths.RECOVERY_KEYS), keys, 0o600)  # recovery's sshd reads these
     if Path("/usr/sbin/sshd").exists() and not Path("/etc/ssh/ssh_host_ed25519_key").exists():
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", "/etc/ssh/ssh_host_ed25519_key"])
     labels = [f"{k}={v}" for k, v in plan["labels"].items()]
@@ -148,10 +147,10 @@ def apply(plan: dict) -> None:
         write(Path(nodeconfig.K3S_TOKEN_FILE), token + "\n", 0o600)
     write(Path("/etc/default/k3s"), "K3S_ARGS='" + " ".join(a.replace("'", "") for a in k3s_args) + "'\n", 0o600)
     mesh = plan["mesh"]
-    write(Path("/run/maculaos/mesh.json"), json.dumps(mesh, sort_keys=True) + "\n")
+    write(Path(paths.MESH_STATE), json.dumps(mesh, sort_keys=True) + "\n")
     ruleset = firewall(plan["open_ports"])
-    write(Path("/run/maculaos/firewall.nft"), ruleset)
-    if Path("/usr/sbin/nft").exists() and run(["nft", "-f", "/run/maculaos/firewall.nft"]) != 0:
+    write(Path(paths.FIREWALL_RULES), ruleset)
+    if Path("/usr/sbin/nft").exists() and run(["nft", "-f", str(paths.FIREWALL_RULES)]) != 0:
         say("cannot load the firewall rules: the boot-time firewall stays (inbound closed but for replies)")
     for service in mesh["services"]:
         if Path(f"/etc/init.d/{service}").exists():
@@ -161,7 +160,7 @@ def apply(plan: dict) -> None:
     say(f"applied: hostname {host}, roles {'+'.join(mesh['roles'])}, open {', '.join(mesh['ports']) or 'ssh only'}")
 
 
-WPA_CONF = Path("/run/maculaos/wpa_supplicant.conf")
+WPA_CONF = Path(paths.WPA_CONF)
 
 
 def wifi(settings: dict) -> None:
@@ -180,13 +179,20 @@ def wifi(settings: dict) -> None:
         return
     write(WPA_CONF, nodeconfig.wpa_supplicant_conf(settings), 0o600)  # holds the derived key
     pidfile = Path(f"/run/wpa_supplicant.{iface}.pid")
-    if pidfile.is_file():
-        run(["kill", pidfile.read_text().strip()], stderr=subprocess.DEVNULL)
+    _stop(pidfile)
     if run(["wpa_supplicant", "-B", "-i", iface, "-c", str(WPA_CONF), "-P", str(pidfile)]) != 0:
         say(f"wifi: wpa_supplicant did not start on {iface}")
         return
     run(["udhcpc", "-i", iface, "-b", "-s", "/etc/udhcpc/default.script"], stdout=subprocess.DEVNULL)
     say(f"wifi: joining {settings['ssid']!r} on {iface}")
+
+
+def _stop(pidfile: Path) -> None:
+    """Stop the process a pid file names (there is no kill program in the image: procps ships none in trixie)."""
+    try:
+        os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+    except (OSError, ValueError):
+        pass
 
 
 def firstboot() -> None:
@@ -218,9 +224,5 @@ def main() -> int:
         if rc != 0:
             say(f"run_cmd: {command} failed ({rc})")
     # done, for this boot; root's alone: it holds the k3s args and run_cmd
-    write(Path("/run/maculaos/config.applied"), json.dumps(plan, sort_keys=True) + "\n", 0o600)
+    write(Path(paths.CONFIG_APPLIED), json.dumps(plan, sort_keys=True) + "\n", 0o600)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

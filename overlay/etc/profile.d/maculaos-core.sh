@@ -1,0 +1,2 @@
+# MaculaOS: no core dumps from login shells either (see /etc/security/limits.d/maculaos.conf)
+ulimit -c 0
