@@ -88,6 +88,11 @@ def main() -> int:
         for value in fields.get(kind, []):
             test, text = (value.split("|") + ["", ""])[:2]
             print(f"  {kind[:-2]:<10} {test:<10} {text}")
+    # which settings the flagged tests wanted otherwise (sshd options, sysctl keys, file permissions)
+    for value in fields.get("details[]", []):
+        test, _, detail = (value.split("|") + ["", "", ""])[:3]
+        if test in ("SSH-7408", "KRNL-6000", "FILE-7524") and "prefval" in detail:
+            print(f"  {'detail':<10} {test:<10} {detail}")
     return 0
 
 

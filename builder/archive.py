@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import licences
 from .engine import Engine, read_text_from_image
 
 RECORD = "/usr/share/maculaos/archive.txt"
 PACKAGES = "/usr/share/maculaos/packages.tsv"
+DOCS = "/usr/share/doc"  # only the copyright files are kept there (bootstrap.NODOC)
 
 
 def parse_record(text: str) -> dict[str, dict[str, str]]:
@@ -34,17 +36,20 @@ def parse_packages(text: str) -> dict[str, str]:
 
 
 def rootfs_pins(engine: Engine, image: str | None, unchanged: bool, previous: dict[str, Any]) -> dict[str, Any]:
-    """`packages` and `archive` for the manifest: the previous manifest's when the rootfs image is `unchanged`
-    since it (the same image, reused from the cache) and it has them, else read from the image."""
+    """`packages`, `archive` and `licences` for the manifest: the previous manifest's when the rootfs image is
+    `unchanged` since it (the same image, reused from the cache) and it has them, else read from the image."""
     if image is None:
-        return {"packages": {}, "archive": {}}
-    if unchanged and previous.get("packages") and "archive" in previous:
-        return {"packages": previous["packages"], "archive": previous["archive"]}
+        return {"packages": {}, "archive": {}, "licences": {}}
+    if unchanged and previous.get("packages") and "archive" in previous and "licences" in previous:
+        return {key: previous[key] for key in ("packages", "archive", "licences")}
     try:
         archive = parse_record(read_text_from_image(engine, image, RECORD))
     except Exception:  # a rootfs built before the record existed
         archive = {}
-    return {"packages": parse_packages(read_text_from_image(engine, image, PACKAGES)), "archive": archive}
+    with engine.archive(image, DOCS) as tar:
+        stated = licences.from_doc_tree(tar)
+    return {"packages": parse_packages(read_text_from_image(engine, image, PACKAGES)), "archive": archive,
+            "licences": stated}
 
 
 def moved(previous: dict[str, Any], current: dict[str, Any], limit: int = 5) -> str | None:

@@ -1,6 +1,6 @@
 """A build, phase by phase: plan -> inputs (inputs.py) -> render (render.py) -> schedule (schedule.py) ->
-export (export.py) -> record (record.py). Each phase is a module; the state they share is one `Build`
-(state.py). This module only runs them in order."""
+export (export.py) -> record (record.py) -> evidence (evidence.py). Each phase is a module; the state they share
+is one `Build` (state.py). This module only runs them in order."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from . import gc, ui
 from .engine import Deadlines, Engine, connect
+from .evidence import write_evidence
 from .export import export_artifacts
 from .inputs import resolve_inputs
 from .locks import cache_lock
@@ -57,7 +58,7 @@ def _build_image(profile: Profile, options: BuildOptions, engine: Engine | None)
                   previous_manifest(options.output / f"{plan.basename}.manifest.json"))
     build.result.stages = build_stages(build)
     export_artifacts(build)
-    write_manifest(build)
+    build.result.evidence = write_evidence(build, write_manifest(build))
     trim_cache(build.engine, build.images)
     return build.result
 

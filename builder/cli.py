@@ -226,6 +226,35 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check a build's or a release's signed sums, SBOMs and provenance")
+    p.add_argument("folder", type=Path, help="the output folder (holding <basename>.SHA256SUMS)")
+    p.add_argument("--public-key", type=Path, help="the key the release was signed with (default: the .pub of "
+                   "--signing-key, else this checkout's development key)")
+    p.add_argument("--signing-key", type=Path, help="a secret key whose .pub to verify with")
+    p.set_defaults(func=_cmd_verify)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .keys import public_key_path, signing_key
+    from .verify import VerifyFailed, verify_folder
+
+    secret = None if args.public_key else signing_key("", args.signing_key, create=False)
+    if args.public_key is None and secret is None:
+        raise BadInput("no key to verify with: this checkout has no development key", "give --public-key NAME.pub")
+    public = args.public_key or public_key_path(secret)
+    if not public.is_file():
+        raise BadInput(f"--public-key {public}: no such file", "give the release's public key (NAME.pub)")
+    try:
+        done = verify_folder(args.folder, public)
+    except VerifyFailed as exc:
+        print(f"maculaos-sdk verify: {exc}", file=sys.stderr)
+        return 1
+    ui.info(f"[green]✓[/] {args.folder}: {done.files} file(s) of {done.builds} build(s) match their signed sums, "
+            f"SBOMs and provenance ({public})")
+    return EXIT_OK
+
+
 def _add_artifacts(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("artifacts", help="pinned downloads (artifacts.lock.yaml): fetch, list, import")
     asub = p.add_subparsers(dest="artifacts_cmd", required=True)
@@ -357,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"maculaos-sdk {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_build, _add_vm, _add_doctor, _add_profile, _add_keys, _add_publish, _add_artifacts, _add_config,
-                _add_gc, _add_test):
+    for add in (_add_build, _add_vm, _add_doctor, _add_profile, _add_keys, _add_publish, _add_verify, _add_artifacts,
+                _add_config, _add_gc, _add_test):
         add(sub)
     return parser
 

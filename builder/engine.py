@@ -172,7 +172,7 @@ class Engine:
         return steps
 
     @contextmanager
-    def _archive(self, ref: str, src: str) -> Iterator[tarfile.TarFile]:
+    def archive(self, ref: str, src: str) -> Iterator[tarfile.TarFile]:
         """A path inside an image as a tar stream, read once in order as the engine sends it (nothing is spooled
         to disk: an exported ISO is written once); works for FROM-scratch images too."""
         container = self.client.containers.create(ref, command=["/nonexistent"])
@@ -185,7 +185,7 @@ class Engine:
 
     def export(self, ref: str, src: str, dest: Path) -> None:
         """Copy one file out of an image to `dest`, atomically (tmp + rename)."""
-        with self._archive(ref, src) as tar:
+        with self.archive(ref, src) as tar:
             member = tar.next()
             if member is None or not member.isfile():
                 raise BuildFailed(f"{ref}:{src} is not a regular file")
@@ -197,7 +197,7 @@ class Engine:
         partial = dest.with_name(f".{dest.name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
         top = src.rstrip("/").rsplit("/", 1)[-1]
-        with self._archive(ref, src) as tar:
+        with self.archive(ref, src) as tar:
             for member in tar:
                 rel = Path(member.name).relative_to(top)
                 if member.isdir():

@@ -47,14 +47,15 @@ def manifest(build: Build) -> dict[str, Any]:
     }
 
 
-def write_manifest(build: Build) -> None:
-    """`<basename>.manifest.json`, and `manifest.json` for the output folder's latest build."""
+def write_manifest(build: Build) -> dict[str, Any]:
+    """`<basename>.manifest.json`, and `manifest.json` for the output folder's latest build; the record."""
     record = manifest(build)
     if note := archive.moved(build.previous, record):
         ui.info(f"[yellow]note:[/] {escape(note)}")
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"
     build.manifest_path.write_text(text)
     (build.out / "manifest.json").write_text(text)
+    return record
 
 
 def trim_cache(engine: Engine, keep: set[str]) -> None:

@@ -56,6 +56,7 @@ class BuildResult:
     stages: list[StageResult] = field(default_factory=list)
     artifacts: dict[str, Path] = field(default_factory=dict)
     manifest: Path | None = None
+    evidence: list[Path] = field(default_factory=list)  # SBOMs, provenance, SHA256SUMS (evidence.py)
 
 
 @dataclass

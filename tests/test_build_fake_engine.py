@@ -56,10 +56,20 @@ class FakeContainer:
     files = {"kernel-package.tsv": b"linux-image-6.1.0-1-amd64\t6.1.1-1\n", "kernel-version": b"6.1.0-1\n",
              "packages.tsv": b"bash\t5.2\nopenrc\t0.45\n"}  # by file name; anything else reads as an ISO
 
+    copyright = {  # DEP-5 files: one in SPDX ids, one with a licence SPDX has no id for, one free-form
+        "bash": "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\nFiles: *\n"
+                "License: GPL-3+\n\nFiles: lib/x\nLicense: GPL-2+ or BSD-3-clause\n",
+        "openrc": "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\nFiles: *\n"
+                  "License: BSD-2-clause\n\nFiles: src/y\nLicense: Custom-Gentoo\n",
+        "tzdata": "This is free-form text, not DEP-5.\nLicense: public domain\n",
+    }
+
     def __init__(self, ref: str) -> None:
         self.ref = ref
 
     def get_archive(self, path: str):
+        if path == "/usr/share/doc":  # only the copyright files, as bootstrap.NODOC leaves the folder
+            return iter([_tar({f"doc/{pkg}/copyright": text for pkg, text in self.copyright.items()})]), {}
         name = path.rsplit("/", 1)[-1]
         data = self.files.get(name, b"ISO9660 image bytes")
         buf = io.BytesIO()
@@ -71,6 +81,16 @@ class FakeContainer:
 
     def remove(self, force: bool = False) -> None:
         pass
+
+
+def _tar(files: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, text in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    return buf.getvalue()
 
 
 class FakeContainers:

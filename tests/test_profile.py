@@ -21,8 +21,8 @@ def test_test_profile_extends_core_and_merges_lists():
     p = load_profile("test")
     core = load_profile("core")
     assert p.get("packages") == core.get("packages")
-    assert p.get("services") == ["maculaos-log", "maculaos-watchdog", "maculaos-vmhost", "maculaos-config", "ssh", "chrony",
-                                 "maculaos-confirm", "maculaos-install", "maculaos-testchannel"]
+    assert p.get("services") == ["maculaos-log", "maculaos-watchdog", "maculaos-vmhost", "maculaos-config", "ssh",
+                                 "chrony", "maculaos-confirm", "maculaos-install", "maculaos-testchannel"]
     assert p.get("outputs") == ["iso", "disk", "bundle"]
     assert "/etc/init.d/maculaos-testchannel" in p.get("overlay")
     assert p.origins["services"][0].endswith("test.yaml")

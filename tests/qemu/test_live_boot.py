@@ -81,7 +81,11 @@ def test_live_boot_bios(test_iso, make_machine, record_property):
     assert m.succeed("sysctl -n kernel.kptr_restrict kernel.sysrq net.ipv4.conf.all.accept_redirects "
                      "net.ipv4.conf.all.send_redirects fs.suid_dumpable").split() == ["2", "0", "0", "0", "0"]
     for protocol in ("dccp", "sctp", "rds", "tipc"):
-        assert "install /bin/false" in m.succeed(f"modprobe -n -v {protocol} 2>&1 || true")
+        assert "install /bin/true" in m.succeed(f"modprobe -n -v {protocol} 2>&1")
+        m.succeed(f"modprobe {protocol}; ! grep -q '^{protocol} ' /proc/modules")
+    # the system log, in RAM: the kernel's messages (klogd) and the programs' (syslogd) are both in it
+    m.succeed("pgrep -x syslogd && pgrep -x klogd")
+    m.wait_until_succeeds("logread | grep -q 'kernel: .*Linux version '", timeout=30)
     check_native_step_outputs(m)
     m.shutdown()
 
