@@ -21,7 +21,7 @@ SPDX_IDS = {
     "LGPL-2": "LGPL-2.0-only", "LGPL-2+": "LGPL-2.0-or-later", "LGPL-2.1": "LGPL-2.1-only",
     "LGPL-2.1+": "LGPL-2.1-or-later", "LGPL-3": "LGPL-3.0-only", "LGPL-3+": "LGPL-3.0-or-later",
     "MPL-1.1": "MPL-1.1", "MPL-2.0": "MPL-2.0", "OpenSSL": "OpenSSL", "PSF-2": "PSF-2.0", "Python-2.0": "Python-2.0",
-    "public-domain": "LicenseRef-public-domain", "X11": "X11", "Zlib": "Zlib", "zlib": "Zlib", "curl": "curl",
+    "X11": "X11", "Zlib": "Zlib", "zlib": "Zlib", "curl": "curl",
     "AGPL-3": "AGPL-3.0-only", "AGPL-3+": "AGPL-3.0-or-later", "Unicode-DFS-2016": "Unicode-DFS-2016",
     "OFL-1.1": "OFL-1.1", "WTFPL": "WTFPL", "Unlicense": "Unlicense", "0BSD": "0BSD", "Apache-2": "Apache-2.0",
     "GPL-2.0+": "GPL-2.0-or-later", "GPL-2.0": "GPL-2.0-only", "GPL-3.0+": "GPL-3.0-or-later",
