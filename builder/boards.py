@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 from .arch import Architecture
 
+# The root filesystem as files or as a container image: no boot flow involved, so every board has them.
+ROOTFS_OUTPUTS = ("tar", "oci")
+
 
 class BootFlow(enum.Enum):
     """How the firmware reaches our kernel; each flow fixes which outputs can boot."""
@@ -25,8 +28,8 @@ class BootFlow(enum.Enum):
     def outputs(self) -> tuple[str, ...]:
         """What a build can produce for a board booting this way."""
         if self is BootFlow.rpi_firmware:
-            return ("sdimage", "bundle")
-        return ("iso", "disk", "bundle")
+            return ("sdimage", "bundle", *ROOTFS_OUTPUTS)
+        return ("iso", "disk", "bundle", *ROOTFS_OUTPUTS)
 
 
 @dataclass(frozen=True)

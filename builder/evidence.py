@@ -62,6 +62,8 @@ def _output_files(record: dict[str, Any], out: Path) -> dict[str, str]:
     signed manifest lists them)."""
     files: dict[str, str] = {}
     for name, entry in record["artifacts"].items():
+        if "image_id" in entry:  # an image in the engine (oci): not a file
+            continue
         if (out / name).is_dir():  # a bundle: its signed manifest, its signature and its payload
             manifest = json.loads((out / name / "manifest.json").read_text())
             files[f"{name}/manifest.json"] = entry["sha256"]
@@ -181,6 +183,8 @@ def provenance(record: dict[str, Any], build: Build) -> dict[str, Any]:
     """An in-toto v1 statement, SLSA provenance v1 predicate: what was built (every output file), from what."""
     outputs = sorted(_output_files(record, build.out).items())
     subjects = [{"name": name, "digest": {"sha256": digest}} for name, digest in outputs]
+    subjects += [{"name": name, "digest": {"sha256": entry["image_id"].removeprefix("sha256:")}}  # its config's
+                 for name, entry in sorted(record["artifacts"].items()) if "image_id" in entry]
     files = [Path(p) for p in record["profile_files"]] + [artifacts.lock_path()] * artifacts.lock_path().is_file()
     inputs = [{"uri": f"file:{_where(path)}", "digest": {"sha256": _sha256(path)}} for path in files]
     inputs += [{"uri": f"http://{name.replace('_', '/')}", "name": name, "digest": {"sha256": entry["sha256"]}}

@@ -20,9 +20,12 @@ from .state import Build
 
 
 def export_artifacts(build: Build) -> None:
-    """Fill `build.exported` (manifest entries) and `build.result.artifacts` (name -> path)."""
+    """Fill `build.exported` (manifest entries) and `build.result.artifacts` (name -> path); tag the stage images
+    that are outputs themselves (oci)."""
     previous = build.previous.get("artifacts", {})
     for r in build.rendered:
+        if r.meta.tag:
+            build.exported.update(tag_image(build, r))
         for src, pattern in sorted(r.meta.exports.items()):
             dest = build.out / pattern.format(basename=build.plan.basename).rstrip("/")
             old = previous.get(dest.name, {})
@@ -39,6 +42,17 @@ def export_artifacts(build: Build) -> None:
             build.exported.update(finish_artifact(build, dest, r))
             build.result.artifacts[dest.name] = dest
             check_size(dest, build.plan.profile.settings.size.iso_max_mb, build.plan.board, build.plan.arch)
+
+
+def tag_image(build: Build, r: RenderedStage) -> Entries:
+    """A stage image that is an output: tagged as its stage.yaml says (`maculaos-core:0.1.0-amd64`)."""
+    profile = build.plan.profile
+    name = r.meta.tag.format(profile=profile.name, version=profile.version, arch=build.plan.arch.value)
+    repo, _, tag = name.partition(":")
+    image = build.engine.client.images.get(r.image)
+    image.tag(repo, tag)
+    ui.info(f"  tagged {name} ({r.image})")
+    return {name: {"stage": r.meta.name, "stage_id": r.stage_id, "image_id": image.id}}
 
 
 def check_size(dest: Path, limit_mb: int, board: Board, arch: Architecture = Architecture.amd64) -> None:

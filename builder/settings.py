@@ -23,8 +23,9 @@ SETTINGS: tuple[Field, ...] = (
     Field("board", STR, "generic", "Target board: " + "; ".join(f"`{b.name}` {b.description}" for b in
           BOARDS.values()) + ".", choices=tuple(BOARDS)),
     Field("outputs", LIST, ["iso"], "Artifacts to produce: iso (live/installer ISO), disk (A/B disk image, raw and "
-          "qcow2), sdimage (Raspberry Pi SD card image), bundle (signed update bundle); the board decides which "
-          "can boot.", choices=("iso", "disk", "sdimage", "bundle")),
+          "qcow2), sdimage (Raspberry Pi SD card image), bundle (signed update bundle), tar (the root filesystem "
+          "as a tarball), oci (the root filesystem as a container image in the engine); the board decides which "
+          "can boot.", choices=("iso", "disk", "sdimage", "bundle", "tar", "oci")),
     Field("source_date_epoch", INT, 1735689600,
           "Timestamp for every file in the image (env SOURCE_DATE_EPOCH wins); part of every stage id."),
     Field("base_image", STR, None, "Use this existing local docker image as the base instead of bootstrapping.",

@@ -14,7 +14,7 @@ from .errors import BadInput
 from .paths import stages_dir
 from .settings import SETTINGS, SETTINGS_BY_KEY
 
-_META_KEYS = {"name", "description", "inputs", "arches", "context", "exports", "provides", "bootstrap", "runs",
+_META_KEYS = {"name", "description", "inputs", "arches", "context", "exports", "provides", "bootstrap", "runs", "tag",
               "options"}
 
 
@@ -30,6 +30,7 @@ class StageMeta:
     context: tuple[str, ...] = ()
     exports: dict[str, str] = field(default_factory=dict)
     provides: str | None = None
+    tag: str | None = None  # its image is an output: tagged so in the engine ({profile}, {version}, {arch})
     bootstrap: bool = False
     runs_on_host: bool = False  # `runs: host`: its build environment is native (tools), never emulated
     options: tuple[str, ...] = ()  # profile keys its templates may read (as `profile.<key>`); no others
@@ -72,6 +73,7 @@ def load_stage(folder: Path) -> StageMeta:
         context=context,
         exports=dict(raw.get("exports") or {}),
         provides=raw.get("provides"),
+        tag=raw.get("tag"),
         bootstrap=bool(raw.get("bootstrap", False)),
         runs_on_host=raw.get("runs", "target") == "host",
         options=options,

@@ -27,7 +27,7 @@ def test_every_board_row_is_complete():
     assert "firmware-iwlwifi" in BOARDS["nuc"].firmware_packages and BOARDS["nuc"].early_microcode
     for pi in ("rpi4", "rpi5"):
         assert BOARDS[pi].arches == (Architecture.arm64,)
-        assert BOARDS[pi].outputs(Architecture.arm64) == ("sdimage", "bundle")
+        assert BOARDS[pi].outputs(Architecture.arm64) == ("sdimage", "bundle", "tar", "oci")
         assert "non-free-firmware" in BOARDS[pi].components
     assert BOARDS["rpi4"].serial_console(Architecture.arm64) == "ttyS1"
     assert BOARDS["generic"].serial_console(Architecture.arm64) == "ttyAMA0"

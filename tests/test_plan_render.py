@@ -30,7 +30,11 @@ def test_every_stage_renders_for_both_arches(tmp_path):
     for arch in ("amd64", "arm64"):
         plan = make_plan(load_profile("test", {"arch": arch}), sde=SDE)  # test asks for every output
         rendered = render_plan(plan, tmp_path / arch, "PUB\n")
-        assert {r.meta.name for r in rendered} == set(load_stages()) - {"sdimage"}
+        assert {r.meta.name for r in rendered} == set(load_stages()) - {"sdimage", "tar", "oci"}
+        box = tmp_path / f"box-{arch}.yaml"
+        box.write_text(f"name: box\nextends: core\narch: {arch}\noutputs: [-iso, tar, oci]\n")
+        container = render_plan(make_plan(load_profile(str(box)), sde=SDE), tmp_path / f"{arch}-oci", "PUB\n")
+        assert [r.key for r in container][-2:] == ["tar", "oci"] and "CMD [\"/sbin/init\"]" in container[-1].dockerfile
         by_key = {r.key: r for r in rendered}
         for r in rendered:
             assert (r.context / "Dockerfile").is_file()
