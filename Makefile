@@ -4,13 +4,27 @@ ARCH ?= amd64
 VENV := .venv/bin
 VERSION := $(shell sed -n 's/^version: *//p' profiles/$(PROFILE).yaml 2>/dev/null)
 
-.PHONY: setup image run test test-arm64 test-unit test-qemu lint bench doctor docs clean
+# `make build` builds every arch; `ARCH=arm64 make build` (or make build ARCH=arm64) one
+ARCHES := $(if $(filter command line environment,$(origin ARCH)),$(ARCH),amd64 arm64)
+
+.PHONY: setup image build iso rootfs qemu run test test-arm64 test-unit test-qemu lint bench doctor docs clean
 
 setup:            ## install host packages, start dockerd, create .venv
 	bash scripts/setup-host.sh
 
 image:            ## build the ISO for PROFILE/ARCH into out/
 	$(VENV)/maculaos-sdk build-image --profile $(PROFILE) --arch $(ARCH)
+
+build:            ## build PROFILE's outputs for every arch (or ARCH=...) into out/ (spec 3.1)
+	for arch in $(ARCHES); do $(VENV)/maculaos-sdk build-image --profile $(PROFILE) --arch $$arch || exit 1; done
+
+iso:              ## the ISO of PROFILE/ARCH
+	$(VENV)/maculaos-sdk build-image --profile $(PROFILE) --arch $(ARCH) --outputs iso
+
+rootfs:           ## quick iteration: the root filesystem of PROFILE/ARCH only, as out/<basename>.rootfs.tar
+	$(VENV)/maculaos-sdk build-image --profile $(PROFILE) --arch $(ARCH) --outputs tar
+
+qemu: run         ## boot PROFILE/ARCH in QEMU (the dev VM)
 
 run:              ## build PROFILE/ARCH if needed, boot it as a dev VM (serial console here; `maculaos-sdk vm ssh`)
 	$(VENV)/maculaos-sdk vm start --profile $(PROFILE) --arch $(ARCH)

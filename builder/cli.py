@@ -17,6 +17,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--config", "-c", default=None, help="a custom-image YAML file (same format as profiles)")
     p.add_argument("--arch", choices=["amd64", "arm64"], help="override the profile's architecture")
     p.add_argument("--board", help="override the profile's board (`maculaos-sdk profile keys` lists them)")
+    p.add_argument("--outputs", type=lambda v: [o for o in v.split(",") if o], metavar="LIST",
+                   help="override the profile's outputs, comma-separated (e.g. tar: the root filesystem only)")
     p.add_argument("--output", "-o", type=Path, default=Path("out"), help="output folder (default: out)")
     p.add_argument("--no-cache", action="store_true", help="rebuild every stage")
     p.add_argument("--jobs", "-j", type=_positive, default=None, metavar="N",
@@ -44,7 +46,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .build import BuildOptions, build_image
     from .profile import load_profile
 
-    profile = load_profile(args.config or args.profile or "core", {"arch": args.arch, "board": args.board})
+    profile = load_profile(args.config or args.profile or "core",
+                           {"arch": args.arch, "board": args.board, "outputs": args.outputs})
     options = BuildOptions(output=args.output, no_cache=args.no_cache, dry_run=args.dry_run,
                            signing_key=args.signing_key, offline=args.offline, release=args.release,
                            explain=args.explain or getattr(args, "debug", False))

@@ -270,9 +270,10 @@ def _apply_overrides(merged: dict[str, Any], origins: dict[str, Origin], overrid
         if value is None:
             continue
         setting = SETTINGS_BY_KEY[key]
-        if setting.choices and value not in setting.choices:
-            raise BadInput(f"command line: --{key.split('.')[-1]}: unknown value {value!r}",
-                           f"one of: {', '.join(setting.choices)}")
+        for item in value if isinstance(value, list) else [value]:  # a list (--outputs): each of its items
+            if setting.choices and item not in setting.choices:
+                raise BadInput(f"command line: --{key.split('.')[-1]}: unknown value {item!r}",
+                               f"one of: {', '.join(setting.choices)}")
         set_key(merged, key, value)
         origins[key] = ("command line", 0)
 
