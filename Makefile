@@ -53,7 +53,10 @@ bench:            ## cold/warm/overlay rebuild times, ISO size, seconds to shell
 doctor:
 	$(VENV)/maculaos-sdk doctor
 
-docs:             ## regenerate docs/profile-reference.md and docs/config-reference.md from their schemas
+docs:             ## regenerate docs/profile-reference.md, docs/config-reference.md and README's stage graph
+	$(VENV)/maculaos-sdk profile stages > README.stages
+	awk '/^<!-- stages:/ {print; system("cat README.stages"); skip=1; next} /^<!-- \/stages -->/ {skip=0} !skip' \
+	  README.md > README.tmp && mv README.tmp README.md && rm README.stages
 	{ sed -n '1,5p' docs/profile-reference.md; $(VENV)/maculaos-sdk profile keys; } > docs/profile-reference.tmp
 	mv docs/profile-reference.tmp docs/profile-reference.md
 	{ sed -n '1,/^<!-- generated/p' docs/config-reference.md; $(VENV)/maculaos-sdk config reference; } > docs/config-reference.tmp

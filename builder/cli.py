@@ -148,12 +148,20 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_OK if all(c.ok or not c.required for c in checks) else 1
 
 
+def stages_markdown() -> str:
+    from .stages import graph_markdown
+
+    return graph_markdown()
+
+
 def _add_profile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="inspect profiles")
     psub = p.add_subparsers(dest="profile_cmd", required=True)
     s = psub.add_parser("show", help="print the fully resolved profile and where each value came from")
     s.add_argument("name")
     s.set_defaults(func=_cmd_profile_show)
+    g = psub.add_parser("stages", help="print the stage graph from stages/*/stage.yaml (markdown)")
+    g.set_defaults(func=lambda args: print(stages_markdown(), end="") or EXIT_OK)
     k = psub.add_parser("keys", help="print every profile key with its default (markdown)")
     k.set_defaults(func=_cmd_profile_keys)
 

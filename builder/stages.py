@@ -108,3 +108,14 @@ def reference_markdown() -> str:
     rows = ["| key | kind | default | meaning | stages reading it |", "| --- | --- | --- | --- | --- |"]
     rows += [reference_row(s, repr(s.default), ", ".join(readers.get(s.key, []))) for s in SETTINGS]
     return "\n".join(rows) + "\n"
+
+
+def graph_markdown() -> str:
+    """The stage graph as a markdown table, from the stage.yaml files (README's "Stage graph", `make docs`)."""
+    stages = load_stages()
+    rows = ["| stage | reads | gives | what |", "| --- | --- | --- | --- |"]
+    for meta in sorted(stages.values(), key=lambda m: m.order):
+        reads = ", ".join(dep.replace("@host", " (host arch)") for dep in meta.inputs) or "-"
+        gives = meta.provides and f"output `{meta.provides}`" or "-"
+        rows.append(f"| `{meta.folder.name}` | {reads} | {gives} | {meta.description} |")
+    return "\n".join(rows) + "\n"

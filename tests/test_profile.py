@@ -112,6 +112,16 @@ def test_docs_profile_reference_is_generated_from_settings(capsys):
     assert doc.endswith(table), "regenerate: maculaos-sdk profile keys > docs/profile-reference.md (keep header)"
 
 
+def test_readme_stage_graph_is_generated_from_the_stage_files(capsys):
+    from pathlib import Path
+
+    assert main(["profile", "stages"]) == 0
+    graph = capsys.readouterr().out
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert f"by `make docs` -->\n{graph}<!-- /stages -->" in readme, "run `make docs`"
+    assert "`45-layer`" in graph and "`75-sdimage`" in graph and "output `oci`" in graph
+
+
 def test_profile_show_prints_origins(capsys):
     assert main(["profile", "show", "test"]) == 0
     out = capsys.readouterr().out
