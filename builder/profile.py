@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from maculaos_device import nodeconfig
+from maculaos_device import nodeconfig, yamlinput
 from maculaos_device.schema import Add, Field, Problem, key_lines, set_key, suggest
 
 from .arch import Architecture
@@ -62,16 +62,16 @@ class Profile:
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = yamlinput.read_text(path)
+        data, node = yamlinput.read(text)
     except OSError as exc:
         raise BadInput(f"{path}: cannot read profile: {exc.strerror}", "check the path") from None
     except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        line = exc.object[: exc.start].count(b"\n") + 1
         raise BadInput(f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x})",
                        "save the profile as UTF-8") from None
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+    except yamlinput.Refused as exc:
+        raise BadInput(f"{path}:{exc.line}: {exc.key + ': ' if exc.key else ''}{exc.message}", exc.hint) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""

@@ -5,6 +5,7 @@ On the device the package is `/usr/lib/maculaos/maculaos_device/` and `/usr/sbin
 
     layout      the disk layout (partition names, type GUIDs, sizes, data folders)
     nodeconfig  the node config schema (`config.yaml`)
+    yamlinput   YAML read safely: size, depth and alias caps, a key given twice named (profiles too)
     versions    release version ordering
     manifest    the signed bundle manifest and the per-slot record
     bootenv     the GRUB A/B environment (active, trial, tries, rolledback)

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from . import paths
+from . import paths, yamlinput
 from .schema import BOOL, LIST, STR, STR_MAP, Field, Problem, Schema, get_key, key_lines, reference_row, set_key
 
 MAP = STR_MAP  # label values: strings, numbers or booleans
@@ -112,12 +112,13 @@ def _ssh_keys(spec: Field, value: Any, add: Any) -> None:
 def load_file(path: Path) -> dict[str, Any]:
     """Read and check one config file; raises ConfigError listing every problem."""
     try:
-        text = path.read_text()
+        data, node = yamlinput.read(yamlinput.read_text(path))
     except OSError as exc:
         raise ConfigError([Problem(str(path), 1, "config", f"cannot read: {exc.strerror}", "check the path")]) from None
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise ConfigError([Problem(str(path), 1, "config", "not UTF-8 text", "save it as UTF-8")]) from None
+    except yamlinput.Refused as exc:
+        raise ConfigError([Problem(str(path), exc.line, exc.key or "config", exc.message, exc.hint)]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]

@@ -131,3 +131,39 @@ def test_the_firewall_s_modules_cannot_be_pruned(write_profile, capsys, folder, 
     err = capsys.readouterr().err
     assert (f"kernel.prune[0]: '{folder}' holds net/" in err) is not ok, err
     assert "Traceback" not in err
+
+
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True))
+
+
+@pytest.mark.parametrize("text, where, what", [
+    (BASE + "name: y\n", ":3: name", "given twice (lines 1 and 3)"),
+    (BASE + "console:\n  autologin: true\n  grub_password: ''\n  autologin: false\n", ":6: console.autologin",
+     "given twice (lines 4 and 6)"),
+    (BASE + "description: " + "[" * 40 + "]" * 40 + "\n", ":3", "nested deeper than 32 levels"),
+    (BASE + LAUGHS, ":5", "more than 16 aliases"),
+    (BASE + "description: '" + "x" * (1 << 20) + "'\n", ":1", "larger than 1024 KiB"),
+])
+def test_hostile_yaml_is_refused_before_it_is_built(write_profile, capsys, text, where, what):
+    """A key twice (PyYAML keeps the last silently), deep nesting, an alias bomb and a huge file: one line each,
+    exit 2, at once (nothing is expanded or rendered)."""
+    import time
+
+    path = write_profile(text)
+    started = time.monotonic()
+    assert main(["build-image", "--config", str(path), "--dry-run", str(path.parent / "dry")]) == 2
+    assert time.monotonic() - started < 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}{where}: {what}") and err.count("\n") == 0, err
+    assert not (path.parent / "dry").exists()
+
+
+def test_the_node_config_refuses_the_same(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text("maculaos:\n  hostname: a\n  hostname: b\n")
+    assert main(["config", "validate", str(config)]) == 2
+    assert f"{config}:3: maculaos.hostname: given twice (lines 2 and 3)" in capsys.readouterr().err
+    config.write_text(LAUGHS)
+    assert main(["config", "validate", str(config)]) == 2
+    assert "more than 16 aliases" in capsys.readouterr().err
