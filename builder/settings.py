@@ -9,6 +9,12 @@ from maculaos_device.schema import BOOL, INT, LIST, MAP, STR, Field, Schema
 from .boards import BOARDS
 
 VERSION = r"[0-9A-Za-z][0-9A-Za-z.+~-]*"  # versions as Debian writes them, nothing a template could misread
+# A container image reference (docker's grammar: [domain[:port]/]path[:tag][@sha256:digest]) or a tarball path
+_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]{1,5})?"
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_TAG = r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
+IMAGE_REF = rf"(?=.{{1,512}}$)(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*{_TAG}"  # 512: no slow match on a long one
+TARBALL = r"(?=.{1,512}$)(?!.*(?:^|/)\.\.(?:/|$))[A-Za-z0-9._/-]+\.(?:tar|tar\.gz|tgz)"
 
 SETTINGS: tuple[Field, ...] = (
     Field("name", STR, None, "Profile name; part of every output file name.", pattern=r"[a-z0-9][a-z0-9-]*"),
@@ -43,7 +49,8 @@ SETTINGS: tuple[Field, ...] = (
     Field("overlay", MAP, {}, "Files laid over the rootfs: /path -> inline text, or {source: file-or-folder, "
           "mode: '0755'} with the source relative to the YAML file."),
     Field("images", LIST, [], "Container images preloaded into /var/lib/rancher/k3s/agent/images/: a registry "
-          "reference (pulled when reachable), an image in the local engine, or a `docker save` tarball path."),
+          "reference (pulled when reachable), an image in the local engine, or a `docker save` tarball path.",
+          pattern=IMAGE_REF + "|" + TARBALL),
     Field("firstboot", LIST, [], "Scripts (put in place by `overlay`, absolute paths) run once, on a node's "
           "first boot.", pattern=r"(/[A-Za-z0-9._+-]+)+"),
     Field("config", MAP, {}, "Default node config.yaml baked into the image (docs/config-reference.md); a node's "

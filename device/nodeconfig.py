@@ -27,6 +27,13 @@ from .schema import BOOL, LIST, STR, STR_MAP, Field, Problem, Schema, get_key, k
 
 MAP = STR_MAP  # label values: strings, numbers or booleans
 
+# URLs as the references call them: a host name or [IPv6], a port, a path; no user:password@, no query
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = rf"(?:{_LABEL}\.)*{_LABEL}|\[[0-9A-Fa-f:.]+\]"
+_URL_REST = rf"(?:{_HOST})(?::[0-9]{{1,5}})?(?:/[A-Za-z0-9._~%!$&'()*+,;=:@-]*)*"
+HTTPS_URL = rf"(?=.{{1,2048}}$)https://{_URL_REST}"
+UPDATE_SOURCE = rf"|(?=.{{1,2048}}$)(?:https?://{_URL_REST}|(?:/[A-Za-z0-9._~+-]+)+/?)"  # empty, a URL, a folder
+
 
 FIELDS: tuple[Field, ...] = (
     Field("maculaos.hostname", STR, "macula-${MAC_SUFFIX}",
@@ -39,7 +46,8 @@ FIELDS: tuple[Field, ...] = (
           "DHT bootstrap registry: starts macula-bootstrap, opens 443/tcp."),
     Field("maculaos.mesh.roles.gateway", BOOL, False, "NAT relay / API ingress: starts macula-gateway, opens 443/tcp "
           "and 80/tcp."),
-    Field("maculaos.mesh.bootstrap_peers", LIST, [], "Bootstrap peers to join (URLs)."),
+    Field("maculaos.mesh.bootstrap_peers", LIST, [], "Bootstrap peers to join (`https://host[:port]` URLs).",
+          pattern=HTTPS_URL),
     Field("maculaos.mesh.realm", STR, "io.macula", "Realm, in reverse domain notation.",
           pattern=r"^[a-z0-9-]+(\.[a-z0-9-]+)+$"),
     Field("maculaos.mesh.tls_mode", STR, "development", "TLS mode.", choices=("development", "production")),
@@ -63,7 +71,8 @@ FIELDS: tuple[Field, ...] = (
     Field("wifi.country", STR, "", "Regulatory domain, ISO 3166 code (e.g. DE); empty: the driver's default.",
           pattern=r"[A-Z]{2}"),
     Field("wifi.interface", STR, "wlan0", "The wireless interface.", pattern=r"[a-z][a-z0-9]{0,14}"),
-    Field("upgrade.url", STR, "", "Update server (`maculaos-sdk publish` layout) for `maculaos upgrade --check`."),
+    Field("upgrade.url", STR, "", "Update server (`maculaos-sdk publish` layout) for `maculaos upgrade --check`: an "
+          "`https://` URL (`http://` with upgrade.allow_http) or a local folder.", pattern=UPDATE_SOURCE),
     Field("upgrade.channel", STR, "stable", "Update channel on that server.", pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*"),
     Field("upgrade.allow_http", BOOL, False, "Accept plain `http://` update servers (a lab network only: anyone on "
           "the path could hold updates back). Off: only https and local folders."),

@@ -25,6 +25,17 @@ BASE = "name: x\nextends: core\n"
     ("packages: [htop, -nano, 'a;b']\n", ":3: packages[2]",
      "invalid value 'a;b' (hint: must match [a-z0-9][a-z0-9+.-]+)"),
     ("services: ['[bold]x[/]']\n", ":3: services[0]", "invalid value '[bold]x[/]'"),
+    # container image references by docker's grammar, tarballs inside the profile's folder
+    ("images: [nginx, 'Nginx:1']\n", ":3: images[1]", "invalid value 'Nginx:1'"),
+    ("images: ['nginx:latest --privileged']\n", ":3: images[0]", "invalid value"),
+    ("images: ['nginx@sha256:abc']\n", ":3: images[0]", "invalid value"),
+    ("images: [../../host/secret.tar]\n", ":3: images[0]", "invalid value '../../host/secret.tar'"),
+    ("images: ['" + "a" * 600 + "']\n", ":3: images[0]", "invalid value"),
+    # URLs in the default node config, with the schemes each may use
+    ("config:\n  maculaos:\n    mesh:\n      bootstrap_peers: ['http://boot.example.com']\n",
+     ":6: config.maculaos.mesh.bootstrap_peers[0]", "invalid value 'http://boot.example.com'"),
+    ("config:\n  upgrade:\n    url: 'ftp://updates.example.com'\n", ":5: config.upgrade.url", "invalid value"),
+    ("config:\n  upgrade:\n    url: 'https://user:pw@updates.example.com'\n", ":5: config.upgrade.url", "invalid"),
 ])
 def test_values_that_reach_a_template_must_fully_match(write_profile, capsys, text, where, what):
     path = write_profile(BASE + text)
@@ -167,3 +178,14 @@ def test_the_node_config_refuses_the_same(tmp_path, capsys):
     config.write_text(LAUGHS)
     assert main(["config", "validate", str(config)]) == 2
     assert "more than 16 aliases" in capsys.readouterr().err
+
+
+def test_well_formed_references_and_urls_pass(write_profile, capsys, tmp_path):
+    digest = "0" * 64
+    path = write_profile(BASE + f"images: [nginx:1.27, 'registry.local:5000/team/app@sha256:{digest}', app.tar]\n"
+                         "config:\n  maculaos:\n    mesh:\n      bootstrap_peers: ['https://boot.macula.io:443']\n"
+                         "  upgrade:\n    url: 'https://updates.example.com/maculaos'\n")
+    assert main(["build-image", "--config", str(path), "--dry-run", str(tmp_path / "dry")]) == 0
+    node = tmp_path / "node.yaml"
+    node.write_text("upgrade:\n  url: /mnt/usb/updates\n")
+    assert main(["config", "validate", str(node)]) == 0
