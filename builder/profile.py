@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from maculaos_device import nodeconfig, yamlinput
+from maculaos_device import layout, nodeconfig, yamlinput
 from maculaos_device.schema import Add, Field, Problem, key_lines, set_key, suggest
 
 from .arch import Architecture
@@ -298,6 +298,11 @@ def _check_board(merged: dict[str, Any], origins: dict[str, Origin], top: Path) 
         merged["outputs"] = BOARDS[merged["board"]].translate_outputs(Architecture(merged["arch"]),
                                                                      merged["outputs"])
     problem = board_problem(merged["board"], merged["arch"], merged["outputs"], merged["debian"]["suite"])
+    disk = merged["disk"]
+    if not problem and {"disk", "sdimage"} & set(merged["outputs"]):
+        why = layout.never_fits(disk["esp_mb"], disk["slot_mb"], disk["data_mb"], disk["size_mb"])
+        key = "disk.size_mb" if why and "a disk of" in why else "disk.data_mb"
+        problem = (key, why, "raise it, or give the disk.* sizes 0 for the defaults") if why else None
     if problem:
         key, message, hint = problem
         file, line = origins.get(key, (str(top), 1))

@@ -137,6 +137,25 @@ class Layout:
         return "\n".join(lines) + "\n"
 
 
+MIN_DATA_MB = 32  # an ext4 data partition with its folders and a journal
+
+
+def _fixed_mb(esp_mb: int, slot_mb: int) -> int:
+    return ALIGN_MB + esp_mb + 2 * slot_mb + ALIGN_MB  # + the backup GPT at the end
+
+
+def never_fits(esp_mb: int, slot_mb: int, data_mb: int, size_mb: int) -> str | None:
+    """Why these disk.* settings can hold no image at all, whatever its squashfs (the SDK checks it before any
+    stage runs); None when some image fits."""
+    if data_mb < MIN_DATA_MB:
+        return f"a data partition of {data_mb} MiB is below the {MIN_DATA_MB} MiB it needs"
+    least = _fixed_mb(esp_mb, slot_mb or MIN_SLOT_MB) + data_mb
+    if size_mb and size_mb < least:
+        return (f"a disk of {size_mb} MiB cannot hold ESP {esp_mb} + two slots of at least {slot_mb or MIN_SLOT_MB} "
+                f"+ data {data_mb} MiB (need {least})")
+    return None
+
+
 def plan(squashfs_bytes: int, *, esp_mb: int = ESP_MB, slot_mb: int = 0, data_mb: int = DATA_MB,
          size_mb: int = 0) -> Layout:
     """Sizes for a disk holding this squashfs; `size_mb` (0 = just big enough) gives data the rest."""
@@ -144,7 +163,7 @@ def plan(squashfs_bytes: int, *, esp_mb: int = ESP_MB, slot_mb: int = 0, data_mb
     slot_mb = slot_mb or slot_mb_for(squashfs_bytes)
     if sq_mb > slot_mb:
         raise LayoutError(f"the squashfs ({sq_mb} MiB) does not fit a slot of {slot_mb} MiB: raise disk.slot_mb")
-    fixed = ALIGN_MB + esp_mb + 2 * slot_mb + ALIGN_MB  # + the backup GPT at the end
+    fixed = _fixed_mb(esp_mb, slot_mb)
     need = fixed + data_mb
     if size_mb:
         if size_mb < need:

@@ -189,3 +189,18 @@ def test_well_formed_references_and_urls_pass(write_profile, capsys, tmp_path):
     node = tmp_path / "node.yaml"
     node.write_text("upgrade:\n  url: /mnt/usb/updates\n")
     assert main(["config", "validate", str(node)]) == 0
+
+
+@pytest.mark.parametrize("sizes, where, what", [
+    ("  size_mb: 300\n", ":5: disk.size_mb", "a disk of 300 MiB cannot hold ESP 128 + two slots of at least 256"),
+    ("  slot_mb: 1024\n  size_mb: 2048\n", ":6: disk.size_mb",
+     "a disk of 2048 MiB cannot hold ESP 128 + two slots of at least 1024 + data 256 MiB (need 2434)"),
+    ("  data_mb: 8\n", ":5: disk.data_mb", "a data partition of 8 MiB is below the 32 MiB it needs"),
+])
+def test_disk_sizes_that_can_never_hold_the_layout_are_refused_before_any_stage(write_profile, capsys, sizes, where,
+                                                                                  what):
+    path = write_profile(BASE + "outputs: [disk]\ndisk:\n" + sizes)
+    assert main(["build-image", "--config", str(path), "--dry-run", str(path.parent / "dry")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}{where}: {what}") and err.count("\n") == 0, err
+    assert not (path.parent / "dry").exists()
