@@ -204,7 +204,8 @@ Layer = tuple[Path, dict[str, Any], dict[str, int]]  # one profile file: path, i
 def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
     """Load, merge and validate a profile; `overrides` (e.g. from CLI flags) win over every file."""
     chain = _read_chain(ref)
-    errors = [e for p, data, lines in chain for e in validate_layer(p, data, lines)]
+    errors = [_reached(e, chain[:i]) for i, (path, data, lines) in enumerate(chain)
+              for e in validate_layer(path, data, lines)]
     if errors:
         raise BadInputs(errors)
     merged, origins, overlay_sources = _merge_chain(chain)
@@ -217,6 +218,16 @@ def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
                    settings=ProfileSettings.from_data(merged), overlay_sources=overlay_sources)
 
 
+def _reached(problem: BadInput, children: list[Layer]) -> BadInput:
+    """A problem in a file some other profile extends (or is based on), with the chain that led to it."""
+    if not children:
+        return problem
+    steps = [f"{p}:{lines.get('base' if 'base' in data else 'extends', 1)} "
+             f"({'base' if 'base' in data else 'extends'})" for p, data, lines in children]
+    problem.message = f"{problem.message} (reached through {' -> '.join(steps)})"
+    return problem
+
+
 def _read_chain(ref: str) -> list[Layer]:
     """The profile file and every file it extends (or is based on), child first."""
     chain: list[Layer] = []
@@ -226,7 +237,10 @@ def _read_chain(ref: str) -> list[Layer]:
         if path in seen:
             raise BadInput(f"{path}: extends: cycle through {path.name}", "remove one of the `extends:` lines")
         seen.add(path)
-        data, lines = _read_yaml(path)
+        try:
+            data, lines = _read_yaml(path)
+        except BadInput as exc:
+            raise _reached(exc, chain) from None
         chain.append((path, data, lines))
         parent = data.get("extends")
         if parent is not None and not isinstance(parent, str):

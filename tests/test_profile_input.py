@@ -204,3 +204,15 @@ def test_disk_sizes_that_can_never_hold_the_layout_are_refused_before_any_stage(
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {path}{where}: {what}") and err.count("\n") == 0, err
     assert not (path.parent / "dry").exists()
+
+
+def test_a_problem_in_an_extended_file_names_the_chain_that_reached_it(tmp_path, capsys):
+    (tmp_path / "child.yaml").write_text("name: child\nextends: ./mid.yaml\n")
+    (tmp_path / "mid.yaml").write_text("name: mid\n\nbase: bad:1.0\n")
+    for bad, where in (("kernel:\n  args: ['a;b']\n", ":4: kernel.args[0]: invalid value 'a;b'"),
+                       ("name: again\n", ":3: name: given twice (lines 1 and 3)")):
+        (tmp_path / "bad.yaml").write_text("name: bad\nextends: core\n" + bad)
+        assert main(["build-image", "--config", str(tmp_path / "child.yaml"), "--dry-run", str(tmp_path / "d")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {tmp_path}/bad.yaml{where} (reached through {tmp_path}/child.yaml:2 (extends)"
+                              f" -> {tmp_path}/mid.yaml:3 (base))"), err
