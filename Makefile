@@ -32,7 +32,7 @@ run:              ## build PROFILE/ARCH if needed, boot it as a dev VM (serial c
 TEST_WORKERS ?= auto
 
 test:             ## lint + unit tests + real QEMU boot tests, amd64 and arm64, one worker per core
-	$(VENV)/ruff check builder device tests bench
+	sh scripts/lint.sh
 	$(VENV)/python -m pytest -v -rA -n $(TEST_WORKERS) --dist worksteal --durations=25 tests
 
 test-arm64:       ## arm64 + Raspberry Pi 4: builds (rootfs emulated), UEFI boots under -M virt, SD card checks
@@ -44,8 +44,8 @@ test-unit:
 test-qemu:
 	$(VENV)/python -m pytest -v -rA -n $(TEST_WORKERS) --dist worksteal tests/qemu
 
-lint:
-	$(VENV)/ruff check builder device tests bench
+lint:             ## ruff, mypy, and shellcheck on every shell file and the rendered /init (scripts/lint.sh)
+	sh scripts/lint.sh
 
 bench:            ## cold/warm/overlay rebuild times, ISO size, seconds to shell
 	$(VENV)/python bench/build.py

@@ -210,8 +210,9 @@ def fetch(a: Artifact, *, offline: bool = False, retries: int = 5, timeout: floa
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
             last_error = str(exc).splitlines()[0][:200]
         except requests.HTTPError as exc:
-            last_error = f"HTTP {exc.response.status_code}"
-            if exc.response.status_code in (403, 404, 410):
+            status = exc.response.status_code if exc.response is not None else 0
+            last_error = f"HTTP {status}"
+            if status in (403, 404, 410):
                 break
         time.sleep(min(2 ** attempt * 0.5, 8))
     raise ArtifactUnavailable(f"artifact {a.name} {a.version} ({a.arch}) cannot be fetched from {a.url}: "

@@ -230,6 +230,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     if not 1 <= args.valid_days <= 3650:
         raise BadInput(f"--valid-days {args.valid_days}: out of range", "give 1 to 3650 days")
     secret = signing_key("", args.signing_key)
+    assert secret is not None, "signing_key() creates the development key when none is given"
     public = args.public_key or public_key_path(secret)
     for item in publish(args.bundles, args.dest, args.channel, public, signing_key=secret,
                         valid_days=args.valid_days):
@@ -250,10 +251,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .keys import public_key_path, signing_key
     from .verify import VerifyFailed, verify_folder
 
-    secret = None if args.public_key else signing_key("", args.signing_key, create=False)
-    if args.public_key is None and secret is None:
-        raise BadInput("no key to verify with: this checkout has no development key", "give --public-key NAME.pub")
-    public = args.public_key or public_key_path(secret)
+    public = args.public_key
+    if public is None:
+        secret = signing_key("", args.signing_key, create=False)
+        if secret is None:
+            raise BadInput("no key to verify with: this checkout has no development key", "give --public-key NAME.pub")
+        public = public_key_path(secret)
     if not public.is_file():
         raise BadInput(f"--public-key {public}: no such file", "give the release's public key (NAME.pub)")
     try:

@@ -47,6 +47,7 @@ def export_artifacts(build: Build) -> None:
 def tag_image(build: Build, r: RenderedStage) -> Entries:
     """A stage image that is an output: tagged as its stage.yaml says (`maculaos-core:0.1.0-amd64`)."""
     profile = build.plan.profile
+    assert r.meta.tag is not None, "only stages with a tag: are tagged"
     name = r.meta.tag.format(profile=profile.name, version=profile.version, arch=build.plan.arch.value)
     repo, _, tag = name.partition(":")
     image = build.engine.client.images.get(r.image)

@@ -24,13 +24,13 @@ def resolve_inputs(plan: BuildPlan, options: BuildOptions, engine: Engine | None
         with ui.step("check package names against Debian's index"):
             check_packages(profile, offline=options.offline)
     where = str(profile.files[0])
-    pinned = artifacts.files_for(profile.settings.artifacts, plan.arch.value, where, offline=options.offline or dry,
-                                 progress_factory=ui.download_progress, missing_ok=dry)
+    pinned = artifacts.files_for(list(profile.settings.artifacts), plan.arch.value, where,
+                                 offline=options.offline or dry, progress_factory=ui.download_progress, missing_ok=dry)
     image_files: dict[str, Path] = {}
     image_records: list[dict[str, Any]] = []
     if profile.settings.images and not dry:
         with ui.step(f"preload {len(profile.settings.images)} container image(s)"):
-            image_files, image_records = images.preload(profile.settings.images, profile.files[0].parent,
+            image_files, image_records = images.preload(list(profile.settings.images), profile.files[0].parent,
                                                         (engine or Engine(connect())).client,
                                                         offline=options.offline, where=where)
     return Inputs(secret, public, pinned, image_files, image_records)

@@ -42,7 +42,8 @@ def manifest(build: Build) -> dict[str, Any]:
         "pinned_artifacts": {dest: {"sha256": path.name} for dest, path in sorted(inputs.pinned.items())},
         "images": inputs.image_records,
         "kernel": _kernel_info(build.engine, by_key.get("kernel"), previous),
-        **archive.rootfs_pins(build.engine, rootfs and rootfs.stage.image, _unchanged(rootfs, previous), previous),
+        **archive.rootfs_pins(build.engine, rootfs.stage.image if rootfs else None, _unchanged(rootfs, previous),
+                              previous),
         "build_seconds": round(build.seconds(), 1),
     }
 

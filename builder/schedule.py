@@ -50,7 +50,7 @@ def build_stages(build: Build) -> list[StageResult]:
     if any(options.no_cache or not engine.has_image(r.image) for r in rendered):
         ensure_space(engine, build.images)
     needs = {r.key: {key for _, key in r.planned.inputs} for r in rendered}
-    waiting, results = list(rendered), {}
+    waiting, results = list(rendered), dict[str, StageResult]()
     finished: Finished = queue.Queue()
     running: set[str] = set()
     failure: BaseException | None = None

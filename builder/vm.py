@@ -106,7 +106,7 @@ def cow_disk(base: Path, dest: Path) -> Path:
 
 def dev_forwards(ssh_port: int | None = None) -> tuple[Forward, ...]:
     """The dev VM's forwards, each on its preferred host port when free, else on any free one."""
-    picked = []
+    picked: list[Forward] = []
     for name, guest, preferred in DEV_FORWARDS:
         if name == "ssh" and ssh_port:
             preferred = ssh_port

@@ -111,9 +111,9 @@ def install(dev: Device, device: str, config: str | None, yes: bool) -> None:
                if line.startswith(device)]
     for mountpoint in sorted(mounted, reverse=True):
         subprocess.run(["umount", mountpoint])
-    with open(device, "r+b") as f:
-        f.write(bytes(2 * layout.MIB))
-        os.fsync(f.fileno())
+    with open(device, "r+b") as disk:
+        disk.write(bytes(2 * layout.MIB))
+        os.fsync(disk.fileno())
     run(["sfdisk", "-q", "--wipe", "always", "--wipe-partitions", "always", device], f"install: partitioning {device}",
         stdin=plan.sfdisk_script(fixed_ids=False, data_fills_disk=True))
     subprocess.run(["blockdev", "--rereadpt", device], capture_output=True)

@@ -256,7 +256,8 @@ def main(argv: list[str]) -> int:
     bundle manifest, `slot-record SQUASHFS VERSION PROFILE` a slot record; a bad field exits 2."""
     try:
         if argv[:1] == ["bundle"] and len(argv) == 9:
-            print(bundle_manifest(Path(argv[1]), *argv[2:7], argv[7], int(argv[8])), end="")
+            folder, profile, version, arch, board, min_version, key_id, chunk = argv[1:9]
+            print(bundle_manifest(Path(folder), profile, version, arch, board, min_version, key_id, int(chunk)), end="")
         elif argv[:1] == ["slot-record"] and len(argv) == 4:
             print(slot_record_of(Path(argv[1]), argv[2], argv[3]).to_json(), end="")
         else:

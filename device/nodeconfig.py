@@ -104,7 +104,7 @@ def check(data: Any, where: str, lines: dict[str, int] | None = None, prefix: st
         return [Problem(where, lines.get(prefix.rstrip("."), 1), prefix.rstrip(".") or "config",
                         "a config must be a YAML mapping", "start with `maculaos:`")]
     problems = SCHEMA.check(data, where, lines, prefix, rule=_ssh_keys)
-    wifi = data.get("wifi") if isinstance(data, dict) and isinstance(data.get("wifi"), dict) else {}
+    wifi: dict[str, Any] = data["wifi"] if isinstance(data, dict) and isinstance(data.get("wifi"), dict) else {}
     if wifi.get("ssid") and wifi.get("key_mgmt", "WPA-PSK") != "NONE" and not wifi.get("psk") and not problems:
         problems.append(Problem(where, lines.get(prefix + "wifi.ssid", 1), prefix + "wifi.psk",
                                 f"network {wifi['ssid']!r} needs a passphrase", "set wifi.psk (or key_mgmt: NONE)"))

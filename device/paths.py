@@ -7,6 +7,7 @@ OpenRC services that source it) so no script spells a path of its own. Standard 
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from pathlib import PurePosixPath as P
 
 # -- the read-only root (squashfs and the profile layer) ---------------------------------------------------------
@@ -51,7 +52,7 @@ HEALTH_DIRS = (ETC / "health.d", STATE / "health.d")
 CONFIG_LOG = P("/var/log/maculaos-config.log")
 
 
-def under(root: str | P, path: P) -> P:
+def under(root: str | PurePath, path: P) -> P:
     """`path` inside another root (an image being built, a test's folder)."""
     return P(root) / path.relative_to("/")
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import time
 import urllib.error
 import urllib.request
+from http.client import HTTPResponse
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, Protocol
 
 from .manifest import Pointer
 from .system import DeviceError
@@ -35,10 +36,24 @@ class _NoDowngrade(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoDowngrade)
 
 
+class Stream(Protocol):
+    """What an update is read from: a local file or a download (`_Deadline`)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def readinto(self, buffer: memoryview | bytearray, /) -> int: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Stream: ...
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any, /) -> object: ...
+
+
 class _Deadline:
     """A response read one network read at a time, refused once its deadline has passed."""
 
-    def __init__(self, resp: BinaryIO, url: str, max_bytes: int) -> None:
+    def __init__(self, resp: HTTPResponse, url: str, max_bytes: int) -> None:
         self._resp, self._url = resp, url
         self._start = time.monotonic()
         self._deadline = self._start + DEADLINE_BASE + max_bytes / MIN_RATE
@@ -83,7 +98,7 @@ class Source:
     def where(self, name: str) -> str:
         return f"{self.location}/{name}"
 
-    def open(self, name: str, max_bytes: int) -> tuple[BinaryIO, int | None]:
+    def open(self, name: str, max_bytes: int) -> tuple[Stream, int | None]:
         """A stream of `name` and its announced size (None if unknown); raises DeviceError."""
         if not self.is_url:
             path = Path(self.location) / name
@@ -99,11 +114,11 @@ class Source:
             try:
                 resp = _OPENER.open(self.where(name), timeout=HTTP_TIMEOUT)  # noqa: S310 (scheme checked)
                 length = resp.headers.get("Content-Length")
-                size = int(length) if length and length.isascii() and length.isdigit() else None
-                if size is not None and size > max_bytes:
+                announced = int(length) if length and length.isascii() and length.isdigit() else None
+                if announced is not None and announced > max_bytes:
                     resp.close()
-                    raise DeviceError(f"{self.where(name)} is {size} bytes, more than the {max_bytes} allowed")
-                return _Deadline(resp, self.where(name), max_bytes), size
+                    raise DeviceError(f"{self.where(name)} is {announced} bytes, more than the {max_bytes} allowed")
+                return _Deadline(resp, self.where(name), max_bytes), announced
             except urllib.error.HTTPError as exc:
                 raise DeviceError(f"cannot fetch {self.where(name)}: HTTP {exc.code}") from None
             except (urllib.error.URLError, OSError) as exc:

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 from . import bootenv, manifest, versions
 from .bootenv import EnvStore, other
@@ -32,7 +32,7 @@ from .manifest import Manifest, SlotRecord
 from .system import Device, DeviceError, log
 
 if TYPE_CHECKING:
-    from .source import Source
+    from .source import Source, Stream
 
 CHUNK = 4 << 20
 ALIGN = 4096
@@ -239,7 +239,7 @@ def _is_block(path: Path) -> bool:
     return stat.S_ISBLK(os.stat(path).st_mode)
 
 
-def _fill(stream: BinaryIO, view: memoryview) -> int:
+def _fill(stream: Stream, view: memoryview) -> int:
     """Read until `view` is full or the stream ends; returns the bytes read."""
     got = 0
     while got < len(view):
@@ -250,7 +250,7 @@ def _fill(stream: BinaryIO, view: memoryview) -> int:
     return got
 
 
-def write_slot(stream: BinaryIO, device: Path, size: int, step: int = CHUNK,
+def write_slot(stream: Stream, device: Path, size: int, step: int = CHUNK,
                written: Callable[[int], None] | None = None) -> None:
     """Exactly `size` bytes of `stream` to the start of `device` in `step`-byte chunks, with direct I/O on block
     devices; `written(i)` is called once chunk i is on the device. A stream that ends early or runs past `size`
@@ -358,7 +358,7 @@ class ChunkChecker:
             os.close(fd)
 
 
-def write_checked(stream: BinaryIO, device: Path, entry: manifest.FileEntry) -> bool:
+def write_checked(stream: Stream, device: Path, entry: manifest.FileEntry) -> bool:
     """write_slot, each chunk read back and checked against the signed chunk list while the next one is
     downloaded; whether all of them matched. A read right after the write is as strong a check as one after
     fsync: with O_DIRECT both come from the device, whose own cache may serve either."""

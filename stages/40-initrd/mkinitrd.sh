@@ -51,6 +51,9 @@ find . -exec touch -h -d "@$sde" {} +
 # zstd -19: 20 % smaller than gzip -9 (less for GRUB to read off the medium) and quicker for the kernel to unpack
 find . | LC_ALL=C sort | cpio -o -H newc --reproducible --quiet | zstd -19 -q -c > /tmp/initrd.zst
 # an early microcode cpio (boards that want one) goes first, uncompressed, as the kernel expects
-cat $([ -f /ucode.cpio ] && echo /ucode.cpio) /tmp/initrd.zst > /out/initrd.img
+ucode=
+[ -f /ucode.cpio ] && ucode=/ucode.cpio
+# shellcheck disable=SC2086  # no microcode: nothing in front of the initrd
+cat $ucode /tmp/initrd.zst > /out/initrd.img
 echo "initrd: $(cat $root/lib/modules/order* | wc -l) modules ($(wc -l < $root/lib/modules/order) at every boot)," \
      "$(du -h /out/initrd.img | cut -f1)"

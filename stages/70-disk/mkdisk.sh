@@ -4,6 +4,7 @@
 set -eu
 esp_mb=$1 slot_mb=$2 data_mb=$3 size_mb=$4 sde=$5 version=$6 profile=$7
 sq=/work/rootfs.squashfs img=/work/disk.raw
+# shellcheck source=stages/_shared/image-parts.sh
 . /src/image-parts.sh
 plan_sizes
 rm -f $img; truncate -s ${need}M $img

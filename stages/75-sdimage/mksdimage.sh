@@ -5,6 +5,7 @@
 set -eu
 board=$1 esp_mb=$2 slot_mb=$3 data_mb=$4 size_mb=$5 sde=$6 version=$7 profile=$8
 sq=/work/rootfs.squashfs boot=/work/boot img=/work/sd.img
+# shellcheck source=stages/_shared/image-parts.sh
 . /src/image-parts.sh
 plan_sizes
 

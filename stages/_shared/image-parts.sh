@@ -2,6 +2,7 @@
 # Shared by the disk and SD image stages (sourced): sizes from maculaos_device.layout, the data partition made from a
 # folder, and writing a part into the image at its offset. Plain files only, no loop devices.
 # Callers set: sq (the squashfs), esp_mb slot_mb data_mb size_mb (the disk.* settings), sde, img.
+# shellcheck disable=SC2154  # those variables are the callers'
 
 # device MODULE ARGS...: one of the device's own modules, as the node runs it (context source device-modules)
 device() {
@@ -18,6 +19,7 @@ layout() {
 # esp_mb slot_mb data_mb need sq_mb, as maculaos_device.layout plans them for this squashfs
 plan_sizes() {
   sizes=$(layout --sizes) || { echo "$0: the disk.* settings do not fit this squashfs" >&2; exit 3; }
+  # shellcheck disable=SC2034  # need and sq_mb are the callers' to use
   read -r esp_mb slot_mb data_mb need sq_mb <<SIZES
 $sizes
 SIZES

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # Login banner: logo plus version, only for interactive shells.
 case $- in *i*) ;; *) return 0 2>/dev/null || exit 0 ;; esac
 if [ -r /etc/os-release ]; then
