@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from maculaos_sdk.machine import Machine, MachineError  # noqa: E402
 from maculaos_sdk.vm import VmConfig  # noqa: E402
-from tests.qemu.machine import Machine, MachineError  # noqa: E402
 
 MILESTONES = (("GRUB menu", r"GNU GRUB"), ("initrd /init", r"maculaos-init:"), ("sysvinit", r"INIT: version"),
               ("runlevel 3", r"Entering runlevel"), ("login prompt", r"login: "))

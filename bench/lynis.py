@@ -21,9 +21,9 @@ sys.path.insert(0, str(ROOT))
 from maculaos_sdk import keys  # noqa: E402
 from maculaos_sdk.build import BuildOptions, build_image  # noqa: E402
 from maculaos_sdk.devvm import dev_ssh_key, guest_config, ssh_command  # noqa: E402
+from maculaos_sdk.machine import Machine  # noqa: E402
 from maculaos_sdk.profile import load_profile  # noqa: E402
 from maculaos_sdk.vm import VmConfig, cow_disk, free_port  # noqa: E402
-from tests.qemu.machine import Machine  # noqa: E402
 
 LYNIS = Path("/usr/sbin/lynis")
 LYNIS_SHARE = Path("/usr/share/lynis")

@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from maculaos_sdk.machine import cow_disk  # noqa: E402
+from maculaos_sdk.node_machine import MaculaMachine  # noqa: E402
 from maculaos_sdk.vm import VmConfig  # noqa: E402
-from tests.qemu.machine import cow_disk  # noqa: E402
-from tests.qemu.maculaos import MaculaMachine  # noqa: E402
 
 DISK = ROOT / "out" / "maculaos-test-0.1.0-amd64.qcow2"
 BUNDLE = ROOT / "out" / "update" / "maculaos-test-0.2.0-amd64.bundle"

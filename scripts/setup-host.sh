@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(docker.io mmdebstrap qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64
           qemu-user-static binfmt-support arch-test minisign python3-venv fdisk mtools dosfstools xz-utils openssh-client
-          debian-archive-keyring shellcheck)  # shellcheck: make lint
+          debian-archive-keyring shellcheck)  # make lint needs shellcheck
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
 missing=()

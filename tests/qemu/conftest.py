@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 
 from maculaos_sdk.build import BuildOptions, build_image
+from maculaos_sdk.machine import cow_disk, guest_cpus
+from maculaos_sdk.node_machine import MaculaMachine
 from maculaos_sdk.paths import sdk_root
 from maculaos_sdk.profile import Profile, load_profile
 from maculaos_sdk.vm import VmConfig
-
-from .machine import cow_disk, guest_cpus
-from .maculaos import MaculaMachine
 
 OUT = Path(os.environ.get("MACULAOS_TEST_OUT", sdk_root() / "out"))
 LOGS = OUT / "test-logs"

@@ -18,10 +18,9 @@ import pytest
 from maculaos_device import layout
 
 from maculaos_sdk.keys import signing_key
+from maculaos_sdk.machine import cow_disk, free_port
+from maculaos_sdk.node_machine import accepted_ports
 from maculaos_sdk.publish import publish
-
-from .machine import cow_disk, free_port
-from .maculaos import accepted_ports
 
 pytestmark = pytest.mark.qemu
 

@@ -17,11 +17,11 @@ import docker
 import pytest
 
 from maculaos_sdk.build import BuildOptions, build_image
+from maculaos_sdk.machine import cow_disk, free_port
+from maculaos_sdk.node_machine import accepted_ports
 from maculaos_sdk.profile import load_profile
 
 from .conftest import OUT, once_per_run
-from .machine import cow_disk, free_port
-from .maculaos import accepted_ports
 
 pytestmark = pytest.mark.qemu
 

@@ -14,10 +14,10 @@ import uuid
 
 import pytest
 
+from maculaos_sdk.node_machine import accepted_ports
 from maculaos_sdk.paths import sdk_root
 
 from .conftest import LOGS
-from .maculaos import accepted_ports
 
 pytestmark = pytest.mark.qemu
 CLI = [sys.executable, "-m", "maculaos_sdk.cli"]

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from maculaos_sdk.node_machine import check_native_step_outputs
 from maculaos_sdk.profile import load_profile
 from maculaos_sdk.render import kernel_cmdline
 
 from .conftest import OUT, build_once
-from .maculaos import check_native_step_outputs
 
 pytestmark = pytest.mark.qemu
 GRUB_PASSWORD = "maculaos-test-grub"  # tests/qemu/profiles/test-locked.yaml holds its pbkdf2 hash

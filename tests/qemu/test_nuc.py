@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from maculaos_sdk.machine import cow_disk
 from maculaos_sdk.profile import load_profile
 
 from .conftest import OUT, build_once
-from .machine import cow_disk
 
 pytestmark = pytest.mark.qemu
 NUC_DISK = "maculaos-test-0.1.0-amd64-nuc.qcow2"

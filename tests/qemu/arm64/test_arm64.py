@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ..machine import cow_disk
-from ..maculaos import check_native_step_outputs
+from maculaos_sdk.machine import cow_disk
+from maculaos_sdk.node_machine import check_native_step_outputs
+
 from ..test_ab_updates import QuietHandler
 
 pytestmark = pytest.mark.qemu

@@ -24,7 +24,7 @@ from pathlib import Path
 import pexpect
 import pexpect.fdpexpect
 
-from maculaos_sdk.vm import VmConfig, cow_disk, free_port, qemu_command, wait_for_file
+from .vm import VmConfig, cow_disk, free_port, qemu_command, wait_for_file
 
 __all__ = ["Machine", "MachineError", "cow_disk", "free_port"]
 
@@ -75,7 +75,7 @@ class MachineError(AssertionError):
 class Machine:
     """One VM: `start`, `wait_for_console_text`, `send_console`, `succeed`, `fail`, `wait_until_succeeds`,
     `wait_for_unit`, `wait_for_open_port`, `shutdown`, `crash`, `save_state`. Nothing MaculaOS-specific:
-    that is in tests/qemu/maculaos.py."""
+    that is in node_machine.py."""
 
     def __init__(self, name: str, config: VmConfig, workdir: Path, *, test_channel: bool = True,
                  resume_from: Path | None = None) -> None:
