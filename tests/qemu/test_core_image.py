@@ -84,7 +84,7 @@ def test_killed_build_leaves_cache_usable(core_build, tmp_path):
                             env={**os.environ, "TMPDIR": str(tmp_path)})  # what the killed build leaves stays here
     iso_log = out / "logs" / "60-iso.log"
     deadline = time.monotonic() + 1500  # it may first wait for another worker's build to finish
-    while not (iso_log.exists() and "Step 7/" in iso_log.read_text()):
+    while not (iso_log.exists() and " ---> Running in " in iso_log.read_text()):  # a RUN step of the ISO stage
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
         assert time.monotonic() < deadline, "iso stage never started"
         time.sleep(0.2)
