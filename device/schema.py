@@ -129,8 +129,13 @@ class Schema:
             if spec.choices and item not in spec.choices:
                 add(f"unknown value {spec.shown(item)}",
                     "" if spec.secret else suggest(item, list(spec.choices)) or f"one of {', '.join(spec.choices)}")
-            elif spec.pattern and not re.fullmatch(spec.pattern, str(item)):
+            elif spec.pattern and not re.fullmatch(spec.pattern, str(item)) and not _unset(spec, item):
                 add(f"invalid value {spec.shown(item)}", f"must match {spec.pattern}", **at)
+
+
+def _unset(spec: Field, value: Any) -> bool:
+    """An empty string where the default is empty: "unset", as the references say (wifi.country: "")."""
+    return spec.kind == STR and value == spec.default == ""
 
 
 def _nearest_line(lines: dict[str, int], key: str) -> int:

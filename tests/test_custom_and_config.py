@@ -158,3 +158,15 @@ def test_wireless_boards_get_wpa_supplicant(tmp_path):
 
     assert BOARDS["nuc"].packages == ("wpasupplicant",) and BOARDS["rpi4"].packages == ("wpasupplicant",)
     assert BOARDS["generic"].packages == ()
+
+
+def test_an_empty_string_where_the_default_is_empty_means_unset(tmp_path):
+    """wifi.country: "" is the driver's default, as the reference says; a wrong value is still refused."""
+    from maculaos_device import nodeconfig
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text('wifi:\n  country: ""\n  ssid: ""\nupgrade:\n  url: ""\n')
+    assert nodeconfig.validate_files([empty]) == []
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text('wifi:\n  country: "de"\n')
+    assert [p.key for p in nodeconfig.validate_files([wrong])] == ["wifi.country"]
