@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, artifacts, keys, licences
+from .artifacts import file_sha256
 from .paths import sdk_root
 from .state import Build
 
@@ -35,26 +36,22 @@ BUILD_TYPE = f"{NAMESPACE}/build/v1"
 def write_evidence(build: Build, record: dict[str, Any]) -> list[Path]:
     """Write and sign the SBOMs, the provenance and the sums; return them."""
     base, out = build.plan.basename, build.out
+    outputs = _output_files(record, out)  # read once: the sums and the provenance's subjects list the same files
     docs = {".spdx.json": spdx(record, base), ".cdx.json": cyclonedx(record, base),
-            ".provenance.json": provenance(record, build)}
+            ".provenance.json": provenance(record, outputs)}
     written = []
     for suffix, doc in docs.items():
         path = out / f"{base}{suffix}"
         path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         written.append(path)
     sums = out / f"{base}{SUMS}"
-    sums.write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(_output_files(record, out).items())) +
-                    "".join(f"{_sha256(p)}  {p.name}\n" for p in written))
+    sums.write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(outputs.items())) +
+                    "".join(f"{file_sha256(p)}  {p.name}\n" for p in written))
     written.append(sums)
     comment = f"maculaos {record['profile']} {record['version']} {record['arch']} evidence"
     for path in written:
         keys.sign(path, build.secret, comment)
     return written
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _output_files(record: dict[str, Any], out: Path) -> dict[str, str]:
@@ -67,7 +64,7 @@ def _output_files(record: dict[str, Any], out: Path) -> dict[str, str]:
         if (out / name).is_dir():  # a bundle: its signed manifest, its signature and its payload
             manifest = json.loads((out / name / "manifest.json").read_text())
             files[f"{name}/manifest.json"] = entry["sha256"]
-            files[f"{name}/manifest.json.minisig"] = _sha256(out / name / "manifest.json.minisig")
+            files[f"{name}/manifest.json.minisig"] = file_sha256(out / name / "manifest.json.minisig")
             files.update({f"{name}/{f}": e["sha256"] for f, e in manifest["files"].items()})
         else:
             files[name] = entry["sha256"]
@@ -179,14 +176,13 @@ def _where(path: Path) -> str:
         return path.name
 
 
-def provenance(record: dict[str, Any], build: Build) -> dict[str, Any]:
+def provenance(record: dict[str, Any], outputs: dict[str, str]) -> dict[str, Any]:
     """An in-toto v1 statement, SLSA provenance v1 predicate: what was built (every output file), from what."""
-    outputs = sorted(_output_files(record, build.out).items())
-    subjects = [{"name": name, "digest": {"sha256": digest}} for name, digest in outputs]
+    subjects = [{"name": name, "digest": {"sha256": digest}} for name, digest in sorted(outputs.items())]
     subjects += [{"name": name, "digest": {"sha256": entry["image_id"].removeprefix("sha256:")}}  # its config's
                  for name, entry in sorted(record["artifacts"].items()) if "image_id" in entry]
     files = [Path(p) for p in record["profile_files"]] + [artifacts.lock_path()] * artifacts.lock_path().is_file()
-    inputs = [{"uri": f"file:{_where(path)}", "digest": {"sha256": _sha256(path)}} for path in files]
+    inputs = [{"uri": f"file:{_where(path)}", "digest": {"sha256": file_sha256(path)}} for path in files]
     inputs += [{"uri": f"http://{name.replace('_', '/')}", "name": name, "digest": {"sha256": entry["sha256"]}}
                for name, entry in sorted((record.get("archive") or {}).items()) if "sha256" in entry]
     inputs += [{"uri": f"file://{dest}", "digest": {"sha256": entry["sha256"]}}

@@ -4,7 +4,6 @@ stage.yaml); what is done to a freshly exported artifact of a new kind is one en
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from typing import Any
 
 from . import keys, ui
 from .arch import Architecture
+from .artifacts import file_sha256
 from .boards import Board
 from .errors import BuildFailed
 from .render import RenderedStage
@@ -80,13 +80,8 @@ def size_of(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def sha256_of(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _write_sha256(path: Path) -> str:
-    digest = sha256_of(path)
+    digest = file_sha256(path)
     path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
     return digest
 
@@ -99,7 +94,7 @@ def _finish_bundle(build: Build, dest: Path, entry: dict[str, Any]) -> Entries:
     profile, secret = build.plan.profile, build.secret
     keys.sign(dest / "manifest.json", secret,
               f"maculaos {profile.name} {profile.version} {profile.arch} key:{keys.public_key_path(secret).name}")
-    return {dest.name: {**entry, "size": size_of(dest), "sha256": sha256_of(dest / "manifest.json")}}
+    return {dest.name: {**entry, "size": size_of(dest), "sha256": file_sha256(dest / "manifest.json")}}
 
 
 def _finish_disk(build: Build, dest: Path, entry: dict[str, Any]) -> Entries:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import keys
-from .evidence import EVIDENCE, SUMS, _sha256
+from .artifacts import file_sha256
+from .evidence import EVIDENCE, SUMS
 
 MAX_SUMS_BYTES = 1 << 20
 MAX_EVIDENCE_BYTES = 64 << 20
@@ -78,7 +79,7 @@ def _verify_build(folder: Path, sums: Path, public_key: Path) -> int:
         path = folder / name
         if not path.is_file():
             raise VerifyFailed(f"{path}: listed in {sums.name}, missing")
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             raise VerifyFailed(f"{path}: sha256 differs from {sums.name}")
     outputs = {n: d for n, d in listed.items() if n not in {f"{base}{s}" for s in EVIDENCE}}
     subjects = {s.get("name"): s.get("digest", {}).get("sha256") for s in docs[".provenance.json"].get("subject", [])}
