@@ -16,7 +16,7 @@ from typing import Any
 
 import maculaos_device
 import yaml
-from maculaos_device import manifest, paths
+from maculaos_device import encryption, manifest, paths
 
 from . import confined
 from .errors import BadInput
@@ -118,6 +118,7 @@ def write_node_files(profile: Profile, dest_root: Path) -> None:
     for module in sorted(package.glob("*.py")):
         confined.copy_file(dest_root, f"{lib}/{module.name}", module).chmod(0o644)
     confined.write_text(dest_root, _rel(paths.SHELL_PATHS), paths.shell_file())  # for the OpenRC services
+    confined.write_text(dest_root, _rel(paths.ENCRYPTION_SH), encryption.shell_file())  # for luks.sh
     config = profile.settings.config
     if config:
         confined.write_text(dest_root, _rel(paths.DEFAULT_CONFIG), yaml.safe_dump(dict(config), sort_keys=True))

@@ -21,12 +21,15 @@ from .stages import StageMeta, load_stages
 INITRD_MODULES: dict[str, list[str]] = {
     "amd64": ["loop", "squashfs", "overlay", "isofs", "sr_mod", "ata_piix", "ahci", "sd_mod",
               "virtio_pci", "virtio_blk", "virtio_scsi", "virtio_console", "nvme", "usb_storage", "uas",
-              "xhci_pci", "ehci_pci", "ext4", "vfat", "nls_cp437", "nls_iso8859_1",
+              "xhci_pci", "ehci_pci", "ext4", "vfat", "nls_cp437", "nls_iso8859_1", "nls_ascii",
               # recovery: its network, and USB keyboards (the console's, once xhci took the controller from the BIOS)
-              "virtio_net", "e1000", "e1000e", "usbhid", "hid_generic"],
+              "virtio_net", "e1000", "e1000e", "usbhid", "hid_generic",
+              # an encrypted data partition (maculaos_device.encryption): the ciphers first, so they load with it
+              "algif_skcipher", "xts", "aesni_intel", "chacha_generic", "nhpoly1305", "adiantum", "dm_crypt"],
     "arm64": ["loop", "squashfs", "overlay", "isofs", "sr_mod", "sd_mod", "virtio_pci", "virtio_mmio",
               "virtio_blk", "virtio_scsi", "virtio_console", "nvme", "usb_storage", "uas", "xhci_pci",
-              "ext4", "vfat", "nls_cp437", "nls_iso8859_1", "virtio_net", "usbhid", "hid_generic"],
+              "ext4", "vfat", "nls_cp437", "nls_iso8859_1", "nls_ascii", "virtio_net", "usbhid", "hid_generic",
+              "algif_skcipher", "xts", "aes_ce_blk", "chacha_generic", "nhpoly1305", "adiantum", "dm_crypt"],
 }
 
 # Packages the boot path itself needs, whatever the profile asks for.
@@ -36,6 +39,8 @@ BOOT_PACKAGES = ["sysvinit-core", "openrc", "udev", "kmod", "iproute2", "ifupdow
                  "systemd-standalone-sysusers",
                  # `maculaos install`: partition, format, verify
                  "fdisk", "dosfstools", "e2fsprogs",
+                 # an encrypted data partition (maculaos_device.encryption): made by the installer, opened by the initrd
+                 "cryptsetup-bin",
                  # node config (config.yaml, the schema shared with the host), firewall, ssh
                  "python3-yaml", "nftables", "openssh-server",
                  # `maculaos upgrade`: bundle signatures

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from maculaos_device import layout, nodeconfig, yamlinput
+from maculaos_device import encryption, layout, nodeconfig, yamlinput
 from maculaos_device.schema import Add, Field, Problem, key_lines, set_key, suggest
 
 from .arch import Architecture
@@ -116,8 +116,11 @@ def validate_layer(path: Path, data: dict[str, Any], lines: dict[str, int]) -> l
                 add(f"missing file {value!r}", f"paths are relative to {path.parent}")
             else:
                 nested.extend(config_errors(nodeconfig.validate_files([source])))
+                nested.extend(_secrets_in(yamlinput.read(yamlinput.read_text(source))[0], str(source), "",
+                                          _config_lines(source)))
         elif spec.key == "config":
             nested.extend(config_errors(nodeconfig.check(value, str(path), lines, prefix="config.")))
+            nested.extend(_secrets_in(value, str(path), "config.", lines))
         elif spec.key == "kernel.prune":
             for i, folder in enumerate(value):
                 kept = [nf for nf in NETFILTER if f"{nf}/".startswith(f"{folder.lstrip('-').strip('/')}/")]
@@ -127,6 +130,31 @@ def validate_layer(path: Path, data: dict[str, Any], lines: dict[str, int]) -> l
                         key=f"kernel.prune[{i}]")
 
     return config_errors(SCHEMA.check(data, str(path), lines, rule=files_and_config)) + nested
+
+
+def _secrets_in(config: Any, where: str, prefix: str, lines: dict[str, int]) -> list[BadInput]:
+    """A node config built into an image (the profile's `config:`, the ISO's install config) may not hold what
+    must never be stored (the data partition's passphrase): anyone with the image would have it."""
+    if not isinstance(config, dict):
+        return []
+    found = [key for key in encryption.SECRET_KEYS if _has_key(config, key)]
+    return [BadInput(f"{where}:{lines.get(prefix + key, 1)}: {prefix}{key}: a secret in an image",
+                     "leave it out: `maculaos install` asks for it on its terminal, or give it in the config of "
+                     "`maculaos install --config`") for key in found]
+
+
+def _has_key(data: dict[str, Any], key: str) -> bool:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return node not in (None, "")
+
+
+def _config_lines(source: Path) -> dict[str, int]:
+    _, node = yamlinput.read(yamlinput.read_text(source))
+    return key_lines(node) if node is not None else {}
 
 
 def config_errors(problems: list[Problem]) -> list[BadInput]:
@@ -317,7 +345,15 @@ def _check_board(merged: dict[str, Any], origins: dict[str, Origin], top: Path) 
         why = layout.never_fits(disk["esp_mb"], disk["slot_mb"], disk["data_mb"], disk["size_mb"])
         key = "disk.size_mb" if why and "a disk of" in why else "disk.data_mb"
         problem = (key, why, "raise it, or give the disk.* sizes 0 for the defaults") if why else None
+    encrypted = ((merged.get("config") or {}).get("storage") or {}).get("encryption") or {}
+    if not problem and encrypted.get("enabled") and {"disk", "sdimage"} & set(merged["outputs"]):
+        # the first boot of a written image does not make the volume yet: its data partition would stay plain
+        problem = ("config.storage.encryption.enabled", "a disk or SD image cannot encrypt its data partition "
+                   "yet (its first boot keeps it plain)", "build the iso output: `maculaos install` makes the "
+                   "encrypted data partition")
     if problem:
         key, message, hint = problem
-        file, line = origins.get(key, (str(top), 1))
+        parts = key.split(".")  # a key inside a mapping (config.storage...) is where its mapping came from
+        file, line = next((origins[k] for k in (".".join(parts[:n]) for n in range(len(parts), 0, -1))
+                           if k in origins), (str(top), 1))
         raise BadInput(f"{file}:{line}: {key}: {message}" if line else f"{file}: --{key}: {message}", hint)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from maculaos_device import bootenv, layout, manifest, paths
+from maculaos_device import bootenv, encryption, layout, manifest, paths
 
 from .arch import Architecture
 from .boards import BootFlow
@@ -114,6 +114,7 @@ def template_vars(profile: Profile, arch: Architecture, input_images: dict[str, 
         "cmdline": kernel_cmdline(profile),
         "layout": layout,
         "paths": paths,  # on-device paths (maculaos_device.paths)
+        "encryption": encryption,  # the data partition's LUKS2 facts (maculaos_device.encryption)
         "max_tries": bootenv.MAX_TRIES,  # GRUB's try ladder (55-bootloader/grub.cfg)
         "bundle_chunk_bytes": manifest.CHUNK_BYTES,
         "layer_max_kib": LAYER_MAX_KIB,

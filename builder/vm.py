@@ -138,6 +138,7 @@ class VmConfig:
     nic: str = "virtio-net-pci"  # the NIC model and disk bus the board's hardware is imitated with
     disk_bus: str = "virtio"
     iso_on_usb: bool = False  # an ISO attached as a USB stick (the firmware boots it) instead of a CD
+    usb_sticks: tuple[Path, ...] = ()  # raw disk images attached as removable USB sticks (a key disk, say)
     rtc_base: str | None = None  # the RTC's start (QEMU -rtc base=), e.g. a board without a clock: 1970-01-01
 
     @classmethod
@@ -190,8 +191,13 @@ def qemu_command(cfg: VmConfig, *, interactive: bool = False, extra: list[str] |
         cmd += ["-virtfs", f"local,path={cfg.share},mount_tag={SHARE_TAG},security_model=none,id=share"]
     if cfg.guest_config is not None:
         cmd += ["-fw_cfg", f"name={FW_CFG_CONFIG},file={cfg.guest_config}"]
+    if (cfg.is_iso and cfg.iso_on_usb) or cfg.usb_sticks:
+        cmd += ["-device", "qemu-xhci"]
+    for n, stick in enumerate(cfg.usb_sticks):
+        cmd += ["-drive", f"file={stick},format=raw,if=none,id=usb{n}",
+                "-device", f"usb-storage,drive=usb{n},removable=on"]
     if cfg.is_iso and cfg.iso_on_usb:
-        cmd += ["-device", "qemu-xhci", "-drive", f"file={cfg.image},format=raw,readonly=on,if=none,id=stick",
+        cmd += ["-drive", f"file={cfg.image},format=raw,readonly=on,if=none,id=stick",
                 "-device", "usb-storage,drive=stick,bootindex=0"]
     elif cfg.is_iso:
         if arch is Architecture.amd64:

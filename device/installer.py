@@ -12,7 +12,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from . import layout, paths, updater
+from . import encryption, layout, paths, updater
 from .bootenv import other
 from .manifest import SlotRecord
 from .system import Device, DeviceError, disk_of, log
@@ -83,14 +83,7 @@ def install(dev: Device, device: str, config: str | None, yes: bool) -> None:
     if medium is None or name == medium:  # the medium, or no way to tell it apart: never written
         raise DeviceError(f"install: {device} is the boot medium" if medium else
                           f"install: cannot tell the boot medium (nothing mounted at {MEDIUM}): refusing to write")
-    if config:
-        from . import nodeconfig
-
-        problems = nodeconfig.validate_files([Path(config)]) if Path(config).is_file() else None
-        if problems is None:
-            raise DeviceError(f"install: cannot read the config {config}")
-        if problems:
-            raise DeviceError(f"install: {config} is not a valid config: {problems[0]}")
+    policy, passphrase = data_policy(config)
 
     squashfs = MEDIUM / "maculaos/rootfs.squashfs"
     sq_size = squashfs.stat().st_size
@@ -152,20 +145,109 @@ def install(dev: Device, device: str, config: str | None, yes: bool) -> None:
     # slot B holds nothing bootable (zeroed start; no boot files, no record on the fresh ESP)
     invalidate(parts[layout.slot_name("B")])
 
-    log("data partition")
-    run(["mkfs.ext4", "-q", "-F", "-L", "MACULA_DATA", str(parts[layout.PART_DATA])], "install: mkfs.ext4")
-    run(["mount", "-t", "ext4", str(parts[layout.PART_DATA]), str(target)], "install: mounting the data partition")
+    data = parts[layout.PART_DATA]
+    if policy.enabled:
+        log(f"data partition: encrypted (LUKS2, {policy.cipher.value}; key sources: "
+            f"{', '.join(s.value for s in policy.sources)})")
+        data = make_encrypted_data(dev, data, policy, passphrase)
+    else:
+        log("data partition")
+        run(["mkfs.ext4", "-q", "-F", "-L", "MACULA_DATA", str(data)], "install: mkfs.ext4")
     try:
-        for d in layout.data_dirs():
-            (target / d).mkdir(parents=True, exist_ok=True)
-        if config:
-            dest = target / "maculaos/config.yaml"
-            shutil.copyfile(config, dest)
-            dest.chmod(0o600)
-        os.sync()
+        run(["mount", "-t", "ext4", str(data), str(target)], "install: mounting the data partition")
+        try:
+            for d in layout.data_dirs():
+                (target / d).mkdir(parents=True, exist_ok=True)
+            if config:
+                store_config(Path(config), target / "maculaos/config.yaml")
+            os.sync()
+        finally:
+            subprocess.run(["umount", str(target)])
     finally:
-        subprocess.run(["umount", str(target)])
+        if policy.enabled:
+            subprocess.run(["cryptsetup", "close", encryption.MAPPER])
     log(f"installed MaculaOS {version} to {device}")
+
+
+def data_policy(config: str | None) -> tuple[encryption.Policy, str]:
+    """What the image's default config and the install config (checked here, before any disk is touched) ask of
+    the data partition, and the passphrase to enroll (the config's, else asked on this terminal; "" if none)."""
+    from . import nodeconfig
+
+    files = [f for f in (Path(paths.DEFAULT_CONFIG),) if f.is_file()]
+    if config:
+        problems = nodeconfig.validate_files([Path(config)]) if Path(config).is_file() else None
+        if problems is None:
+            raise DeviceError(f"install: cannot read the config {config}")
+        if problems:
+            raise DeviceError(f"install: {config} is not a valid config: {problems[0]}")
+        files.append(Path(config))
+    try:
+        resolved = nodeconfig.resolve(files)
+    except nodeconfig.ConfigError as exc:
+        raise DeviceError(f"install: {exc.problems[0]}") from None
+    policy = encryption.Policy.of(resolved)
+    if not policy.enabled:
+        return policy, ""
+    if policy.problem():
+        raise DeviceError(f"install: {policy.problem()}")
+    passphrase = resolved["storage"]["encryption"]["passphrase"]
+    if encryption.KeySource.passphrase in policy.sources and not passphrase:
+        passphrase = ask_passphrase()
+    return policy, passphrase
+
+
+def ask_passphrase() -> str:
+    """The data partition's passphrase, typed twice on this terminal."""
+    import getpass
+    import re
+
+    if not sys.stdin.isatty():
+        raise DeviceError("install: storage.encryption lists `passphrase` but no terminal can ask for it: set "
+                          "storage.encryption.passphrase in the install config (it is not stored)")
+    while True:
+        first = getpass.getpass("Passphrase for the data partition (8 to 256 characters): ")
+        if not re.fullmatch(encryption.PASSPHRASE_PATTERN, first):
+            print("8 to 256 printable ASCII characters, please", file=sys.stderr)
+        elif getpass.getpass("Type it again: ") == first:
+            return first
+        else:
+            print("the two differ: again", file=sys.stderr)
+
+
+def make_encrypted_data(dev: Device, part: Path, policy: encryption.Policy, passphrase: str) -> Path:
+    """A LUKS2 volume on `part` with its key sources enrolled (luks.sh, as the initrd's crypto-erase makes
+    one), opened, with an empty ext4: its mapper device."""
+    secret = dev.run / "luks-passphrase"  # tmpfs, 0600, removed before this returns
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(passphrase)
+    script = f". {paths.SHELL_PATHS}; . {paths.ENCRYPTION_SH}; . {paths.LUKS_LIB}; luks_create \"$@\""
+    try:
+        proc = subprocess.run(["sh", "-c", script, "luks_create", str(part), *policy.shell_args()],
+                              env={**os.environ, "MACULAOS_LUKS_PASSPHRASE_FILE": str(secret)},
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    finally:
+        secret.unlink()
+    for line in proc.stderr.splitlines():
+        log(line.removeprefix("maculaos-luks: "))
+    if proc.returncode != 0:
+        raise DeviceError(f"install: could not make the encrypted data partition on {part}")
+    return Path("/dev/mapper") / encryption.MAPPER
+
+
+def store_config(source: Path, dest: Path) -> None:
+    """The install config on the data partition (0600), as given, or without the keys that are never stored
+    (the data partition's passphrase)."""
+    import yaml
+
+    from . import yamlinput
+
+    data, _ = yamlinput.read(yamlinput.read_text(source))
+    kept = encryption.without_secrets(data or {})
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(source.read_bytes() if kept == (data or {}) else yaml.safe_dump(kept, sort_keys=False).encode())
 
 
 def unique_ids(dev: Device) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from . import paths, yamlinput
+from . import encryption, paths, yamlinput
 from .schema import BOOL, LIST, STR, STR_MAP, Field, Problem, Schema, get_key, key_lines, reference_row, set_key
 
 MAP = STR_MAP  # label values: strings, numbers or booleans
@@ -76,6 +76,7 @@ FIELDS: tuple[Field, ...] = (
     Field("upgrade.channel", STR, "stable", "Update channel on that server.", pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*"),
     Field("upgrade.allow_http", BOOL, False, "Accept plain `http://` update servers (a lab network only: anyone on "
           "the path could hold updates back). Off: only https and local folders."),
+    *encryption.FIELDS,
 )
 SCHEMA = Schema(FIELDS, reference_hint="see the config reference (docs/config-reference.md)")
 FIELDS_BY_KEY = SCHEMA.by_key

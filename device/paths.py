@@ -14,6 +14,8 @@ from pathlib import PurePosixPath as P
 SHARE = P("/usr/share/maculaos")
 LIB = P("/usr/lib/maculaos")  # the on-device tool: LIB/maculaos_device/
 SHELL_PATHS = SHARE / "paths.sh"  # this module for shell (shell_file below)
+ENCRYPTION_SH = SHARE / "encryption.sh"  # maculaos_device.encryption's facts for shell
+LUKS_LIB = LIB / "luks.sh"  # make, unlock and crypto-erase the data partition's LUKS2 volume (initrd and installer)
 UPDATE_KEY = SHARE / "update.pub"  # what bundles are checked against: in the read-only root, never /etc
 DEFAULT_CONFIG = SHARE / "config.yaml"  # the profile's `config:`
 FIRSTBOOT_LIST = SHARE / "firstboot"  # the profile's `firstboot:` commands

@@ -18,8 +18,9 @@ from . import layout, paths
 
 # Every program the device code runs. tests/test_device_commands.py checks that each run([...]) in the device
 # code names one of these; the rootfs stage refuses to build an image that lacks one of them.
-COMMANDS = ("blockdev", "hostname", "minisign", "mkfs.ext4", "mkfs.vfat", "modprobe", "mount", "nft", "partx",
-            "poweroff", "rc-service", "reboot", "resize2fs", "sfdisk", "ssh-keygen", "sync", "udhcpc", "umount")
+COMMANDS = ("blockdev", "cryptsetup", "hostname", "minisign", "mkfs.ext4", "mkfs.vfat", "modprobe", "mount", "nft",
+            "partx", "poweroff", "rc-service", "reboot", "resize2fs", "sfdisk", "sh", "ssh-keygen", "sync", "udhcpc",
+            "umount")
 # Run only where the image has them, after checking (boards with Wi-Fi: boards.WIRELESS_PACKAGES).
 OPTIONAL_COMMANDS = ("wpa_supplicant",)
 HEALTH_HOOK_SECONDS = 120

@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(docker.io mmdebstrap qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64
           qemu-user-static binfmt-support arch-test minisign python3-venv fdisk mtools dosfstools xz-utils openssh-client
-          debian-archive-keyring shellcheck)  # make lint needs shellcheck
+          debian-archive-keyring shellcheck cryptsetup-bin device-tree-compiler)  # lint: shellcheck; unit tests: the
+          # others (a LUKS2 header in a file, the Pi's locking overlay)
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
 missing=()

@@ -1,6 +1,6 @@
 #!/bin/sh
 # The initrd's binaries for the target arch, into $1: busybox-static with its applet links, and the
-# recovery sshd (dropbear) with the shared libraries it links (found by ldd, copied to the same paths).
+# recovery sshd (dropbear), cryptsetup and mke2fs with the shared libraries they link (found by ldd, copied to the same paths).
 set -eu
 root=$1
 mkdir -p $root/bin $root/sbin
@@ -12,7 +12,13 @@ install -D -m 0755 /usr/sbin/dropbear $root/sbin/dropbear
 # dropbearconvert: recovery's sshd shows the node's own host key (OpenSSH format on the data partition)
 convert=$(command -v dropbearconvert || echo /usr/lib/dropbear/dropbearconvert)
 install -D -m 0755 "$convert" $root/sbin/dropbearconvert
-for lib in $(for bin in /usr/sbin/dropbear "$convert"; do ldd "$bin"; done \
+# cryptsetup and mkfs.ext4: an encrypted data partition is opened here, and made here at a factory reset's
+# crypto-erase (maculaos_device.encryption; the library is the layer's /usr/lib/maculaos/luks.sh)
+install -D -m 0755 /usr/sbin/cryptsetup $root/sbin/cryptsetup
+install -D -m 0755 /usr/sbin/mke2fs $root/sbin/mke2fs
+ln -sf mke2fs $root/sbin/mkfs.ext4
+bins="/usr/sbin/dropbear $convert /usr/sbin/cryptsetup /usr/sbin/mke2fs"
+for lib in $(for bin in $bins; do ldd "$bin"; done \
              | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u); do
   install -D -m 0755 "$lib" "$root$lib"
 done

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""What encrypting the data partition costs (issue 25): the same test ISO installed twice in one live boot, plain
+and encrypted (LUKS2, a USB key disk: unattended), then each disk booted N times and timed, under TCG.
+
+Prints, plain vs encrypted: seconds from QEMU's start to the initrd's slot line, to the data partition mounted
+(the unlock in between), to the test shell; `maculaos upgrade --apply` of the 0.2.0 bundle; a 64 MiB write
+with fsync to the data partition; and in the guest `cryptsetup benchmark` of both ciphers the config offers
+(the guest CPU is QEMU's `max` model under TCG: AES instructions emulated in software). Then the initrd's size
+with and without what encryption adds (cryptsetup, mke2fs, their libraries, dm-crypt and cipher modules),
+each recompressed as the build does (zstd -19).
+Needs out/maculaos-test-0.1.0-amd64.iso and out/update/maculaos-test-0.2.0-amd64.bundle (`make test`).
+Usage: python bench/encryption.py [--boots 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import functools
+import http.server
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from maculaos_device import encryption  # noqa: E402
+
+from maculaos_sdk.node_machine import MaculaMachine  # noqa: E402
+from maculaos_sdk.vm import VmConfig  # noqa: E402
+
+ISO = ROOT / "out" / "maculaos-test-0.1.0-amd64.iso"
+BUNDLE = ROOT / "out" / "update" / "maculaos-test-0.2.0-amd64.bundle"
+# what the initrd carries only for encryption (collect.sh, plan.INITRD_MODULES)
+ENCRYPTION_FILES = re.compile(r"(sbin/(cryptsetup|mke2fs|mkfs\.ext4)|lib/modules/.*(dm-|xts|aesni|adiantum|chacha|"
+                              r"nhpoly|poly1305|algif|af_alg).*|.*/lib(cryptsetup|argon2|json-c|devmapper|ssl|crypto|"
+                              r"ext2fs|e2p|com_err|popt)\.so.*)$")
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+def install_both(work: Path) -> tuple[Path, Path, Path]:
+    """One live boot: the plain install to vda, the encrypted one (USB key source) to vdb."""
+    plain, sealed, stick = work / "plain-amd64.qcow2", work / "sealed-amd64.qcow2", work / "key.img"
+    for disk in (plain, sealed):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "2G"], check=True)
+    subprocess.run(["truncate", "-s", "16M", str(stick)], check=True)
+    subprocess.run(["mkfs.vfat", "-n", encryption.USB_LABEL, str(stick)], check=True, capture_output=True)
+    config = {"storage": {"encryption": {"enabled": True, "key_sources": ["usb"]}}}
+    m = MaculaMachine("bench-install", VmConfig.for_image(ISO, disks=(plain, sealed), usb_sticks=(stick,)), work)
+    m.start()
+    try:
+        m.wait_for_channel(timeout=300)
+        m.succeed(f"echo {base64.b64encode(json.dumps(config).encode()).decode()} | base64 -d > /tmp/sealed.yaml")
+        m.succeed("maculaos install --device /dev/vda --yes", timeout=900)
+        m.succeed("maculaos install --device /dev/vdb --config /tmp/sealed.yaml --yes", timeout=900)
+        m.send_channel_nowait("poweroff")
+        m.wait_for_poweroff(timeout=120)
+    finally:
+        m.close()
+    return plain, sealed, stick
+
+
+def timed(m: MaculaMachine, command: str) -> float:
+    out = m.succeed(f"s=$(date +%s.%N); {command} >/dev/null 2>&1 || echo FAILED; e=$(date +%s.%N); "
+                    "awk \"BEGIN{print $e-$s}\"", timeout=900)
+    if out.startswith("FAILED"):
+        raise SystemExit(f"bench: `{command}` failed in the guest")
+    return float(out.strip().splitlines()[-1])
+
+
+def boot_once(disk: Path, stick: Path, work: Path, url: str | None) -> dict[str, float]:
+    """Boot `disk` once: milestones, and with `url` the update apply and the data write."""
+    m = MaculaMachine("bench-boot", VmConfig.for_image(disk, usb_sticks=(stick,)), work)
+    m.start()
+    try:
+        m.wait_for_console_text(r"maculaos-init: slot A", timeout=300)
+        seen = {"slot line (s)": time.monotonic() - m.started_at}
+        if "sealed" in disk.name:
+            m.wait_for_console_text(r"maculaos-luks: unlocked with", timeout=300)
+            seen["unlock (s)"] = time.monotonic() - m.started_at - seen["slot line (s)"]
+        m.wait_for_channel(timeout=300)
+        seen["test shell (s)"] = time.monotonic() - m.started_at
+        if url:
+            seen["upgrade --apply (s)"] = timed(m, f"maculaos upgrade --apply {url} --no-reboot")
+            env = "/run/maculaos/esp/grub/grubenv"  # no trial: the next boots are of slot A again
+            m.succeed(f"sed -i 's/^trial=B$/trial=#/' {env} {env}.bak && sync")
+            seen["64 MiB write + fsync (s)"] = timed(m, "dd if=/dev/zero of=/var/lib/data/bench bs=1M count=64 "
+                                                        "conv=fsync && rm /var/lib/data/bench")
+        return seen
+    finally:
+        m.close()
+
+
+def ciphers(disk: Path, stick: Path, work: Path) -> dict[str, str]:
+    m = MaculaMachine("bench-ciphers", VmConfig.for_image(disk, usb_sticks=(stick,)), work)
+    m.start()
+    try:
+        m.wait_for_boot()
+        out = {}
+        for cipher in encryption.Cipher:
+            size = 512 if cipher is encryption.Cipher.aes_xts else 256
+            text = m.succeed(f"cryptsetup benchmark --cipher {cipher.value} --key-size {size} 2>&1 | tail -n 1",
+                             timeout=300)
+            out[cipher.value] = " ".join(text.split()[-4:])  # encryption and decryption speed
+        return out
+    finally:
+        m.close()
+
+
+def initrd_sizes(work: Path) -> tuple[int, int]:
+    """The ISO's initrd recompressed whole and without the encryption files (bytes)."""
+    tree = work / "initrd"
+    tree.mkdir()
+    subprocess.run(["xorriso", "-osirrox", "on", "-indev", str(ISO), "-extract", "/boot/initrd.img",
+                    str(work / "initrd.img")], check=True, capture_output=True)
+    subprocess.run(f"zstd -dc {work / 'initrd.img'} | cpio -idm --quiet", shell=True, cwd=tree, check=True)
+    names = subprocess.run("find . | LC_ALL=C sort", shell=True, cwd=tree, check=True, capture_output=True,
+                           text=True).stdout.splitlines()
+    without = [n for n in names if not ENCRYPTION_FILES.match(n.removeprefix("./"))]
+
+    def packed(listing: list[str]) -> int:
+        cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], input="\n".join(listing).encode(), cwd=tree,
+                              check=True, capture_output=True).stdout
+        return len(subprocess.run(["zstd", "-19", "-q", "-c"], input=cpio, check=True, capture_output=True).stdout)
+
+    return packed(names), packed(without)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--boots", type=int, default=2)
+    args = ap.parse_args()
+    for path in (ISO, BUNDLE):
+        if not path.exists():
+            print(f"missing {path}: run `make test` first", file=sys.stderr)
+            return 2
+    handler = functools.partial(QuietHandler, directory=str(BUNDLE.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://10.0.2.2:{server.server_address[1]}/{BUNDLE.name}"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        plain, sealed, stick = install_both(work)
+        runs: dict[str, list[dict[str, float]]] = {"plain": [], "encrypted": []}
+        for n in range(args.boots):
+            for name, disk in (("plain", plain), ("encrypted", sealed)):
+                runs[name].append(boot_once(disk, stick, work, url if n == 0 else None))
+        speeds = ciphers(sealed, stick, work)
+        full, bare = initrd_sizes(work)
+    server.shutdown()
+    print(f"{'TCG, amd64, ' + str(args.boots) + ' boots each (medians)':<34} {'plain':>10} {'encrypted':>10}")
+    for key in runs["encrypted"][0]:
+        values = [statistics.median([r[key] for r in runs[name] if key in r] or [0.0]) for name in runs]
+        print(f"{key:<34} {values[0]:>10.2f} {values[1]:>10.2f}")
+    for cipher, speed in speeds.items():
+        print(f"{'cryptsetup benchmark ' + cipher:<50} {speed}")
+    print(f"{'initrd (zstd -19), bytes':<34} {bare:>10} {full:>10}  (+{(full - bare) / 1e6:.2f} MB for encryption)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

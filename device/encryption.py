@@ -1,0 +1,131 @@
+"""Encryption at rest of the data partition (LUKS2): the facts the installer, the initrd and the docs share.
+
+The data partition is a LUKS2 volume whose volume key cryptsetup draws at random when it is made; each key
+source the node config lists (`storage.encryption.key_sources`, in unlock order) gets a key slot of its own
+and a LUKS2 token that records the source, so the initrd unlocks from the header alone, with no config file
+readable before the unlock. One shell library (`/usr/lib/maculaos/luks.sh`, in the profile layer, so the
+initrd has it too) makes, unlocks and crypto-erases volumes; `shell_file()` renders this module's facts for it
+and for the initrd. Standard library only.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from .schema import BOOL, LIST, STR, Field
+
+
+class KeySource(Enum):
+    """Where a key slot's key comes from; the value is the token type's suffix (`maculaos-<value>`)."""
+
+    passphrase = "passphrase"  # typed on the consoles (serial and screen) at every boot
+    usb = "usb"  # a key file on a removable disk with a given filesystem label, read and forgotten
+
+    @property
+    def token_type(self) -> str:
+        return f"maculaos-{self.value}"
+
+
+class Cipher(Enum):
+    """Data segment ciphers: AES-XTS where the CPU has AES instructions (x86-64, most arm64 SoCs), Adiantum
+    where it has not (the Raspberry Pi 4's Cortex-A72 as Broadcom ships it): several times faster there."""
+
+    aes_xts = "aes-xts-plain64"
+    adiantum = "xchacha12,aes-adiantum-plain64"
+
+
+MAPPER = "maculaos-data"  # /dev/mapper/<MAPPER>: the unlocked data partition
+USB_LABEL = "MACULA_KEY"  # the key disk's filesystem label (default)
+USB_LABEL_PATTERN = r"[A-Z0-9_]{1,11}"  # FAT labels: 11 characters; also what findfs matches literally
+USB_KEY_FILE = "maculaos/data.key"  # on the key disk
+KEY_BYTES = 64  # a generated key file: 512 random bits (no stretching needed: PBKDF2 with 1000 iterations)
+PASSPHRASE_TRIES = 3  # then the recovery shell (locked by its own password)
+PASSPHRASE_PATTERN = r"[\x20-\x7e]{8,256}"  # printable ASCII: typeable on any console keymap
+USB_WAIT_SECONDS = 5  # how long the initrd waits for the key disk to show up before the next source
+MAX_TOKENS = 8  # LUKS2 has 32 token slots; the initrd looks at this many
+
+FIELDS: tuple[Field, ...] = (
+    Field("storage.encryption.enabled", BOOL, False,
+          "Encrypt the data partition (LUKS2) with a fresh random volume key, made by `maculaos install` (a "
+          "profile building disk or SD images may not set it yet: their first boot would keep it plain). Read "
+          "when the volume is made: a node already installed keeps what it has; a factory reset makes a new one."),
+    Field("storage.encryption.method", STR, "luks2", "The on-disk format.", choices=("luks2",)),
+    Field("storage.encryption.key_sources", LIST, ["passphrase"],
+          "Key sources, each with a key slot of its own, tried in this order at boot: `passphrase` (asked "
+          f"on the consoles, {PASSPHRASE_TRIES} tries, then the recovery shell), `usb` (the key file "
+          f"`{USB_KEY_FILE}` on a disk labelled `storage.encryption.usb_label`; made there when absent).",
+          choices=tuple(s.value for s in KeySource)),
+    Field("storage.encryption.cipher", STR, Cipher.aes_xts.value,
+          "Data cipher: `aes-xts-plain64` where the CPU has AES instructions, "
+          "`xchacha12,aes-adiantum-plain64` where it has not (Raspberry Pi 4).",
+          choices=tuple(c.value for c in Cipher)),
+    Field("storage.encryption.usb_label", STR, USB_LABEL, "Filesystem label of the USB key disk.",
+          pattern=USB_LABEL_PATTERN),
+    Field("storage.encryption.passphrase", STR, "",
+          "The passphrase `maculaos install` enrolls (8-256 printable characters). Never stored: the "
+          "installed config.yaml has it removed, and a profile or an image may not carry it; without it "
+          "the installer asks on its terminal.",
+          pattern=PASSPHRASE_PATTERN, secret=True),
+)
+SECRET_KEYS = ("storage.encryption.passphrase",)  # removed from any config that is stored or built in
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a node's config asks of its data partition."""
+
+    enabled: bool
+    sources: tuple[KeySource, ...]
+    cipher: Cipher
+    usb_label: str
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> Policy:
+        """From a resolved node config (nodeconfig.resolve: every key present, every value checked)."""
+        enc = config["storage"]["encryption"]
+        return cls(enabled=enc["enabled"], sources=tuple(dict.fromkeys(KeySource(s) for s in enc["key_sources"])),
+                   cipher=Cipher(enc["cipher"]), usb_label=enc["usb_label"])
+
+    def problem(self) -> str | None:
+        """Why this policy cannot make a volume, or None."""
+        if self.enabled and not self.sources:
+            return "storage.encryption.key_sources is empty: nothing could unlock the data partition"
+        return None
+
+    def shell_args(self) -> list[str]:
+        """The arguments of luks.sh's `luks_create`: cipher, label, then the sources in unlock order."""
+        for value in (self.cipher.value, self.usb_label, *(s.value for s in self.sources)):
+            assert re.fullmatch(r"[A-Za-z0-9_,-]+", value), value  # validated by the schema: never shell syntax
+        return [self.cipher.value, self.usb_label, *(s.value for s in self.sources)]
+
+
+def without_secrets(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config mapping with the keys that must never be stored taken out."""
+    import copy
+
+    out = copy.deepcopy(config)
+    for key in SECRET_KEYS:
+        *parents, leaf = key.split(".")
+        node: Any = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
+def shell_file() -> str:
+    """This module's facts as shell assignments (MACULAOS_LUKS_<NAME>=...), for luks.sh and the initrd."""
+    facts = {
+        "MAPPER": MAPPER, "USB_LABEL": USB_LABEL, "USB_KEY_FILE": USB_KEY_FILE, "KEY_BYTES": KEY_BYTES,
+        "TRIES": PASSPHRASE_TRIES,
+        "USB_WAIT": USB_WAIT_SECONDS, "MAX_TOKENS": MAX_TOKENS, "USB_LABEL_RE": USB_LABEL_PATTERN,
+        "SOURCES": " ".join(s.value for s in KeySource), "CIPHERS": " ".join(c.value for c in Cipher),
+    }
+    lines = ["# maculaos_device.encryption, rendered by the SDK: source it, never edit it",
+             "# shellcheck disable=SC2034  # each script reads only some of them", "{"]
+    lines += [f"  MACULAOS_LUKS_{name}='{value}'" for name, value in facts.items()]
+    return "\n".join([*lines, "}"]) + "\n"

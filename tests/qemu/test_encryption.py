@@ -1,0 +1,130 @@
+"""Encryption at rest (issue 25): `maculaos install` makes the data partition a LUKS2 volume whose key sources
+(a USB key disk, then a passphrase) the initrd unlocks from the header alone; what the node writes is not on
+the raw disk; a factory reset crypto-erases the volume and makes a new one."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import subprocess
+from pathlib import Path
+
+import pytest
+from maculaos_device import encryption, layout
+
+pytestmark = pytest.mark.qemu
+
+PASSPHRASE = "correct horse battery staple"
+NEW_PASSPHRASE = "a new node, a new passphrase"
+DATA = "/dev/vda4"
+
+
+def _key_disk(path: Path) -> Path:
+    """An empty FAT disk labelled as the key source expects, as an operator prepares a USB stick."""
+    subprocess.run(["truncate", "-s", "16M", str(path)], check=True)
+    subprocess.run(["mkfs.vfat", "-n", encryption.USB_LABEL, str(path)], check=True, capture_output=True)
+    return path
+
+
+def _header(m) -> dict:
+    return json.loads(m.succeed(f"cryptsetup luksDump --dump-json-metadata {DATA}"))
+
+
+def _disk_holds(image: Path, needles: list[bytes], work: Path) -> dict[bytes, bool]:
+    """Which of `needles` occur anywhere in the disk's raw bytes (read while the guest runs, after its sync)."""
+    raw = work / "raw.img"
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(image), str(raw)], check=True)
+    found = dict.fromkeys(needles, False)
+    overlap = max(map(len, needles))
+    tail = b""
+    with raw.open("rb") as f:
+        while chunk := f.read(16 << 20):
+            window = tail + chunk
+            for n in needles:
+                found[n] = found[n] or n in window
+            tail = window[-overlap:]
+    raw.unlink()
+    return found
+
+
+def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_machine, tmp_path):
+    target = tmp_path / "target-amd64.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), "2G"], check=True)
+    stick = _key_disk(tmp_path / "key.img")
+
+    # 1. install from the live ISO with a USB key disk (its key is made by the installer) and a passphrase
+    live = make_machine(test_iso, "installer", disks=(target,), usb_sticks=(stick,))
+    live.start()
+    live.wait_for_channel(timeout=240)
+    config = {"storage": {"encryption": {"enabled": True, "key_sources": ["usb", "passphrase"],
+                                         "passphrase": PASSPHRASE}},
+              "maculaos": {"hostname": "sealed"}}
+    encoded = base64.b64encode(json.dumps(config).encode()).decode()  # JSON is YAML
+    live.succeed(f"echo {encoded} | base64 -d > /tmp/node.yaml")
+    live.succeed("maculaos install --device /dev/vda --config /tmp/node.yaml --yes", timeout=600)
+    header = _header(live)
+    tokens = [header["tokens"][str(i)] for i in range(len(header["tokens"]))]
+    assert [(t["type"], t["keyslots"]) for t in tokens] == [("maculaos-usb", ["0"]), ("maculaos-passphrase", ["1"])]
+    assert tokens[0]["label"] == encryption.USB_LABEL
+    assert header["keyslots"]["0"]["kdf"]["type"] == "pbkdf2"  # a random key: nothing to stretch
+    assert header["keyslots"]["1"]["kdf"]["type"] == "argon2id"  # a passphrase: memory-hard
+    assert header["segments"]["0"]["encryption"] == encryption.Cipher.aes_xts.value
+    live.send_channel_nowait("poweroff")
+    live.wait_for_poweroff(timeout=120)
+    key = subprocess.run(["mtype", "-i", str(stick), f"::{encryption.USB_KEY_FILE}"], check=True,
+                         capture_output=True).stdout
+    assert len(key) == encryption.KEY_BYTES
+
+    # 2. the installed disk with the key disk: unlocked unattended; a marker written there is not on the raw disk
+    m = make_machine(target, "usb-key", usb_sticks=(stick,))
+    m.start()
+    assert m.wait_for_boot() == "A"
+    m.wait_for_console_text(rf"maculaos-luks: unlocked with the key on /dev/sd\w+ \({encryption.USB_LABEL}\)",
+                            timeout=5)
+    status = m.succeed(f"cryptsetup status {encryption.MAPPER}")
+    assert "type:    LUKS2" in status and f"device:  {DATA}" in status
+    mounts = [line.split()[:2] for line in m.succeed("cat /proc/mounts").splitlines()]
+    assert [f"/dev/mapper/{encryption.MAPPER}", "/var/lib/maculaos"] in mounts
+    stored = m.succeed("cat /var/lib/maculaos/config.yaml")
+    assert "sealed" in stored and PASSPHRASE not in stored and "passphrase:" not in stored  # its secret taken out
+    marker = f"maculaos-marker-{secrets.token_hex(8)}"
+    m.succeed(f"echo {marker} > /var/lib/data/marker && echo {marker} > /var/lib/maculaos/marker && sync")
+    assert m.succeed("cat /var/lib/data/marker").strip() == marker
+    found = _disk_holds(target, [marker.encode(), PASSPHRASE.encode(), b"sealed", b"LUKS\xba\xbe"], tmp_path)
+    assert found == {marker.encode(): False, PASSPHRASE.encode(): False, b"sealed": False, b"LUKS\xba\xbe": True}
+    uuid = m.succeed(f"cryptsetup luksUUID {DATA}").strip()
+    floor = f"/run/maculaos/data/{layout.HIGHEST_VERSION_FILE}"
+    highest = m.wait_until_succeeds(f"cat {floor}", timeout=120)  # the confirm service records it
+
+    # 3. factory reset: the volume is crypto-erased and made anew (the key disk kept, a new passphrase chosen)
+    m.send_channel_nowait("maculaos factory-reset --confirm")
+    assert m.wait_for_console_text(r"maculaos-init: slot ([AB])", timeout=240).group(1) == "A"
+    m.wait_for_console_text(r"factory reset: crypto-erasing the data partition", timeout=120)
+    for prompt in ("Choose the passphrase for the data partition", "Type it again"):
+        m.wait_for_console_text(prompt, timeout=60)
+        m.send_console(NEW_PASSPHRASE + "\r")
+    m.wait_for_console_text(r"maculaos-luks: made an encrypted data partition on /dev/vda4", timeout=120)
+    m.wait_for_channel(timeout=240)
+    assert m.succeed(f"cryptsetup luksUUID {DATA}").strip() != uuid
+    m.succeed("test ! -e /var/lib/data/marker && test ! -e /var/lib/maculaos/marker")
+    assert m.succeed(f"cat {floor}") == highest  # the anti-rollback floor survives the reset
+    assert [(t["type"], t["keyslots"]) for t in _header(m)["tokens"].values()] == \
+        [("maculaos-usb", ["0"]), ("maculaos-passphrase", ["1"])]
+    m.shutdown()
+
+    # 4. without the key disk: the passphrase, asked on the console; the old one no longer opens anything
+    p = make_machine(target, "passphrase")
+    p.start()
+    assert p.wait_for_console_text(r"maculaos-init: slot ([AB])", timeout=240).group(1) == "A"
+    p.wait_for_console_text(rf"no disk labelled {encryption.USB_LABEL}: trying the next key source", timeout=60)
+    p.wait_for_console_text(r"Passphrase for the data partition \(1/3\): ", timeout=60)
+    p.send_console(PASSPHRASE + "\r")
+    p.wait_for_console_text(r"maculaos-luks: wrong passphrase", timeout=60)
+    p.wait_for_console_text(r"Passphrase for the data partition \(2/3\): ", timeout=60)
+    p.send_console(NEW_PASSPHRASE + "\r")
+    p.wait_for_console_text(r"maculaos-luks: unlocked with the passphrase", timeout=60)
+    p.wait_for_channel(timeout=240)
+    assert NEW_PASSPHRASE not in p.console_text()  # never echoed
+    s = p.upgrade_status()
+    assert (s["mode"], s["booted"], s["active"]) == ("disk", "A", "A")
