@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import base64
-import functools
-import http.server
 import json
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from maculaos_device import encryption  # noqa: E402
 
 from maculaos_sdk.node_machine import MaculaMachine  # noqa: E402
+from maculaos_sdk.publish import serve  # noqa: E402
 from maculaos_sdk.vm import VmConfig  # noqa: E402
 
 ISO = ROOT / "out" / "maculaos-test-0.1.0-amd64.iso"
@@ -42,11 +40,6 @@ BUNDLE = ROOT / "out" / "update" / "maculaos-test-0.2.0-amd64.bundle"
 ENCRYPTION_FILES = re.compile(r"(sbin/(cryptsetup|mke2fs|mkfs\.ext4)|lib/modules/.*(dm-|xts|aesni|adiantum|chacha|"
                               r"nhpoly|poly1305|algif|af_alg).*|.*/lib(cryptsetup|argon2|json-c|devmapper|ssl|crypto|"
                               r"ext2fs|e2p|com_err|popt)\.so.*)$")
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
 
 
 def install_both(work: Path) -> tuple[Path, Path, Path]:
@@ -72,10 +65,10 @@ def install_both(work: Path) -> tuple[Path, Path, Path]:
 
 
 def timed(m: MaculaMachine, command: str) -> float:
-    out = m.succeed(f"s=$(date +%s.%N); {command} >/dev/null 2>&1 || echo FAILED; e=$(date +%s.%N); "
+    out = m.succeed(f"s=$(date +%s.%N); {command} >/tmp/bench.out 2>&1 || echo FAILED; e=$(date +%s.%N); "
                     "awk \"BEGIN{print $e-$s}\"", timeout=900)
     if out.startswith("FAILED"):
-        raise SystemExit(f"bench: `{command}` failed in the guest")
+        raise SystemExit(f"bench: `{command}` failed in the guest:\n{m.succeed('cat /tmp/bench.out')}")
     return float(out.strip().splitlines()[-1])
 
 
@@ -92,6 +85,7 @@ def boot_once(disk: Path, stick: Path, work: Path, url: str | None) -> dict[str,
         m.wait_for_channel(timeout=300)
         seen["test shell (s)"] = time.monotonic() - m.started_at
         if url:
+            m.wait_until_booted()  # the boot's own confirm is done: an apply now is not refused for its lock
             seen["upgrade --apply (s)"] = timed(m, f"maculaos upgrade --apply {url} --no-reboot")
             env = "/run/maculaos/esp/grub/grubenv"  # no trial: the next boots are of slot A again
             m.succeed(f"sed -i 's/^trial=B$/trial=#/' {env} {env}.bak && sync")
@@ -145,9 +139,7 @@ def main() -> int:
         if not path.exists():
             print(f"missing {path}: run `make test` first", file=sys.stderr)
             return 2
-    handler = functools.partial(QuietHandler, directory=str(BUNDLE.parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve(BUNDLE.parent)
     url = f"http://10.0.2.2:{server.server_address[1]}/{BUNDLE.name}"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -14,14 +14,11 @@ guest and put first on the path), so two versions of the updater are timed in th
 from __future__ import annotations
 
 import argparse
-import functools
-import http.server
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,17 +26,11 @@ sys.path.insert(0, str(ROOT))
 
 from maculaos_sdk.machine import cow_disk  # noqa: E402
 from maculaos_sdk.node_machine import MaculaMachine  # noqa: E402
+from maculaos_sdk.publish import serve  # noqa: E402
 from maculaos_sdk.vm import VmConfig  # noqa: E402
 
 DISK = ROOT / "out" / "maculaos-test-0.1.0-amd64.qcow2"
 BUNDLE = ROOT / "out" / "update" / "maculaos-test-0.2.0-amd64.bundle"
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files without a log line per request."""
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
 
 
 def main() -> int:
@@ -57,9 +48,7 @@ def main() -> int:
         tar = subprocess.run(["git", "archive", "--prefix=maculaos_device/", f"{args.compare_with}:device"],
                              cwd=ROOT, check=True, capture_output=True).stdout
         (served / "device.tar").write_bytes(tar)
-    handler = functools.partial(QuietHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve(served)
     base = f"http://10.0.2.2:{server.server_address[1]}"
     url = f"{base}/{BUNDLE.name}"
     other = ("python3 -I -c 'import sys; sys.path.insert(0, \"/tmp/rev\"); from maculaos_device.cli import main; "

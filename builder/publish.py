@@ -13,11 +13,14 @@ the server cannot keep a node on a stale release without it saying so. Re-publis
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,3 +159,19 @@ def _point(pointer: Path, candidates: list[Published], channel: str, secret: Pat
     # the signature first: a device reading between the two renames sees a mismatch and retries later
     os.replace(tmp.with_name(tmp.name + ".minisig"), pointer.with_name(pointer.name + ".minisig"))
     os.replace(tmp, pointer)
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files without a log line per request."""
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+def serve(folder: Path, handler: type[QuietHandler] = QuietHandler) -> http.server.ThreadingHTTPServer:
+    """Serve `folder` (an update server's layout, a bundle) over HTTP on 127.0.0.1, on a free port, in a thread:
+    what the QEMU tests and the benches update guests from (QEMU's user network shows it as 10.0.2.2).
+    `server.server_address[1]` is the port; `server.shutdown()` stops it."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

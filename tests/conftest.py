@@ -25,10 +25,10 @@ def write_profile(tmp_path: Path):
 # other sits idle.
 LONGEST_FIRST = (
     "test_arm64_update_failing_its_health_check_is_rolled_back_by_grub",
+    "test_encrypted_install_usb_key_passphrase_and_crypto_erase",  # an install and seven disk boots
     "test_unconfirmed_or_hanging_update_rolls_back_after_three_tries",
     "test_custom_image_and_node_config_take_effect",
     "test_good_update_boots_b_and_is_confirmed_then_manual_rollback",
-    "test_encrypted_install_usb_key_passphrase_and_crypto_erase",  # ~370 s: an install and three disk boots
     "test_power_cut_while_writing_the_slot_or_the_env_boots_the_committed_slot",
     "test_install_from_iso_menu_to_blank_disk_then_boot_it",
     "test_rpi_slot_a_boots_to_a_shell_under_virt",  # rpi4 (with a second boot) and rpi5: one per worker

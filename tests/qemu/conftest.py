@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from maculaos_sdk.build import BuildOptions, build_image
+from maculaos_sdk.keys import signing_key
 from maculaos_sdk.machine import cow_disk, guest_cpus
 from maculaos_sdk.node_machine import MaculaMachine
 from maculaos_sdk.paths import sdk_root
 from maculaos_sdk.profile import Profile, load_profile
+from maculaos_sdk.publish import publish, serve
 from maculaos_sdk.vm import VmConfig
 
 OUT = Path(os.environ.get("MACULAOS_TEST_OUT", sdk_root() / "out"))
@@ -66,6 +68,18 @@ def update_bundle(tmp_path_factory) -> Path:
     """A signed 0.2.0 bundle of the test profile (same signing key as the 0.1.0 disk)."""
     profile = load_profile(str(Path(__file__).parent / "profiles" / "test-update.yaml"))
     return build_once(tmp_path_factory, "update-amd64", profile, OUT / "update")["maculaos-test-0.2.0-amd64.bundle"]
+
+
+@pytest.fixture(scope="module")
+def bundle_server(update_bundle: Path, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """Serve a folder of bundles over HTTP on the host (the guest reaches it as 10.0.2.2): the 0.2.0 bundle as
+    `good/`, and an update server with a signed `stable` channel naming it."""
+    root = tmp_path_factory.mktemp("bundles")
+    shutil.copytree(update_bundle, root / "good")
+    publish([update_bundle], root, "stable", signing_key=signing_key(""))
+    server = serve(root)
+    yield f"http://10.0.2.2:{server.server_address[1]}", root
+    server.shutdown()
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import re
 import shutil
@@ -20,29 +18,9 @@ from maculaos_device import layout
 from maculaos_sdk.keys import signing_key
 from maculaos_sdk.machine import cow_disk, free_port
 from maculaos_sdk.node_machine import accepted_ports
-from maculaos_sdk.publish import publish
+from maculaos_sdk.publish import QuietHandler, publish, serve
 
 pytestmark = pytest.mark.qemu
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files without a log line per request."""
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-
-@pytest.fixture(scope="module")
-def bundle_server(update_bundle: Path, tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    """Serve a folder of bundles over HTTP on the host (the guest reaches it as 10.0.2.2)."""
-    root = tmp_path_factory.mktemp("bundles")
-    shutil.copytree(update_bundle, root / "good")
-    publish([update_bundle], root, "stable", signing_key=signing_key(""))  # an update server with a signed channel
-    handler = functools.partial(QuietHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://10.0.2.2:{server.server_address[1]}", root
-    server.shutdown()
 
 
 @pytest.fixture
@@ -65,8 +43,7 @@ def stalling_server(update_bundle: Path, tmp_path) -> Iterator[tuple[str, thread
             half_sent.set()
             release.wait(600)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Stalling, directory=str(tmp_path)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve(tmp_path, Stalling)
     yield f"http://10.0.2.2:{server.server_address[1]}/stall", half_sent
     release.set()
     server.shutdown()

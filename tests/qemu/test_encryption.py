@@ -1,6 +1,7 @@
 """Encryption at rest (issue 25): `maculaos install` makes the data partition a LUKS2 volume whose key sources
 (a USB key disk, then a passphrase) the initrd unlocks from the header alone; what the node writes is not on
-the raw disk; a factory reset crypto-erases the volume and makes a new one."""
+the raw disk; an update and a rollback keep unlocking; a factory reset crypto-erases the volume and makes a new
+one; three wrong passphrases end in the recovery shell, which unlocks by hand; the Adiantum cipher opens too."""
 
 from __future__ import annotations
 
@@ -48,13 +49,15 @@ def _disk_holds(image: Path, needles: list[bytes], work: Path) -> dict[bytes, bo
     return found
 
 
-def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_machine, tmp_path):
-    target = tmp_path / "target-amd64.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), "2G"], check=True)
+def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_machine, bundle_server, tmp_path):
+    target, second = tmp_path / "target-amd64.qcow2", tmp_path / "adiantum-amd64.qcow2"
+    for disk in (target, second):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "2G"], check=True)
     stick = _key_disk(tmp_path / "key.img")
 
-    # 1. install from the live ISO with a USB key disk (its key is made by the installer) and a passphrase
-    live = make_machine(test_iso, "installer", disks=(target,), usb_sticks=(stick,))
+    # 1. install from the live ISO with a USB key disk (its key is made by the installer) and a passphrase; and a
+    #    second disk with the other cipher and the same key disk (its key is reused)
+    live = make_machine(test_iso, "installer", disks=(target, second), usb_sticks=(stick,))
     live.start()
     live.wait_for_channel(timeout=240)
     config = {"storage": {"encryption": {"enabled": True, "key_sources": ["usb", "passphrase"],
@@ -70,6 +73,11 @@ def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_ma
     assert header["keyslots"]["0"]["kdf"]["type"] == "pbkdf2"  # a random key: nothing to stretch
     assert header["keyslots"]["1"]["kdf"]["type"] == "argon2id"  # a passphrase: memory-hard
     assert header["segments"]["0"]["encryption"] == encryption.Cipher.aes_xts.value
+    adiantum = {"storage": {"encryption": {"enabled": True, "key_sources": ["usb"],
+                                           "cipher": encryption.Cipher.adiantum.value}}}
+    encoded = base64.b64encode(json.dumps(adiantum).encode()).decode()
+    live.succeed(f"echo {encoded} | base64 -d > /tmp/adiantum.yaml")
+    live.succeed("maculaos install --device /dev/vdb --config /tmp/adiantum.yaml --yes", timeout=600)
     live.send_channel_nowait("poweroff")
     live.wait_for_poweroff(timeout=120)
     key = subprocess.run(["mtype", "-i", str(stick), f"::{encryption.USB_KEY_FILE}"], check=True,
@@ -94,6 +102,18 @@ def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_ma
     found = _disk_holds(target, [marker.encode(), PASSPHRASE.encode(), b"sealed", b"LUKS\xba\xbe"], tmp_path)
     assert found == {marker.encode(): False, PASSPHRASE.encode(): False, b"sealed": False, b"LUKS\xba\xbe": True}
     uuid = m.succeed(f"cryptsetup luksUUID {DATA}").strip()
+
+    # an update to B (its own initrd opens the volume A's made) and a rollback keep unlocking unattended
+    url, _ = bundle_server
+    m.succeed(f"maculaos upgrade --apply {url}/good --no-reboot", timeout=300)
+    for slot in ("B", "A"):
+        assert m.reboot() == slot
+        m.wait_for_console_text(r"maculaos-luks: unlocked with the key on /dev/sd\w+", timeout=5)
+        m.wait_until_succeeds(f"maculaos upgrade --status | jq -e '.active == \"{slot}\" and .trial == null'",
+                              timeout=120)
+        assert m.succeed("cat /var/lib/data/marker").strip() == marker
+        if slot == "B":
+            m.succeed("maculaos upgrade --rollback --no-reboot")
     floor = f"/run/maculaos/data/{layout.HIGHEST_VERSION_FILE}"
     highest = m.wait_until_succeeds(f"cat {floor}", timeout=120)  # the confirm service records it
 
@@ -113,18 +133,41 @@ def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_ma
         [("maculaos-usb", ["0"]), ("maculaos-passphrase", ["1"])]
     m.shutdown()
 
-    # 4. without the key disk: the passphrase, asked on the console; the old one no longer opens anything
+    # 4. without the key disk: the passphrase, asked on the console; the old one opens nothing any more, and after
+    #    three wrong tries the recovery shell (the volume locked) unlocks it by hand with the passphrase slot
     p = make_machine(target, "passphrase")
     p.start()
     assert p.wait_for_console_text(r"maculaos-init: slot ([AB])", timeout=240).group(1) == "A"
     p.wait_for_console_text(rf"no disk labelled {encryption.USB_LABEL}: trying the next key source", timeout=60)
+    for n in (1, 2, 3):
+        p.wait_for_console_text(rf"Passphrase for the data partition \({n}/3\): ", timeout=60)
+        p.send_console(PASSPHRASE + "\r")
+        p.wait_for_console_text(r"maculaos-luks: wrong passphrase", timeout=60)
+    p.wait_for_console_text(r"no key source unlocked the data partition /dev/vda4: it stays locked", timeout=30)
+    p.wait_for_console_text(r"The data partition /dev/vda4 is encrypted: 'cryptsetup open", timeout=60)
+    p.wait_for_console_text(r"\(recovery\) # ", timeout=60)
+    p.send_console(f"cryptsetup open {DATA} data\r")
+    p.wait_for_console_text(rf"Enter passphrase for {DATA}: ", timeout=60)
+    p.send_console(NEW_PASSPHRASE + "\r")
+    p.wait_for_console_text(r"\(recovery\) # ", timeout=120)
+    p.send_console(f"mount -t ext4 /dev/mapper/data /mnt && echo floor:$(cat /mnt/{layout.HIGHEST_VERSION_FILE})\r")
+    # (the typed line is echoed too: the value starts with a digit, the echo with `$`)
+    assert p.wait_for_console_text(r"floor:(\d\S*)", timeout=60).group(1) == highest.strip()
+    p.send_console("umount /mnt && cryptsetup close data && reboot -f\r")
+    assert p.wait_for_console_text(r"maculaos-init: slot ([AB])", timeout=240).group(1) == "A"
     p.wait_for_console_text(r"Passphrase for the data partition \(1/3\): ", timeout=60)
-    p.send_console(PASSPHRASE + "\r")
-    p.wait_for_console_text(r"maculaos-luks: wrong passphrase", timeout=60)
-    p.wait_for_console_text(r"Passphrase for the data partition \(2/3\): ", timeout=60)
     p.send_console(NEW_PASSPHRASE + "\r")
     p.wait_for_console_text(r"maculaos-luks: unlocked with the passphrase", timeout=60)
     p.wait_for_channel(timeout=240)
-    assert NEW_PASSPHRASE not in p.console_text()  # never echoed
+    assert NEW_PASSPHRASE not in p.console_text() and PASSPHRASE not in p.console_text()  # never echoed
     s = p.upgrade_status()
     assert (s["mode"], s["booted"], s["active"]) == ("disk", "A", "A")
+    p.shutdown()
+
+    # 5. the other cipher (boards without AES instructions), opened in the initrd with the same key disk
+    a = make_machine(second, "adiantum", usb_sticks=(stick,))
+    a.start()
+    assert a.wait_for_boot() == "A"
+    a.wait_for_console_text(rf"maculaos-luks: unlocked with the key on /dev/sd\w+ \({encryption.USB_LABEL}\)",
+                            timeout=5)
+    assert f"cipher:  {encryption.Cipher.adiantum.value}" in a.succeed(f"cryptsetup status {encryption.MAPPER}")

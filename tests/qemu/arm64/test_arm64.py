@@ -3,10 +3,7 @@ the live ISO, and an update on the A/B disk that fails its health check and is r
 
 from __future__ import annotations
 
-import functools
-import http.server
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +11,7 @@ import pytest
 
 from maculaos_sdk.machine import cow_disk
 from maculaos_sdk.node_machine import check_native_step_outputs
-
-from ..test_ab_updates import QuietHandler
+from maculaos_sdk.publish import serve
 
 pytestmark = pytest.mark.qemu
 
@@ -24,8 +20,7 @@ pytestmark = pytest.mark.qemu
 def arm64_bundle_url(arm64_update_bundle: Path, tmp_path_factory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("arm64-bundles")
     shutil.copytree(arm64_update_bundle, root / "good")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve(root)
     yield f"http://10.0.2.2:{server.server_address[1]}/good"
     server.shutdown()
 
