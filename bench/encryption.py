@@ -39,7 +39,7 @@ BUNDLE = ROOT / "out" / "update" / "maculaos-test-0.2.0-amd64.bundle"
 # what the initrd carries only for encryption (collect.sh, plan.INITRD_MODULES)
 ENCRYPTION_FILES = re.compile(r"(sbin/(cryptsetup|mke2fs|mkfs\.ext4)|lib/modules/.*(dm-|xts|aesni|adiantum|chacha|"
                               r"nhpoly|poly1305|algif|af_alg).*|.*/lib(cryptsetup|argon2|json-c|devmapper|ssl|crypto|"
-                              r"ext2fs|e2p|com_err|popt)\.so.*)$")
+                              r"ext2fs|e2p|com_err|popt|blkid|uuid|selinux|pcre2-8|udev|cap|zstd)\.so.*)$")
 
 
 def install_both(work: Path) -> tuple[Path, Path, Path]:
@@ -112,23 +112,35 @@ def ciphers(disk: Path, stick: Path, work: Path) -> dict[str, str]:
         m.close()
 
 
-def initrd_sizes(work: Path) -> tuple[int, int]:
-    """The ISO's initrd recompressed whole and without the encryption files (bytes)."""
-    tree = work / "initrd"
-    tree.mkdir()
-    subprocess.run(["xorriso", "-osirrox", "on", "-indev", str(ISO), "-extract", "/boot/initrd.img",
-                    str(work / "initrd.img")], check=True, capture_output=True)
-    subprocess.run(f"zstd -dc {work / 'initrd.img'} | cpio -idm --quiet", shell=True, cwd=tree, check=True)
-    names = subprocess.run("find . | LC_ALL=C sort", shell=True, cwd=tree, check=True, capture_output=True,
-                           text=True).stdout.splitlines()
-    without = [n for n in names if not ENCRYPTION_FILES.match(n.removeprefix("./"))]
+def cpio_entries(data: bytes) -> list[tuple[str, bytes]]:
+    """(name, raw bytes of the entry) for each entry of a newc cpio archive, the trailer left out."""
+    entries, pos = [], 0
+    while pos < len(data):
+        header = data[pos:pos + 110]
+        namesize, filesize = int(header[94:102], 16), int(header[54:62], 16)
+        name_end = pos + 110 + namesize
+        data_start = (name_end + 3) & ~3
+        end = (data_start + filesize + 3) & ~3
+        name = data[pos + 110:name_end - 1].decode()
+        if name == "TRAILER!!!":
+            break
+        entries.append((name, data[pos:end]))
+        pos = end
+    return entries
 
-    def packed(listing: list[str]) -> int:
-        cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], input="\n".join(listing).encode(), cwd=tree,
-                              check=True, capture_output=True).stdout
+
+def initrd_sizes() -> tuple[int, int]:
+    """The build's initrd recompressed as the build does, whole and without the encryption files (bytes)."""
+    initrd = ISO.with_name(ISO.name.replace(".iso", ".bundle")) / "initrd.img"
+    raw = subprocess.run(["zstd", "-dc", str(initrd)], check=True, capture_output=True).stdout
+    entries = cpio_entries(raw)
+    trailer = b"070701" + b"0" * 8 * 11 + b"0000000B" + b"0" * 8 + b"TRAILER!!!\0"
+
+    def packed(kept: list[tuple[str, bytes]]) -> int:
+        cpio = b"".join(e for _, e in kept) + trailer
         return len(subprocess.run(["zstd", "-19", "-q", "-c"], input=cpio, check=True, capture_output=True).stdout)
 
-    return packed(names), packed(without)
+    return packed(entries), packed([e for e in entries if not ENCRYPTION_FILES.match(e[0].removeprefix("./"))])
 
 
 def main() -> int:
@@ -141,6 +153,7 @@ def main() -> int:
             return 2
     server = serve(BUNDLE.parent)
     url = f"http://10.0.2.2:{server.server_address[1]}/{BUNDLE.name}"
+    full, bare = initrd_sizes()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         plain, sealed, stick = install_both(work)
@@ -149,7 +162,6 @@ def main() -> int:
             for name, disk in (("plain", plain), ("encrypted", sealed)):
                 runs[name].append(boot_once(disk, stick, work, url if n == 0 else None))
         speeds = ciphers(sealed, stick, work)
-        full, bare = initrd_sizes(work)
     server.shutdown()
     print(f"{'TCG, amd64, ' + str(args.boots) + ' boots each (medians)':<34} {'plain':>10} {'encrypted':>10}")
     for key in runs["encrypted"][0]:

@@ -17,6 +17,11 @@ from .errors import BadInput, BuildFailed
 from .profile import Profile
 from .stages import StageMeta, load_stages
 
+# An encrypted data partition (maculaos_device.encryption): the ciphers by their crypto API aliases (whichever
+# modules provide them in this kernel: aesni or the arm64 CE ones, chacha's generic or SIMD code), then
+# dm-crypt, so they load with it. The initrd has no modprobe for the kernel to ask for them later.
+_ENCRYPTION = ["algif-skcipher", "crypto-aes", "crypto-xts", "crypto-xchacha12", "crypto-nhpoly1305",
+               "crypto-adiantum", "dm_crypt"]
 # Modules the initrd loads so it can find and mount the boot medium (missing ones are builtin).
 INITRD_MODULES: dict[str, list[str]] = {
     "amd64": ["loop", "squashfs", "overlay", "isofs", "sr_mod", "ata_piix", "ahci", "sd_mod",
@@ -24,12 +29,11 @@ INITRD_MODULES: dict[str, list[str]] = {
               "xhci_pci", "ehci_pci", "ext4", "vfat", "nls_cp437", "nls_iso8859_1", "nls_ascii",
               # recovery: its network, and USB keyboards (the console's, once xhci took the controller from the BIOS)
               "virtio_net", "e1000", "e1000e", "usbhid", "hid_generic",
-              # an encrypted data partition (maculaos_device.encryption): the ciphers first, so they load with it
-              "algif_skcipher", "xts", "aesni_intel", "chacha_generic", "nhpoly1305", "adiantum", "dm_crypt"],
+              *_ENCRYPTION],
     "arm64": ["loop", "squashfs", "overlay", "isofs", "sr_mod", "sd_mod", "virtio_pci", "virtio_mmio",
               "virtio_blk", "virtio_scsi", "virtio_console", "nvme", "usb_storage", "uas", "xhci_pci",
               "ext4", "vfat", "nls_cp437", "nls_iso8859_1", "nls_ascii", "virtio_net", "usbhid", "hid_generic",
-              "algif_skcipher", "xts", "aes_ce_blk", "chacha_generic", "nhpoly1305", "adiantum", "dm_crypt"],
+              *_ENCRYPTION],
 }
 
 # Packages the boot path itself needs, whatever the profile asks for.
