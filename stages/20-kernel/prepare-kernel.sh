@@ -52,7 +52,13 @@ for p in $prune; do rm -rf "/k/lib/modules/$kver/kernel/$p"; done
 depmod -b /k "$kver"
 : > /out/initrd-modules.txt
 for m in $wanted; do
+  # `?name`: wanted where the kernel has it (a crypto alias a newer kernel folded into a library, say)
+  optional=
+  case "$m" in \?*) optional=1; m=${m#?} ;; esac
   if ! deps=$(modprobe -d /k -S "$kver" --show-depends "$m" 2>&1); then
+    if [ -n "$optional" ]; then
+      echo "prepare-kernel: optional initrd module '$m' is not in $real ($kver): left out" >&2; continue
+    fi
     echo "prepare-kernel: initrd module '$m' not found in $real ($kver): $deps" >&2; exit 3
   fi
   # paths relative to the module folder, which kmod may name from either side of the /usr merge
