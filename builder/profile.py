@@ -115,9 +115,11 @@ def validate_layer(path: Path, data: dict[str, Any], lines: dict[str, int]) -> l
             elif not source.is_file():
                 add(f"missing file {value!r}", f"paths are relative to {path.parent}")
             else:
-                nested.extend(config_errors(nodeconfig.validate_files([source])))
-                nested.extend(_secrets_in(yamlinput.read(yamlinput.read_text(source))[0], str(source), "",
-                                          _config_lines(source)))
+                problems = nodeconfig.validate_files([source])
+                nested.extend(config_errors(problems))
+                if not problems:  # valid YAML: read once more for what the schema cannot say
+                    config, node = yamlinput.read(yamlinput.read_text(source))
+                    nested.extend(_secrets_in(config, str(source), "", key_lines(node) if node else {}))
         elif spec.key == "config":
             nested.extend(config_errors(nodeconfig.check(value, str(path), lines, prefix="config.")))
             nested.extend(_secrets_in(value, str(path), "config.", lines))
@@ -137,24 +139,9 @@ def _secrets_in(config: Any, where: str, prefix: str, lines: dict[str, int]) -> 
     must never be stored (the data partition's passphrase): anyone with the image would have it."""
     if not isinstance(config, dict):
         return []
-    found = [key for key in encryption.SECRET_KEYS if _has_key(config, key)]
     return [BadInput(f"{where}:{lines.get(prefix + key, 1)}: {prefix}{key}: a secret in an image",
                      "leave it out: `maculaos install` asks for it on its terminal, or give it in the config of "
-                     "`maculaos install --config`") for key in found]
-
-
-def _has_key(data: dict[str, Any], key: str) -> bool:
-    node: Any = data
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return node not in (None, "")
-
-
-def _config_lines(source: Path) -> dict[str, int]:
-    _, node = yamlinput.read(yamlinput.read_text(source))
-    return key_lines(node) if node is not None else {}
+                     "`maculaos install --config`") for key in encryption.secrets_in(config)]
 
 
 def config_errors(problems: list[Problem]) -> list[BadInput]:

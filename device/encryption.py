@@ -102,6 +102,18 @@ class Policy:
         return [self.cipher.value, self.usb_label, *(s.value for s in self.sources)]
 
 
+def secrets_in(config: dict[str, Any]) -> list[str]:
+    """The SECRET_KEYS a config mapping sets (to anything but null or "")."""
+    found = []
+    for key in SECRET_KEYS:
+        node: Any = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node not in (None, ""):
+            found.append(key)
+    return found
+
+
 def without_secrets(config: dict[str, Any]) -> dict[str, Any]:
     """A copy of a config mapping with the keys that must never be stored taken out."""
     import copy

@@ -132,3 +132,12 @@ def test_a_disk_or_sd_image_cannot_ask_for_encryption_yet(write_profile, capsys)
     assert main(["build-image", "--config", str(path), "--dry-run"]) == 2
     assert (f"{path}:4: config.storage.encryption.enabled: a disk or SD image cannot encrypt its data partition yet"
             in capsys.readouterr().err)
+
+
+def test_an_iso_install_config_that_is_not_yaml_is_one_line_not_a_traceback(write_profile, capsys, tmp_path):
+    """The secret check reads the install config only once the schema found it valid YAML."""
+    (tmp_path / "node.yaml").write_text("storage: [\n")
+    path = write_profile(BASE + "install:\n  config: node.yaml\n")
+    assert main(["build-image", "--config", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'node.yaml'}:2: config: invalid YAML" in err and "Traceback" not in err
