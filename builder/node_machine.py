@@ -23,8 +23,10 @@ class MaculaMachine(Machine):
         return self.wait_for_boot(timeout)
 
     def wait_for_network(self, timeout: float = 90) -> None:
-        """Wait until eth0 has its DHCP address: the test channel comes up while networking still starts."""
-        self.wait_until_succeeds("ip -4 -o addr show dev eth0 | grep -q inet", timeout=timeout)
+        """Wait until eth0 has its DHCP address and the default route: the test channel comes up while networking
+        still starts (a fetch before the route exists fails with "Network is unreachable")."""
+        self.wait_until_succeeds("ip -4 -o addr show dev eth0 | grep -q inet && ip -4 route show default | grep -q .",
+                                 timeout=timeout)
 
     def upgrade_status(self) -> dict:
         """`maculaos upgrade --status`, parsed: the machine-readable A/B state every scenario asserts on."""

@@ -105,6 +105,7 @@ def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_ma
 
     # an update to B (its own initrd opens the volume A's made) and a rollback keep unlocking unattended
     url, _ = bundle_server
+    m.wait_for_network()  # a fresh boot: the channel answers while DHCP still runs
     m.succeed(f"maculaos upgrade --apply {url}/good --no-reboot", timeout=300)
     for slot in ("B", "A"):
         assert m.reboot() == slot
