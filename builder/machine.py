@@ -9,12 +9,14 @@ never tangle with results. Every wait has a deadline.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import re
 import shlex
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -78,9 +80,13 @@ class Machine:
     that is in node_machine.py."""
 
     def __init__(self, name: str, config: VmConfig, workdir: Path, *, test_channel: bool = True,
-                 resume_from: Path | None = None) -> None:
+                 resume_from: Path | None = None, tpm_state: Path | None = None) -> None:
         self.name = name
         self.config = config
+        # A folder holding a TPM's state (swtpm's NVRAM): the machine's TPM across its boots. Another
+        # folder is another machine's TPM.
+        self.tpm_state = tpm_state
+        self._swtpm: subprocess.Popen | None = None
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.serial_log = workdir / f"{name}.serial.log"
@@ -126,6 +132,8 @@ class Machine:
             self.channel_path.unlink(missing_ok=True)
             extra += ["-chardev", f"socket,id=testch,path={self.channel_path},server=on,wait=off",
                       "-device", "virtio-serial-pci", "-device", "virtconsole,chardev=testch,name=test"]
+        if self.tpm_state is not None:
+            self.config = dataclasses.replace(self.config, tpm_socket=self._start_swtpm())
         cmd = qemu_command(self.config, extra=extra)
         (self.workdir / f"{self.name}.cmdline").write_text(" ".join(cmd) + "\n")
         process = pexpect.spawn(cmd[0], cmd[1:], timeout=None, echo=False)
@@ -140,6 +148,23 @@ class Machine:
             self._channel = pexpect.fdpexpect.fdspawn(sock.fileno(), timeout=60)
         self.process = process
         self.boots += 1
+
+    def _start_swtpm(self) -> Path:
+        """A swtpm for this boot on the machine's TPM state; it ends when QEMU does (--terminate)."""
+        assert self.tpm_state is not None
+        self.tpm_state.mkdir(parents=True, exist_ok=True)
+        sock = self._sock_dir / "swtpm.sock"
+        sock.unlink(missing_ok=True)
+        if self._swtpm is not None and self._swtpm.poll() is None:
+            self._swtpm.kill()
+            self._swtpm.wait()
+        self._swtpm = subprocess.Popen(
+            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.tpm_state}", "--terminate",
+             "--ctrl", f"type=unixio,path={sock}", "--log", f"file={self.workdir / (self.name + '.swtpm.log')}"],
+            stdin=subprocess.DEVNULL)
+        if not wait_for_file(sock, 10):
+            raise MachineError(f"{self.name}: swtpm did not create {sock} (is swtpm installed? `make setup`)")
+        return sock
 
     def _drain(self) -> None:
         with self.serial_log.open("ab") as log:
@@ -191,6 +216,9 @@ class Machine:
         if self.process is not None and self.process.isalive():
             self.process.kill(9)
             _reap(self.process)
+        if self._swtpm is not None and self._swtpm.poll() is None:
+            self._swtpm.kill()
+            self._swtpm.wait()
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout=10)
         self._close_channel()

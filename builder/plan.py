@@ -46,6 +46,8 @@ BOOT_PACKAGES = ["sysvinit-core", "openrc", "udev", "kmod", "iproute2", "ifupdow
                  "fdisk", "dosfstools", "e2fsprogs",
                  # an encrypted data partition (maculaos_device.encryption): made by the installer, opened by the initrd
                  "cryptsetup-bin",
+                 # ... and its tpm key source: sealed by the installer and by an update for the slot it writes
+                 "tpm2-tools",
                  # node config (config.yaml, the schema shared with the host), firewall, ssh
                  "python3-yaml", "nftables", "openssh-server",
                  # `maculaos upgrade`: bundle signatures

@@ -140,6 +140,7 @@ class VmConfig:
     iso_on_usb: bool = False  # an ISO attached as a USB stick (the firmware boots it) instead of a CD
     usb_sticks: tuple[Path, ...] = ()  # raw disk images attached as removable USB sticks (a key disk, say)
     rtc_base: str | None = None  # the RTC's start (QEMU -rtc base=), e.g. a board without a clock: 1970-01-01
+    tpm_socket: Path | None = None  # a running swtpm's control socket: the guest gets a TPM 2.0 (TIS) on it
 
     @classmethod
     def for_image(cls, image: Path, *, arch: str | None = None, **kw: object) -> VmConfig:
@@ -216,6 +217,10 @@ def qemu_command(cfg: VmConfig, *, interactive: bool = False, extra: list[str] |
         device = f"nvme,serial=maculaos{n}" if cfg.disk_bus == "nvme" else "virtio-blk-pci"
         cmd += ["-drive", f"file={disk},format={fmt},if=none,id=disk{n}", "-device", f"{device},drive=disk{n}{boot}"]
     cmd += ["-device", "virtio-rng-pci"]
+    if cfg.tpm_socket is not None:
+        tis = "tpm-tis" if arch is Architecture.amd64 else "tpm-tis-device"
+        cmd += ["-chardev", f"socket,id=chrtpm,path={cfg.tpm_socket}", "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+                "-device", f"{tis},tpmdev=tpm0"]
     cmd += ["-rtc", f"base={cfg.rtc_base}"] if cfg.rtc_base else []
     return cmd + (extra or [])
 

@@ -23,6 +23,7 @@ class KeySource(Enum):
 
     passphrase = "passphrase"  # typed on the consoles (serial and screen) at every boot
     usb = "usb"  # a key file on a removable disk with a given filesystem label, read and forgotten
+    tpm = "tpm"  # a random key sealed to this node's TPM 2.0 and its boot loader and kernel (TPM_PCRS), per slot
 
     @property
     def token_type(self) -> str:
@@ -46,6 +47,12 @@ PASSPHRASE_TRIES = 3  # then the recovery shell (locked by its own password)
 PASSPHRASE_PATTERN = r"[\x20-\x7e]{8,256}"  # printable ASCII: typeable on any console keymap
 USB_WAIT_SECONDS = 5  # how long the initrd waits for the key disk to show up before the next source
 MAX_TOKENS = 8  # LUKS2 has 32 token slots; the initrd looks at this many
+# The PCRs (SHA-256 bank) a tpm key is sealed to. 4: the firmware's digest of every EFI application it starts,
+# here GRUB and the kernel GRUB loads (maculaos_device.measured_boot predicts it for a slot before it boots); 7:
+# the Secure Boot state and keys. Another machine has another TPM; another boot loader or kernel (a USB stick, a
+# slot rewritten by hand) gives another PCR 4. Not 0-3 (firmware updates would lock the node out), not 8-9 (GRUB
+# does not measure, and the kernel's initrd measurement changes with every update).
+TPM_PCRS = (4, 7)
 
 FIELDS: tuple[Field, ...] = (
     Field("storage.encryption.enabled", BOOL, False,
@@ -56,7 +63,9 @@ FIELDS: tuple[Field, ...] = (
     Field("storage.encryption.key_sources", LIST, ["passphrase"],
           "Key sources, each with a key slot of its own, tried in this order at boot: `passphrase` (asked "
           f"on the consoles, {PASSPHRASE_TRIES} tries, then the recovery shell), `usb` (the key file "
-          f"`{USB_KEY_FILE}` on a disk labelled `storage.encryption.usb_label`; made there when absent).",
+          f"`{USB_KEY_FILE}` on a disk labelled `storage.encryption.usb_label`; made there when absent), `tpm` "
+          f"(a key sealed to the node's TPM 2.0 and PCRs {'+'.join(map(str, TPM_PCRS))}: its boot loader and kernel; "
+          "sealed anew for a slot when an update writes it; needs UEFI).",
           choices=tuple(s.value for s in KeySource)),
     Field("storage.encryption.cipher", STR, Cipher.aes_xts.value,
           "Data cipher: `aes-xts-plain64` where the CPU has AES instructions, "
@@ -135,6 +144,7 @@ def shell_file() -> str:
         "MAPPER": MAPPER, "USB_LABEL": USB_LABEL, "USB_KEY_FILE": USB_KEY_FILE, "KEY_BYTES": KEY_BYTES,
         "TRIES": PASSPHRASE_TRIES,
         "USB_WAIT": USB_WAIT_SECONDS, "MAX_TOKENS": MAX_TOKENS, "USB_LABEL_RE": USB_LABEL_PATTERN,
+        "TPM_PCRS": "sha256:" + ",".join(map(str, TPM_PCRS)),
         "SOURCES": " ".join(s.value for s in KeySource), "CIPHERS": " ".join(c.value for c in Cipher),
     }
     lines = ["# maculaos_device.encryption, rendered by the SDK: source it, never edit it",

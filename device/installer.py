@@ -12,7 +12,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from . import encryption, layout, paths, updater
+from . import encryption, layout, luks, paths, updater
 from .bootenv import other
 from .manifest import SlotRecord
 from .system import Device, DeviceError, disk_of, log
@@ -84,6 +84,7 @@ def install(dev: Device, device: str, config: str | None, yes: bool) -> None:
         raise DeviceError(f"install: {device} is the boot medium" if medium else
                           f"install: cannot tell the boot medium (nothing mounted at {MEDIUM}): refusing to write")
     policy, passphrase = data_policy(config)
+    tpm_values = tpm_values_for_slot_a(policy)
 
     squashfs = MEDIUM / "maculaos/rootfs.squashfs"
     sq_size = squashfs.stat().st_size
@@ -149,7 +150,7 @@ def install(dev: Device, device: str, config: str | None, yes: bool) -> None:
     if policy.enabled:
         log(f"data partition: encrypted (LUKS2, {policy.cipher.value}; key sources: "
             f"{', '.join(s.value for s in policy.sources)})")
-        data = make_encrypted_data(dev, data, policy, passphrase)
+        data = make_encrypted_data(dev, data, policy, passphrase, tpm_values)
     else:
         log("data partition")
         run(["mkfs.ext4", "-q", "-F", "-L", "MACULA_DATA", str(data)], "install: mkfs.ext4")
@@ -215,23 +216,36 @@ def ask_passphrase() -> str:
             print("the two differ: again", file=sys.stderr)
 
 
-def make_encrypted_data(dev: Device, part: Path, policy: encryption.Policy, passphrase: str) -> Path:
-    """A LUKS2 volume on `part` with its key sources enrolled (luks.sh, as the initrd's crypto-erase makes
-    one), opened, with an empty ext4: its mapper device."""
-    secret = dev.run / "luks-passphrase"  # tmpfs, 0600, removed before this returns
-    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(passphrase)
-    script = f". {paths.SHELL_PATHS}; . {paths.ENCRYPTION_SH}; . {paths.LUKS_LIB}; luks_create \"$@\""
+def tpm_values_for_slot_a(policy: encryption.Policy) -> bytes:
+    """The PCR values (encryption.TPM_PCRS) the installed disk's slot A will boot with on this machine, to seal
+    its tpm key to; b"" when the config lists no tpm source. Checked before any disk is touched."""
+    if not policy.enabled or encryption.KeySource.tpm not in policy.sources:
+        return b""
+    from . import measured_boot
+
+    loaders = sorted((MEDIUM / "maculaos/esp/EFI/BOOT").glob("BOOT*.EFI"))
     try:
-        proc = subprocess.run(["sh", "-c", script, "luks_create", str(part), *policy.shell_args()],
-                              env={**os.environ, "MACULAOS_LUKS_PASSPHRASE_FILE": str(secret)},
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if len(loaders) != 1:
+            raise measured_boot.MeasurementError("the medium's ESP has no single boot loader")
+        return measured_boot.sealing_values_for(encryption.TPM_PCRS, loaders[0], MEDIUM / "boot/vmlinuz")
+    except measured_boot.MeasurementError as exc:
+        raise DeviceError(f"install: the tpm key source: {exc}") from None
+
+
+def make_encrypted_data(dev: Device, part: Path, policy: encryption.Policy, passphrase: str,
+                        tpm_values: bytes = b"") -> Path:
+    """A LUKS2 volume on `part` with its key sources enrolled (luks.sh, as the initrd's crypto-erase makes
+    one; a tpm key sealed for slot A, to `tpm_values`), opened, with an empty ext4: its mapper device."""
+    secret = luks.secret_file(dev.run / "luks-passphrase", passphrase.encode())
+    values = luks.secret_file(dev.run / "luks-tpm-values", tpm_values)
+    env = {"MACULAOS_LUKS_PASSPHRASE_FILE": str(secret), "MACULAOS_LUKS_TPM_BOOT": "A",
+           "MACULAOS_LUKS_TPM_PCR_VALUES": str(values)}
+    try:
+        made = luks.run_function("luks_create", [str(part), *policy.shell_args()], env)
     finally:
         secret.unlink()
-    for line in proc.stderr.splitlines():
-        log(line.removeprefix("maculaos-luks: "))
-    if proc.returncode != 0:
+        values.unlink()
+    if not made:
         raise DeviceError(f"install: could not make the encrypted data partition on {part}")
     return Path("/dev/mapper") / encryption.MAPPER
 

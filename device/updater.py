@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import bootenv, manifest, versions
+from . import bootenv, luks, manifest, versions
 from .bootenv import EnvStore, other
 from .manifest import Manifest, SlotRecord
 from .system import Device, DeviceError, log
@@ -445,6 +445,7 @@ def apply(dev: Device, src: Source, allow_downgrade: bool = False) -> str:
         write_payload(src, m, device, dev.esp / target)
         record = SlotRecord(version=m.version, profile=m.profile, size=rootfs.size, sha256=rootfs.sha256)
         record_slot(dev.esp / target, record)
+        luks.seal_for_slot(dev, target, booted)
         envs.save(replace(env, trial=target, tries=0, rolledback=""))
     except BaseException as exc:
         forget_slot(dev, target, device)

@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(docker.io mmdebstrap qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64
           qemu-user-static binfmt-support arch-test minisign python3-venv fdisk mtools dosfstools xz-utils openssh-client
-          debian-archive-keyring shellcheck cryptsetup-bin device-tree-compiler)  # lint: shellcheck; unit tests: the
-          # others (a LUKS2 header in a file, the Pi's locking overlay)
+          debian-archive-keyring shellcheck cryptsetup-bin device-tree-compiler swtpm tpm2-tools)
+# lint: shellcheck; unit tests: a LUKS2 header in a file, the Pi's locking overlay, a key sealed to a swtpm
+# (tpm2-tools); QEMU tests: swtpm, a guest's TPM 2.0
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
 missing=()

@@ -3,8 +3,12 @@ policy and stored config, and luks.sh's key-slot bookkeeping on a real LUKS2 hea
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ from maculaos_device.system import DeviceError
 
 from maculaos_sdk.cli import main
 from maculaos_sdk.paths import sdk_root
+from maculaos_sdk.vm import free_port, port_is_free
 
 BASE = "name: x\nextends: core\n"
 LUKS_SH = sdk_root() / "overlay" / str(paths.LUKS_LIB).lstrip("/")
@@ -121,8 +126,11 @@ def test_the_unlock_order_is_read_from_the_header_and_hostile_tokens_are_cut_dow
                 {"type": "maculaos-passphrase", "keyslots": ["0"]},
                 {"type": "clevis", "keyslots": ["0"]},  # another tool's: not ours to try
                 {"type": "maculaos-usb", "keyslots": ["0"], "label": "$(reboot)"},  # a planted header
-                {"type": "maculaos-passphrase;reboot", "keyslots": ["0"]})
-    assert _luks_sh(tmp_path, f"luks_sources {dev}").splitlines() == ["0 usb MYKEY_1", "0 passphrase -", "0 usb -"]
+                {"type": "maculaos-passphrase;reboot", "keyslots": ["0"]},
+                {"type": "maculaos-tpm", "keyslots": ["0"], "boot": "B", "pub": "AAAA", "priv": "AAAA"},
+                {"type": "maculaos-tpm", "keyslots": ["0"], "boot": "B;reboot"})
+    assert _luks_sh(tmp_path, f"luks_sources {dev}").splitlines() == \
+        ["0 usb MYKEY_1 0", "0 passphrase - 1", "0 usb - 3", "0 tpm B 5", "0 tpm - 6"]
     assert _luks_sh(tmp_path, f"luks_cipher {dev}") == "aes-xts-plain64\n"
 
 
@@ -141,3 +149,89 @@ def test_an_iso_install_config_that_is_not_yaml_is_one_line_not_a_traceback(writ
     assert main(["build-image", "--config", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'node.yaml'}:2: config: invalid YAML" in err and "Traceback" not in err
+
+
+@pytest.fixture
+def swtpm(tmp_path):
+    """A real TPM 2.0 (swtpm) on a local TCP port, as luks.sh's MACULAOS_LUKS_TPM_TCTI names it. Its PCRs start
+    at zero: nothing measured a boot into it."""
+    port = free_port()  # the swtpm TCTI takes the control channel on the next port
+    while not port_is_free(port + 1):
+        port = free_port()
+    ctrl = port + 1
+    proc = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={tmp_path}",
+                             "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
+                             "--ctrl", f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
+                             "--flags", "not-need-init,startup-clear"])
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "swtpm did not start"
+            time.sleep(0.05)
+    yield f"swtpm:host=127.0.0.1,port={port}"
+    proc.kill()
+    proc.wait()
+
+
+def _tpm_sh(tmp_path: Path, tcti: str, call: str) -> subprocess.CompletedProcess:
+    script = (f"MACULAOS_RUN={tmp_path}; MACULAOS_LUKS_TPM_TCTI={tcti}; {encryption.shell_file()}. {LUKS_SH}; {call}")
+    return subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+
+
+def _opens(dev: Path, slot: int, key: Path) -> bool:
+    return subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-slot", str(slot), "--key-file", str(key),
+                           str(dev)], capture_output=True).returncode == 0
+
+
+def _tpm_tokens(dev: Path) -> dict[str, tuple[str, list[str]]]:
+    header = json.loads(subprocess.run(["cryptsetup", "luksDump", "--dump-json-metadata", str(dev)],
+                                       capture_output=True, text=True, check=True).stdout)
+    return {tid: (t["boot"], t["keyslots"]) for tid, t in header["tokens"].items() if t["type"] == "maculaos-tpm"}
+
+
+def test_a_tpm_key_is_sealed_per_slot_to_predicted_pcrs_and_replaced_by_the_next_enrollment(tmp_path, swtpm):
+    dev = _luks(tmp_path)  # key slot 0: the key "k" * KEY_BYTES, in tmp_path / "key"
+    # the running slot A's tpm key: key slot 0's key, sealed to this boot's PCRs (token 0)
+    sealed = tmp_path / "a.sealed"
+    assert _tpm_sh(tmp_path, swtpm, f"luks_tpm_seal {tmp_path / 'key'} '' {sealed}").returncode == 0
+    token = _tpm_sh(tmp_path, swtpm, f"luks_tpm_fields A {sealed}").stdout
+    subprocess.run(["cryptsetup", "token", "import", "--token-id", "0", "--json-file", "-", str(dev)], check=True,
+                   input=('{"type":"maculaos-tpm","keyslots":["0"]' + token + "}").encode())
+    out = tmp_path / "unsealed"
+    assert _tpm_sh(tmp_path, swtpm, f"luks_tpm_unseal {dev} 0 {out}").returncode == 0
+    assert out.read_bytes() == (tmp_path / "key").read_bytes()
+
+    # an update writes slot B, whose kernel the firmware will measure into PCR 4: sealed to that predicted value
+    kernel_digest = hashlib.sha256(b"slot B's kernel").digest()
+    predicted = hashlib.sha256(bytes(32) + kernel_digest).digest()
+    values = tmp_path / "values"
+    values.write_bytes(predicted + bytes(32))  # PCRs 4 and 7, in that order
+    enroll = _tpm_sh(tmp_path, swtpm, f"luks_tpm_enroll {dev} B {values} A")
+    assert enroll.returncode == 0, enroll.stderr
+    assert _tpm_tokens(dev) == {"0": ("A", ["0"]), "1": ("B", ["1"])}
+    assert _tpm_sh(tmp_path, swtpm, f"luks_tpm_unseal {dev} 1 {out}").returncode == 1  # not before B's boot
+    # B "boots": the firmware measures its kernel; now B's key is released and opens its key slot, A's is not
+    subprocess.run(["tpm2", "pcrextend", f"4:sha256={kernel_digest.hex()}"], check=True,
+                   env={**os.environ, "TPM2TOOLS_TCTI": swtpm})
+    assert _tpm_sh(tmp_path, swtpm, f"luks_tpm_unseal {dev} 1 {out}").returncode == 0
+    assert len(out.read_bytes()) == encryption.KEY_BYTES and _opens(dev, 1, out)
+    assert _tpm_sh(tmp_path, swtpm, f"luks_tpm_unseal {dev} 0 {tmp_path / 'a-now'}").returncode == 1
+
+    # the next update of B (running B): a new key slot and token for B, the old ones dropped
+    values.write_bytes(hashlib.sha256(predicted + kernel_digest).digest() + bytes(32))
+    enroll = _tpm_sh(tmp_path, swtpm, f"luks_tpm_enroll {dev} A {values} B")
+    assert enroll.returncode == 0, enroll.stderr
+    assert _tpm_tokens(dev) == {"1": ("B", ["1"]), "2": ("A", ["2"])}
+    assert not _opens(dev, 0, tmp_path / "key")  # A's old key slot is gone with its token
+
+
+def test_without_a_key_for_the_running_slot_an_enrollment_changes_nothing(tmp_path, swtpm):
+    dev = _luks(tmp_path, {"type": "maculaos-passphrase", "keyslots": ["0"]})
+    values = tmp_path / "values"
+    values.write_bytes(bytes(64))
+    enroll = _tpm_sh(tmp_path, swtpm, f"luks_tpm_enroll {dev} B {values} A")
+    assert enroll.returncode == 1 and "no tpm key for the running slot A" in enroll.stderr
+    assert _tpm_tokens(dev) == {}

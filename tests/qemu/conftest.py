@@ -120,8 +120,10 @@ def make_machine(request: pytest.FixtureRequest) -> Iterator:
     def make(image: Path, name: str = "vm", **kw: object) -> MaculaMachine:
         test_channel = bool(kw.pop("test_channel", True))
         resume_from = kw.pop("resume_from", None)
+        tpm_state = kw.pop("tpm_state", None)
         cfg = VmConfig.for_image(image, **{"cpus": guest_cpus(), **kw})  # type: ignore[arg-type]
-        m = MaculaMachine(name, cfg, workdir, test_channel=test_channel, resume_from=resume_from)  # type: ignore[arg-type]
+        m = MaculaMachine(name, cfg, workdir, test_channel=test_channel, resume_from=resume_from,  # type: ignore[arg-type]
+                          tpm_state=tpm_state)  # type: ignore[arg-type]
         machines.append(m)
         return m
 

@@ -28,6 +28,16 @@ def _key_disk(path: Path) -> Path:
     return path
 
 
+def _boot_code(m, slot: str | None = None) -> str:
+    """PCR 4 (SHA-256) as measured this boot, or as predicted for the next boot of `slot` from this boot's event
+    log and the slot's boot loader and kernel (maculaos_device.measured_boot)."""
+    if slot is None:
+        return m.succeed("cat /sys/class/tpm/tpm0/pcr-sha256/4").strip().lower()
+    return m.succeed("python3 -I -c 'import sys; sys.path.insert(0, \"/usr/lib/maculaos\"); "
+                     "from maculaos_device import measured_boot as mb, paths; "
+                     f"print(mb.predict_slot_boot_code(\"{slot}\", paths.ESP).hex())'").strip()
+
+
 def _header(m) -> dict:
     return json.loads(m.succeed(f"cryptsetup luksDump --dump-json-metadata {DATA}"))
 
@@ -85,9 +95,10 @@ def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_ma
     assert len(key) == encryption.KEY_BYTES
 
     # 2. the installed disk with the key disk: unlocked unattended; a marker written there is not on the raw disk
-    m = make_machine(target, "usb-key", usb_sticks=(stick,))
+    m = make_machine(target, "usb-key", usb_sticks=(stick,), tpm_state=tmp_path / "tpm")
     m.start()
     assert m.wait_for_boot() == "A"
+    assert _boot_code(m, "A") == _boot_code(m)  # OVMF measured GRUB and the kernel as predicted
     m.wait_for_console_text(rf"maculaos-luks: unlocked with the key on /dev/sd\w+ \({encryption.USB_LABEL}\)",
                             timeout=5)
     status = m.succeed(f"cryptsetup status {encryption.MAPPER}")
@@ -107,8 +118,10 @@ def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_ma
     url, _ = bundle_server
     m.wait_for_network()  # a fresh boot: the channel answers while DHCP still runs
     m.succeed(f"maculaos upgrade --apply {url}/good --no-reboot", timeout=300)
+    predicted = {"B": _boot_code(m, "B"), "A": _boot_code(m, "A")}  # from slot A's boot, before B ever booted
     for slot in ("B", "A"):
         assert m.reboot() == slot
+        assert _boot_code(m) == predicted[slot]
         m.wait_for_console_text(r"maculaos-luks: unlocked with the key on /dev/sd\w+", timeout=5)
         m.wait_until_succeeds(f"maculaos upgrade --status | jq -e '.active == \"{slot}\" and .trial == null'",
                               timeout=120)

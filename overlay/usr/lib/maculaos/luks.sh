@@ -7,8 +7,9 @@
 
 luks_say() { echo "maculaos-luks: $*" >&2; }
 
-# "<keyslot> <source> <label>" for each MaculaOS token of volume $1, in token order. The header is read off a
-# disk anyone may have written: every field is cut to the characters it may hold.
+# "<keyslot> <source> <label> <token>" for each MaculaOS token of volume $1, in token order (label: the key disk's
+# for usb, the boot slot a key is sealed for for tpm, else -). The header is read off a disk anyone may have
+# written: every field is cut to the characters it may hold.
 luks_sources() {
   i=0
   while [ "$i" -lt "$MACULAOS_LUKS_MAX_TOKENS" ]; do
@@ -16,8 +17,9 @@ luks_sources() {
       src=$(echo "$json" | sed -n 's/.*"type":"maculaos-\([a-z]*\)".*/\1/p')
       slot=$(echo "$json" | sed -n 's/.*"keyslots":\["\([0-9]\{1,2\}\)"\].*/\1/p')
       label=$(echo "$json" | sed -n 's/.*"label":"\([A-Z0-9_]\{1,11\}\)".*/\1/p')
+      [ "$src" = tpm ] && label=$(echo "$json" | sed -n 's/.*"boot":"\([AB]\)".*/\1/p')
       case " $MACULAOS_LUKS_SOURCES " in
-        *" $src "*) [ -n "$src" ] && [ -n "$slot" ] && echo "$slot $src ${label:--}" ;;
+        *" $src "*) [ -n "$src" ] && [ -n "$slot" ] && echo "$slot $src ${label:--} $i" ;;
       esac
     fi
     i=$((i + 1))
@@ -107,13 +109,81 @@ luks_open_passphrase() {
   return 1
 }
 
-# Unlock volume $1 as /dev/mapper/$MACULAOS_LUKS_MAPPER with the first key source, in token order, that opens it.
+# The TPM tools (one binary, a subcommand each) on the kernel's resource manager: the objects a run loads are
+# flushed when it ends. MACULAOS_LUKS_TPM_TCTI: another TPM (the unit tests' swtpm), with no resource manager:
+# the objects each run leaves are flushed after it (what it saved as context files stays loadable).
+luks_tpm() {
+  [ -n "${MACULAOS_LUKS_TPM_TCTI:-}" ] || { TPM2TOOLS_TCTI=device:/dev/tpmrm0 tpm2 "$@"; return; }
+  TPM2TOOLS_TCTI=$MACULAOS_LUKS_TPM_TCTI tpm2 "$@"
+  set -- $?
+  for what in -t -l -s; do TPM2TOOLS_TCTI=$MACULAOS_LUKS_TPM_TCTI tpm2 flushcontext "$what" >/dev/null 2>&1; done
+  return "$1"
+}
+
+# Is there a TPM to use?
+luks_have_tpm() { [ -n "${MACULAOS_LUKS_TPM_TCTI:-}" ] || [ -c /dev/tpmrm0 ]; }
+
+# A fresh work folder (tmpfs, 0700) in $w.
+luks_tpm_work() {
+  w=$MACULAOS_RUN/luks-tpm
+  rm -rf "$w" && mkdir -m 0700 "$w"
+}
+
+# Seal key file $1 to this TPM under the PCRs MACULAOS_LUKS_TPM_PCRS, their values from file $2 (those a slot
+# will boot with, predicted by maculaos_device.measured_boot), or this boot's when $2 is empty; the sealed object
+# into $3.pub and $3.priv. Only the PCR policy releases it: no password, not the owner's (adminwithpolicy).
+luks_tpm_seal() {
+  luks_have_tpm || { luks_say "no TPM (/dev/tpmrm0) for the tpm key source"; return 1; }
+  luks_tpm_work || return 1
+  rc=1
+  luks_tpm createpolicy --policy-pcr -l "$MACULAOS_LUKS_TPM_PCRS" ${2:+-f "$2"} -L "$w/policy" >/dev/null \
+    && luks_tpm createprimary -C o -g sha256 -G ecc -c "$w/primary" >/dev/null \
+    && luks_tpm create -C "$w/primary" -g sha256 -L "$w/policy" -a 'fixedtpm|fixedparent|adminwithpolicy|noda' \
+         -i "$1" -u "$3.pub" -r "$3.priv" >/dev/null \
+    && rc=0
+  rm -rf "$w"
+  return $rc
+}
+
+# Unseal the key of tpm token $2 of volume $1 into file $3 (this TPM, this boot's PCRs).
+luks_tpm_unseal() {
+  luks_have_tpm || { luks_say "no TPM (/dev/tpmrm0)"; return 1; }
+  luks_tpm_work || return 1
+  json=$(cryptsetup token export --token-id "$2" "$1" 2>/dev/null) || return 1
+  echo "$json" | sed -n 's/.*"pub":"\([A-Za-z0-9+/=]*\)".*/\1/p' | head -c 4096 | base64 -d >"$w/seal.pub" 2>/dev/null
+  echo "$json" | sed -n 's/.*"priv":"\([A-Za-z0-9+/=]*\)".*/\1/p' | head -c 4096 | base64 -d >"$w/seal.priv" 2>/dev/null
+  rc=1
+  luks_tpm createprimary -C o -g sha256 -G ecc -c "$w/primary" >/dev/null 2>&1 \
+    && luks_tpm load -C "$w/primary" -u "$w/seal.pub" -r "$w/seal.priv" -c "$w/seal" >/dev/null 2>&1 \
+    && luks_tpm unseal -c "$w/seal" -p "pcr:$MACULAOS_LUKS_TPM_PCRS" -o "$3" 2>/dev/null && rc=0
+  rm -rf "$w"
+  return $rc
+}
+
+# Open volume $1 with key slot $2 from the key tpm token $3 seals for boot slot $4.
+luks_open_tpm() {
+  k=$MACULAOS_RUN/luks-tpm.key
+  rc=1
+  if luks_tpm_unseal "$1" "$3" "$k" && cryptsetup open --key-slot "$2" --key-file "$k" "$1" "$MACULAOS_LUKS_MAPPER"
+  then
+    luks_say "unlocked with the TPM (the key sealed for slot $4)"; rc=0
+  else
+    luks_say "the TPM does not release the key sealed for slot $4 (another machine, boot loader or kernel?)"
+  fi
+  rm -f "$k"
+  return $rc
+}
+
+# Unlock volume $1 as /dev/mapper/$MACULAOS_LUKS_MAPPER with the first key source, in token order, that opens it;
+# of the tpm keys, only the one sealed for boot slot $2 (when given).
 luks_unlock() {
   sources=$(luks_sources "$1")
   [ -n "$sources" ] || { luks_say "$1 has no MaculaOS key slot"; return 1; }
-  while read -r slot src label; do
+  while read -r slot src label token; do
     case "$src" in
       usb) luks_open_usb "$1" "$slot" "$label" && return 0 ;;
+      tpm) [ -z "${2:-}" ] || [ "$2" = "$label" ] || continue
+           luks_open_tpm "$1" "$slot" "$token" "$label" && return 0 ;;
       passphrase) luks_open_passphrase "$1" "$slot" && return 0 ;;
     esac
   done <<EOF
@@ -162,14 +232,15 @@ luks_create() {
 }
 
 # Crypto-erase volume $1 (closed): its key slots are wiped, so what it held can never be read again, and a new
-# volume is made with the same cipher and key sources (the key disk's key is kept, a new passphrase asked for).
+# volume is made with the same cipher and key sources (the key disk's key is kept, a new passphrase asked for, a
+# new tpm key sealed for this boot's slot, MACULAOS_LUKS_TPM_BOOT, with this boot's PCRs).
 luks_recreate() {
   sources=$(luks_sources "$1")
   [ -n "$sources" ] || { luks_say "$1 has no MaculaOS key slot"; return 1; }
   cipher=$(luks_cipher "$1") || { luks_say "$1 has no cipher MaculaOS makes"; return 1; }
   label=$(echo "$sources" | awk '$2 == "usb" { print $3; exit }')
-  # shellcheck disable=SC2046  # one source per word
-  luks_make erase "$1" "$cipher" "${label:-$MACULAOS_LUKS_USB_LABEL}" $(echo "$sources" | cut -d' ' -f2)
+  # shellcheck disable=SC2046  # one source per word (a tpm key per boot slot: one source)
+  luks_make erase "$1" "$cipher" "${label:-$MACULAOS_LUKS_USB_LABEL}" $(echo "$sources" | awk '!seen[$2]++ {print $2}')
 }
 
 # luks_make new|erase DEV CIPHER LABEL SOURCE...
@@ -192,7 +263,13 @@ luks_make() {
   return $rc
 }
 
-# Each source's key into $keys/<its key slot>.
+# A tpm token's own fields: the boot slot it is sealed for ($1), the sealed object (files $2.pub and $2.priv).
+luks_tpm_fields() {
+  case "$1" in A|B) ;; *) luks_say "no boot slot to seal the tpm key for"; return 1 ;; esac
+  printf ',"boot":"%s","pub":"%s","priv":"%s"' "$1" "$(base64 -w0 <"$2.pub")" "$(base64 -w0 <"$2.priv")"
+}
+
+# Each source's key into $keys/<its key slot> (tpm: sealed into $keys/<slot>.sealed.pub|priv too).
 luks_gather() {
   label=$1 slot=0
   shift
@@ -200,6 +277,8 @@ luks_gather() {
     case "$src" in
       usb) luks_usb_key "$label" "$keys/$slot" || return 1 ;;
       passphrase) luks_new_passphrase "$keys/$slot" || return 1 ;;
+      tpm) head -c "$MACULAOS_LUKS_KEY_BYTES" /dev/urandom >"$keys/$slot" \
+             && luks_tpm_seal "$keys/$slot" "${MACULAOS_LUKS_TPM_PCR_VALUES:-}" "$keys/$slot.sealed" || return 1 ;;
       *) luks_say "unknown key source $src"; return 1 ;;
     esac
     slot=$((slot + 1))
@@ -214,7 +293,7 @@ luks_format() {
   [ "$cipher" = aes-xts-plain64 ] || size=256
   for src in "$@"; do
     kdf="--pbkdf argon2id"
-    [ "$src" = usb ] && kdf="--pbkdf pbkdf2 --pbkdf-force-iterations 1000"  # 512 random bits: nothing to stretch
+    [ "$src" = passphrase ] || kdf="--pbkdf pbkdf2 --pbkdf-force-iterations 1000"  # 512 random bits: no stretching
     if [ $slot -eq 0 ]; then
       # shellcheck disable=SC2086  # the options are words
       cryptsetup luksFormat --batch-mode --type luks2 --cipher "$cipher" --key-size $size --label MACULA_DATA \
@@ -226,10 +305,46 @@ luks_format() {
     fi
     extra=''
     [ "$src" = usb ] && extra=",\"label\":\"$label\""
+    [ "$src" = tpm ] && extra=$(luks_tpm_fields "$MACULAOS_LUKS_TPM_BOOT" "$keys/$slot.sealed")
     printf '{"type":"maculaos-%s","keyslots":["%s"]%s}' "$src" "$slot" "$extra" \
       | cryptsetup token import --token-id "$slot" --json-file - "$dev" >/dev/null || return 1
     slot=$((slot + 1))
   done
   cryptsetup open --key-file "$keys/0" "$dev" "$MACULAOS_LUKS_MAPPER" \
     && /sbin/mkfs.ext4 -q -L MACULA_DATA "/dev/mapper/$MACULAOS_LUKS_MAPPER"
+}
+
+# Seal a new key for boot slot $2 (its PCR values in file $3) into a new key slot of volume $1, which this boot's
+# own tpm key (sealed for slot $4) opens; then drop slot $2's older tpm keys. An update runs this after writing
+# slot $2. A power cut in between leaves an extra key slot that no PCRs open, dropped by the next enrollment.
+luks_tpm_enroll() {
+  dev=$1 boot=$2 values=$3 running=$4
+  keys=$MACULAOS_RUN/luks-keys
+  rm -rf "$keys" && mkdir -m 0700 "$keys" || return 1
+  sources=$(luks_sources "$dev")
+  current=$(echo "$sources" | awk -v b="$running" '$2 == "tpm" && $3 == b {print $4; exit}')
+  free=0
+  while echo "$sources" | awk -v n="$free" '$1 == n || $4 == n {found=1} END {exit !found}'; do free=$((free + 1)); done
+  rc=1
+  if [ -z "$current" ]; then
+    luks_say "no tpm key for the running slot $running: slot $boot gets none (it will ask another key source)"
+  elif ! luks_tpm_unseal "$dev" "$current" "$keys/current"; then
+    luks_say "the TPM does not release the running slot's key: slot $boot gets none"
+  elif [ "$free" -ge "$MACULAOS_LUKS_MAX_TOKENS" ]; then
+    luks_say "no free key slot for slot $boot's tpm key"
+  elif head -c "$MACULAOS_LUKS_KEY_BYTES" /dev/urandom >"$keys/new" \
+       && luks_tpm_seal "$keys/new" "$values" "$keys/new.sealed" \
+       && cryptsetup luksAddKey --batch-mode --key-slot "$free" --key-file "$keys/current" \
+            --pbkdf pbkdf2 --pbkdf-force-iterations 1000 "$dev" "$keys/new" \
+       && fields=$(luks_tpm_fields "$boot" "$keys/new.sealed") \
+       && printf '{"type":"maculaos-tpm","keyslots":["%s"]%s}' "$free" "$fields" \
+            | cryptsetup token import --token-id "$free" --json-file - "$dev" >/dev/null; then
+    rc=0
+    echo "$sources" | awk -v b="$boot" '$2 == "tpm" && $3 == b {print $1, $4}' | while read -r old token; do
+      cryptsetup token remove --token-id "$token" "$dev" && cryptsetup luksKillSlot --batch-mode "$dev" "$old"
+    done
+    luks_say "sealed a key for slot $boot to the TPM (key slot $free)"
+  fi
+  rm -rf "$keys"
+  return $rc
 }
