@@ -53,6 +53,15 @@ MAX_TOKENS = 8  # LUKS2 has 32 token slots; the initrd looks at this many
 # slot rewritten by hand) gives another PCR 4. Not 0-3 (firmware updates would lock the node out), not 8-9 (GRUB
 # does not measure, and the kernel's initrd measurement changes with every update).
 TPM_PCRS = (4, 7)
+# What the installer seals slot A's key to: PCR 4 of the installed disk's boot cannot be predicted from the
+# installer's boot (the firmware's failed boot options before the disk's are in PCR 4, and the installer boots from
+# another device). The initrd of the first boot that this key unlocks seals a TPM_PCRS key in its place.
+TPM_INSTALL_PCRS = (7,)
+TPM_PCR_LIST_PATTERN = r"sha256:[0-9]{1,2}(,[0-9]{1,2}){0,7}"  # a token's "pcrs", as tpm2 spells a selection
+
+
+def pcr_list(pcrs: tuple[int, ...]) -> str:
+    return "sha256:" + ",".join(map(str, pcrs))
 
 FIELDS: tuple[Field, ...] = (
     Field("storage.encryption.enabled", BOOL, False,
@@ -65,7 +74,8 @@ FIELDS: tuple[Field, ...] = (
           f"on the consoles, {PASSPHRASE_TRIES} tries, then the recovery shell), `usb` (the key file "
           f"`{USB_KEY_FILE}` on a disk labelled `storage.encryption.usb_label`; made there when absent), `tpm` "
           f"(a key sealed to the node's TPM 2.0 and PCRs {'+'.join(map(str, TPM_PCRS))}: its boot loader and kernel; "
-          "sealed anew for a slot when an update writes it; needs UEFI).",
+          "sealed anew for a slot when an update writes it; the installer's, to PCR "
+          f"{'+'.join(map(str, TPM_INSTALL_PCRS))} only, is replaced at the first boot; needs UEFI).",
           choices=tuple(s.value for s in KeySource)),
     Field("storage.encryption.cipher", STR, Cipher.aes_xts.value,
           "Data cipher: `aes-xts-plain64` where the CPU has AES instructions, "
@@ -144,7 +154,8 @@ def shell_file() -> str:
         "MAPPER": MAPPER, "USB_LABEL": USB_LABEL, "USB_KEY_FILE": USB_KEY_FILE, "KEY_BYTES": KEY_BYTES,
         "TRIES": PASSPHRASE_TRIES,
         "USB_WAIT": USB_WAIT_SECONDS, "MAX_TOKENS": MAX_TOKENS, "USB_LABEL_RE": USB_LABEL_PATTERN,
-        "TPM_PCRS": "sha256:" + ",".join(map(str, TPM_PCRS)),
+        "TPM_PCRS": pcr_list(TPM_PCRS),
+        "TPM_PCR_LIST_RE": TPM_PCR_LIST_PATTERN,
         "SOURCES": " ".join(s.value for s in KeySource), "CIPHERS": " ".join(c.value for c in Cipher),
     }
     lines = ["# maculaos_device.encryption, rendered by the SDK: source it, never edit it",

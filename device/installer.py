@@ -217,8 +217,8 @@ def ask_passphrase() -> str:
 
 
 def tpm_values_for_slot_a(policy: encryption.Policy) -> bytes:
-    """The PCR values (encryption.TPM_PCRS) the installed disk's slot A will boot with on this machine, to seal
-    its tpm key to; b"" when the config lists no tpm source. Checked before any disk is touched."""
+    """The PCR values (encryption.TPM_INSTALL_PCRS) the installed disk's slot A will boot with on this machine, to
+    seal its tpm key to; b"" when the config lists no tpm source. Checked before any disk is touched."""
     if not policy.enabled or encryption.KeySource.tpm not in policy.sources:
         return b""
     from . import measured_boot
@@ -227,7 +227,7 @@ def tpm_values_for_slot_a(policy: encryption.Policy) -> bytes:
     try:
         if len(loaders) != 1:
             raise measured_boot.MeasurementError("the medium's ESP has no single boot loader")
-        return measured_boot.sealing_values_for(encryption.TPM_PCRS, loaders[0], MEDIUM / "boot/vmlinuz")
+        return measured_boot.sealing_values_for(encryption.TPM_INSTALL_PCRS, loaders[0], MEDIUM / "boot/vmlinuz")
     except measured_boot.MeasurementError as exc:
         raise DeviceError(f"install: the tpm key source: {exc}") from None
 
@@ -239,7 +239,8 @@ def make_encrypted_data(dev: Device, part: Path, policy: encryption.Policy, pass
     secret = luks.secret_file(dev.run / "luks-passphrase", passphrase.encode())
     values = luks.secret_file(dev.run / "luks-tpm-values", tpm_values)
     env = {"MACULAOS_LUKS_PASSPHRASE_FILE": str(secret), "MACULAOS_LUKS_TPM_BOOT": "A",
-           "MACULAOS_LUKS_TPM_PCR_VALUES": str(values)}
+           "MACULAOS_LUKS_TPM_PCR_VALUES": str(values),
+           "MACULAOS_LUKS_TPM_PCR_LIST": encryption.pcr_list(encryption.TPM_INSTALL_PCRS)}
     try:
         made = luks.run_function("luks_create", [str(part), *policy.shell_args()], env)
     finally:

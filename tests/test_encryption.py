@@ -235,3 +235,60 @@ def test_without_a_key_for_the_running_slot_an_enrollment_changes_nothing(tmp_pa
     enroll = _tpm_sh(tmp_path, swtpm, f"luks_tpm_enroll {dev} B {values} A")
     assert enroll.returncode == 1 and "no tpm key for the running slot A" in enroll.stderr
     assert _tpm_tokens(dev) == {}
+
+
+def test_an_enrollment_cut_off_by_a_power_cut_leaves_the_running_key_and_the_next_one_works(tmp_path, swtpm):
+    dev = _luks(tmp_path)
+    sealed = tmp_path / "a.sealed"
+    assert _tpm_sh(tmp_path, swtpm, f"luks_tpm_seal {tmp_path / 'key'} '' {sealed}").returncode == 0
+    token = _tpm_sh(tmp_path, swtpm, f"luks_tpm_fields A {sealed}").stdout
+    subprocess.run(["cryptsetup", "token", "import", "--token-id", "0", "--json-file", "-", str(dev)], check=True,
+                   input=('{"type":"maculaos-tpm","keyslots":["0"]' + token + "}").encode())
+    # the power went after luksAddKey, before the token import: key slot 1 holds a key nobody has
+    lost = tmp_path / "lost"
+    lost.write_bytes(os.urandom(encryption.KEY_BYTES))
+    subprocess.run(["cryptsetup", "luksAddKey", "--batch-mode", "--key-slot", "1", "--key-file", str(tmp_path / "key"),
+                    "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", str(dev), str(lost)], check=True)
+    values = tmp_path / "values"
+    values.write_bytes(bytes(64))
+    enroll = _tpm_sh(tmp_path, swtpm, f"luks_tpm_enroll {dev} B {values} A")
+    assert enroll.returncode == 0, enroll.stderr
+    assert _tpm_tokens(dev) == {"0": ("A", ["0"]), "2": ("B", ["2"])}  # the next free key slot, the orphan kept
+    out = tmp_path / "unsealed"
+    assert _tpm_sh(tmp_path, swtpm, f"luks_tpm_unseal {dev} 0 {out}").returncode == 0 and _opens(dev, 0, out)
+    assert _opens(dev, 1, lost)  # an operator's own key slot without a token would be kept the same way
+
+
+def test_the_installers_key_sealed_to_fewer_pcrs_is_replaced_by_one_sealed_to_all(tmp_path, swtpm):
+    dev = _luks(tmp_path)
+    sealed = tmp_path / "a.sealed"
+    install = encryption.pcr_list(encryption.TPM_INSTALL_PCRS)
+    assert _tpm_sh(tmp_path, swtpm, f"luks_tpm_seal {tmp_path / 'key'} '' {sealed} {install}").returncode == 0
+    token = _tpm_sh(tmp_path, swtpm, f"luks_tpm_fields A {sealed} {install}").stdout
+    subprocess.run(["cryptsetup", "token", "import", "--token-id", "0", "--json-file", "-", str(dev)], check=True,
+                   input=('{"type":"maculaos-tpm","keyslots":["0"]' + token + "}").encode())
+    # PCR 4 changes (the firmware starts GRUB): the installer's key is still released, it is bound to PCR 7 only
+    subprocess.run(["tpm2", "pcrextend", f"4:sha256={'ab' * 32}"], check=True,
+                   env={**os.environ, "TPM2TOOLS_TCTI": swtpm})
+    out = tmp_path / "unsealed"
+    assert _tpm_sh(tmp_path, swtpm, f"luks_tpm_unseal {dev} 0 {out}").returncode == 0 and _opens(dev, 0, out)
+    # the first boot it unlocks seals slot A's key to this boot's PCRs 4 and 7 and drops the installer's
+    enroll = _tpm_sh(tmp_path, swtpm, f"luks_tpm_enroll {dev} A '' A")
+    assert enroll.returncode == 0, enroll.stderr
+    header = json.loads(subprocess.run(["cryptsetup", "luksDump", "--dump-json-metadata", str(dev)],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert [(t["boot"], t["pcrs"], t["keyslots"]) for t in header["tokens"].values()] == \
+        [("A", encryption.pcr_list(encryption.TPM_PCRS), ["1"])]
+    assert _tpm_sh(tmp_path, swtpm, f"luks_tpm_unseal {dev} 1 {out}").returncode == 0 and _opens(dev, 1, out)
+    subprocess.run(["tpm2", "pcrextend", f"4:sha256={'cd' * 32}"], check=True,
+                   env={**os.environ, "TPM2TOOLS_TCTI": swtpm})
+    assert _tpm_sh(tmp_path, swtpm, f"luks_tpm_unseal {dev} 1 {out}").returncode == 1  # now PCR 4 binds it
+
+
+def test_a_tokens_pcr_selection_is_checked_before_it_reaches_the_tpm(tmp_path):
+    for token, expected in [('{"pcrs":"sha256:7"}', "sha256:7\n"), ("{}", "sha256:4,7\n"),
+                            ('{"pcrs":"sha256:4,7;reboot"}', "sha256:4,7\n"),  # cut at the pattern, then default
+                            ('{"pcrs":"sha1:0,1"}', ""), ('{"pcrs":"sha256:4,,7"}', "")]:
+        proc = subprocess.run(["sh", "-c", f"{encryption.shell_file()}. {LUKS_SH}; luks_tpm_pcrs '{token}'"],
+                              capture_output=True, text=True)
+        assert proc.stdout == expected, token

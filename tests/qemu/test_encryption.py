@@ -1,7 +1,8 @@
 """Encryption at rest (issue 25): `maculaos install` makes the data partition a LUKS2 volume whose key sources
-(a USB key disk, then a passphrase) the initrd unlocks from the header alone; what the node writes is not on
-the raw disk; an update and a rollback keep unlocking; a factory reset crypto-erases the volume and makes a new
-one; three wrong passphrases end in the recovery shell, which unlocks by hand; the Adiantum cipher opens too."""
+(the node's TPM, a USB key disk, then a passphrase) the initrd unlocks from the header alone; what the node writes
+is not on the raw disk; an update (its new slot sealed a TPM key of its own) and a rollback keep unlocking
+unattended; a factory reset crypto-erases the volume and makes a new one; another TPM releases nothing, and
+three wrong passphrases end in the recovery shell, which unlocks by hand; the Adiantum cipher opens too."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from maculaos_device import encryption, layout
+from maculaos_device import encryption, layout, paths
 
 pytestmark = pytest.mark.qemu
 
@@ -34,12 +35,18 @@ def _boot_code(m, slot: str | None = None) -> str:
     if slot is None:
         return m.succeed("cat /sys/class/tpm/tpm0/pcr-sha256/4").strip().lower()
     return m.succeed("python3 -I -c 'import sys; sys.path.insert(0, \"/usr/lib/maculaos\"); "
-                     "from maculaos_device import measured_boot as mb, paths; "
-                     f"print(mb.predict_slot_boot_code(\"{slot}\", paths.ESP).hex())'").strip()
+                     "from pathlib import Path; from maculaos_device import measured_boot as mb, paths; "
+                     f"print(mb.predict_slot_boot_code(\"{slot}\", Path(paths.ESP)).hex())'").strip()
 
 
 def _header(m) -> dict:
     return json.loads(m.succeed(f"cryptsetup luksDump --dump-json-metadata {DATA}"))
+
+
+def _sources(m) -> list[tuple[str, list[str], str | None]]:
+    """The header's tokens in order: (key source type, key slots, the boot slot a tpm key is sealed for)."""
+    tokens = _header(m)["tokens"]
+    return [(t["type"], t["keyslots"], t.get("boot")) for _, t in sorted(tokens.items(), key=lambda i: int(i[0]))]
 
 
 def _disk_holds(image: Path, needles: list[bytes], work: Path) -> dict[bytes, bool]:
@@ -63,25 +70,28 @@ def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_ma
     target, second = tmp_path / "target-amd64.qcow2", tmp_path / "adiantum-amd64.qcow2"
     for disk in (target, second):
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "2G"], check=True)
-    stick = _key_disk(tmp_path / "key.img")
+    stick, tpm = _key_disk(tmp_path / "key.img"), tmp_path / "tpm"
 
-    # 1. install from the live ISO with a USB key disk (its key is made by the installer) and a passphrase; and a
-    #    second disk with the other cipher and the same key disk (its key is reused)
-    live = make_machine(test_iso, "installer", disks=(target, second), usb_sticks=(stick,))
+    # 1. install from the live ISO, booted through UEFI on the node (its TPM), with a TPM key sealed for slot A, a
+    #    USB key disk (its key is made by the installer) and a passphrase; and a second disk with the other cipher
+    #    and the same key disk (its key is reused)
+    live = make_machine(test_iso, "installer", uefi=True, disks=(target, second), usb_sticks=(stick,), tpm_state=tpm)
     live.start()
     live.wait_for_channel(timeout=240)
-    config = {"storage": {"encryption": {"enabled": True, "key_sources": ["usb", "passphrase"],
+    config = {"storage": {"encryption": {"enabled": True, "key_sources": ["tpm", "usb", "passphrase"],
                                          "passphrase": PASSPHRASE}},
               "maculaos": {"hostname": "sealed"}}
     encoded = base64.b64encode(json.dumps(config).encode()).decode()  # JSON is YAML
     live.succeed(f"echo {encoded} | base64 -d > /tmp/node.yaml")
     live.succeed("maculaos install --device /dev/vda --config /tmp/node.yaml --yes", timeout=600)
     header = _header(live)
-    tokens = [header["tokens"][str(i)] for i in range(len(header["tokens"]))]
-    assert [(t["type"], t["keyslots"]) for t in tokens] == [("maculaos-usb", ["0"]), ("maculaos-passphrase", ["1"])]
-    assert tokens[0]["label"] == encryption.USB_LABEL
-    assert header["keyslots"]["0"]["kdf"]["type"] == "pbkdf2"  # a random key: nothing to stretch
-    assert header["keyslots"]["1"]["kdf"]["type"] == "argon2id"  # a passphrase: memory-hard
+    assert _sources(live) == [("maculaos-tpm", ["0"], "A"), ("maculaos-usb", ["1"], None),
+                              ("maculaos-passphrase", ["2"], None)]
+    assert header["tokens"]["1"]["label"] == encryption.USB_LABEL
+    # the installed disk's PCR 4 is unknown from the live boot: the installer's key is bound to PCR 7 alone
+    assert header["tokens"]["0"]["pcrs"] == encryption.pcr_list(encryption.TPM_INSTALL_PCRS)
+    kdfs = [header["keyslots"][str(n)]["kdf"]["type"] for n in range(3)]
+    assert kdfs == ["pbkdf2", "pbkdf2", "argon2id"]  # random keys: nothing to stretch; a passphrase: memory-hard
     assert header["segments"]["0"]["encryption"] == encryption.Cipher.aes_xts.value
     adiantum = {"storage": {"encryption": {"enabled": True, "key_sources": ["usb"],
                                            "cipher": encryption.Cipher.adiantum.value}}}
@@ -94,13 +104,17 @@ def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_ma
                          capture_output=True).stdout
     assert len(key) == encryption.KEY_BYTES
 
-    # 2. the installed disk with the key disk: unlocked unattended; a marker written there is not on the raw disk
-    m = make_machine(target, "usb-key", usb_sticks=(stick,), tpm_state=tmp_path / "tpm")
+    # 2. the installed disk on the same node: unlocked unattended by its TPM; this first boot seals slot A's key to
+    #    PCRs 4 and 7 as measured, in place of the installer's; a marker written there is not on the raw disk
+    m = make_machine(target, "tpm", usb_sticks=(stick,), tpm_state=tpm)
     m.start()
     assert m.wait_for_boot() == "A"
-    assert _boot_code(m, "A") == _boot_code(m)  # OVMF measured GRUB and the kernel as predicted
-    m.wait_for_console_text(rf"maculaos-luks: unlocked with the key on /dev/sd\w+ \({encryption.USB_LABEL}\)",
-                            timeout=5)
+    m.wait_for_console_text(r"maculaos-luks: unlocked with the TPM \(the key sealed for slot A\)", timeout=5)
+    m.wait_for_console_text(r"maculaos-luks: sealed a key for slot A to the TPM \(key slot 3\)", timeout=5)
+    assert _sources(m) == [("maculaos-usb", ["1"], None), ("maculaos-passphrase", ["2"], None),
+                           ("maculaos-tpm", ["3"], "A")]
+    assert _header(m)["tokens"]["3"]["pcrs"] == encryption.pcr_list(encryption.TPM_PCRS)
+    assert _boot_code(m, "A") == _boot_code(m)  # OVMF measured GRUB and the kernel as predicted from its log
     status = m.succeed(f"cryptsetup status {encryption.MAPPER}")
     assert "type:    LUKS2" in status and f"device:  {DATA}" in status
     mounts = [line.split()[:2] for line in m.succeed("cat /proc/mounts").splitlines()]
@@ -114,15 +128,18 @@ def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_ma
     assert found == {marker.encode(): False, PASSPHRASE.encode(): False, b"sealed": False, b"LUKS\xba\xbe": True}
     uuid = m.succeed(f"cryptsetup luksUUID {DATA}").strip()
 
-    # an update to B (its own initrd opens the volume A's made) and a rollback keep unlocking unattended
+    # an update to B (its own initrd opens the volume A's made, with the TPM key the update sealed for B) and a
+    # rollback keep unlocking unattended
     url, _ = bundle_server
     m.wait_for_network()  # a fresh boot: the channel answers while DHCP still runs
     m.succeed(f"maculaos upgrade --apply {url}/good --no-reboot", timeout=300)
+    assert _sources(m) == [("maculaos-tpm", ["0"], "B"), ("maculaos-usb", ["1"], None),
+                           ("maculaos-passphrase", ["2"], None), ("maculaos-tpm", ["3"], "A")]
     predicted = {"B": _boot_code(m, "B"), "A": _boot_code(m, "A")}  # from slot A's boot, before B ever booted
     for slot in ("B", "A"):
         assert m.reboot() == slot
+        m.wait_for_console_text(rf"maculaos-luks: unlocked with the TPM \(the key sealed for slot {slot}\)", timeout=5)
         assert _boot_code(m) == predicted[slot]
-        m.wait_for_console_text(r"maculaos-luks: unlocked with the key on /dev/sd\w+", timeout=5)
         m.wait_until_succeeds(f"maculaos upgrade --status | jq -e '.active == \"{slot}\" and .trial == null'",
                               timeout=120)
         assert m.succeed("cat /var/lib/data/marker").strip() == marker
@@ -143,15 +160,21 @@ def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_ma
     assert m.succeed(f"cryptsetup luksUUID {DATA}").strip() != uuid
     m.succeed("test ! -e /var/lib/data/marker && test ! -e /var/lib/maculaos/marker")
     assert m.succeed(f"cat {floor}") == highest  # the anti-rollback floor survives the reset
-    assert [(t["type"], t["keyslots"]) for t in _header(m)["tokens"].values()] == \
-        [("maculaos-usb", ["0"]), ("maculaos-passphrase", ["1"])]
+    assert _sources(m) == [("maculaos-tpm", ["0"], "A"), ("maculaos-usb", ["1"], None),
+                           ("maculaos-passphrase", ["2"], None)]  # B's TPM key went with the old volume
+    # the new volume's TPM key (sealed in the initrd, to this boot's PCRs) is released to this boot
+    m.succeed(f". {paths.SHELL_PATHS}; . {paths.ENCRYPTION_SH}; . {paths.LUKS_LIB}; "
+              f"luks_tpm_unseal {DATA} 0 /run/tpm.key && cryptsetup open --test-passphrase --key-slot 0 "
+              f"--key-file /run/tpm.key {DATA}; rc=$?; rm -f /run/tpm.key; exit $rc")
     m.shutdown()
 
-    # 4. without the key disk: the passphrase, asked on the console; the old one opens nothing any more, and after
-    #    three wrong tries the recovery shell (the volume locked) unlocks it by hand with the passphrase slot
-    p = make_machine(target, "passphrase")
+    # 4. another machine's TPM (a fresh swtpm state) and no key disk: the passphrase, asked on the console; the old
+    #    one opens nothing any more, and after three wrong tries the recovery shell (the volume locked) unlocks it by
+    #    hand with the passphrase slot
+    p = make_machine(target, "passphrase", tpm_state=tmp_path / "other-tpm")
     p.start()
     assert p.wait_for_console_text(r"maculaos-init: slot ([AB])", timeout=240).group(1) == "A"
+    p.wait_for_console_text(r"the TPM does not release the key sealed for slot A", timeout=60)
     p.wait_for_console_text(rf"no disk labelled {encryption.USB_LABEL}: trying the next key source", timeout=60)
     for n in (1, 2, 3):
         p.wait_for_console_text(rf"Passphrase for the data partition \({n}/3\): ", timeout=60)

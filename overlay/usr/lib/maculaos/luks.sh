@@ -7,9 +7,10 @@
 
 luks_say() { echo "maculaos-luks: $*" >&2; }
 
-# "<keyslot> <source> <label> <token>" for each MaculaOS token of volume $1, in token order (label: the key disk's
-# for usb, the boot slot a key is sealed for for tpm, else -). The header is read off a disk anyone may have
-# written: every field is cut to the characters it may hold.
+# "<keyslot> <source> <label> <token>" for each MaculaOS token of volume $1, in unlock order: by the token's rank
+# (its source's place in the configured list; a key sealed anew keeps its rank, not its token id), then token id.
+# label: the key disk's for usb, the boot slot a key is sealed for for tpm, else -. The header is read off a disk
+# anyone may have written: every field is cut to the characters it may hold.
 luks_sources() {
   i=0
   while [ "$i" -lt "$MACULAOS_LUKS_MAX_TOKENS" ]; do
@@ -19,11 +20,17 @@ luks_sources() {
       label=$(echo "$json" | sed -n 's/.*"label":"\([A-Z0-9_]\{1,11\}\)".*/\1/p')
       [ "$src" = tpm ] && label=$(echo "$json" | sed -n 's/.*"boot":"\([AB]\)".*/\1/p')
       case " $MACULAOS_LUKS_SOURCES " in
-        *" $src "*) [ -n "$src" ] && [ -n "$slot" ] && echo "$slot $src ${label:--} $i" ;;
+        *" $src "*) [ -n "$src" ] && [ -n "$slot" ] && echo "$(luks_rank "$json" "$i") $slot $src ${label:--} $i" ;;
       esac
     fi
     i=$((i + 1))
-  done
+  done | sort -n -k1,1 -k5,5 | cut -d' ' -f2-
+}
+
+# The rank of token JSON $1 (token id $2 when it has none: a volume made before ranks).
+luks_rank() {
+  rank=$(echo "$1" | sed -n 's/.*"rank":\([0-9]\{1,2\}\)[,}].*/\1/p')
+  echo "${rank:-$2}"
 }
 
 # The data cipher of volume $1, if it is one MaculaOS makes.
@@ -129,14 +136,15 @@ luks_tpm_work() {
   rm -rf "$w" && mkdir -m 0700 "$w"
 }
 
-# Seal key file $1 to this TPM under the PCRs MACULAOS_LUKS_TPM_PCRS, their values from file $2 (those a slot
-# will boot with, predicted by maculaos_device.measured_boot), or this boot's when $2 is empty; the sealed object
-# into $3.pub and $3.priv. Only the PCR policy releases it: no password, not the owner's (adminwithpolicy).
+# Seal key file $1 to this TPM under the PCRs $4 (a tpm2 selection; MACULAOS_LUKS_TPM_PCRS when empty), their
+# values from file $2 (those a slot will boot with, predicted by maculaos_device.measured_boot), or this boot's
+# when $2 is empty; the sealed object into $3.pub and $3.priv. Only the PCR policy releases it: no password, not
+# the owner's (adminwithpolicy).
 luks_tpm_seal() {
   luks_have_tpm || { luks_say "no TPM (/dev/tpmrm0) for the tpm key source"; return 1; }
   luks_tpm_work || return 1
   rc=1
-  luks_tpm createpolicy --policy-pcr -l "$MACULAOS_LUKS_TPM_PCRS" ${2:+-f "$2"} -L "$w/policy" >/dev/null \
+  luks_tpm createpolicy --policy-pcr -l "${4:-$MACULAOS_LUKS_TPM_PCRS}" ${2:+-f "$2"} -L "$w/policy" >/dev/null \
     && luks_tpm createprimary -C o -g sha256 -G ecc -c "$w/primary" >/dev/null \
     && luks_tpm create -C "$w/primary" -g sha256 -L "$w/policy" -a 'fixedtpm|fixedparent|adminwithpolicy|noda' \
          -i "$1" -u "$3.pub" -r "$3.priv" >/dev/null \
@@ -145,17 +153,25 @@ luks_tpm_seal() {
   return $rc
 }
 
+# The PCR selection tpm token JSON $1 is sealed to (a token without one: MACULAOS_LUKS_TPM_PCRS).
+luks_tpm_pcrs() {
+  pcrs=$(echo "$1" | sed -n 's/.*"pcrs":"\([a-z0-9:,]\{1,40\}\)".*/\1/p')
+  [ -n "$pcrs" ] || pcrs=$MACULAOS_LUKS_TPM_PCRS
+  echo "$pcrs" | grep -Eqx "$MACULAOS_LUKS_TPM_PCR_LIST_RE" || return 1
+  echo "$pcrs"
+}
+
 # Unseal the key of tpm token $2 of volume $1 into file $3 (this TPM, this boot's PCRs).
 luks_tpm_unseal() {
   luks_have_tpm || { luks_say "no TPM (/dev/tpmrm0)"; return 1; }
   luks_tpm_work || return 1
-  json=$(cryptsetup token export --token-id "$2" "$1" 2>/dev/null) || return 1
+  json=$(cryptsetup token export --token-id "$2" "$1" 2>/dev/null) && pcrs=$(luks_tpm_pcrs "$json") || return 1
   echo "$json" | sed -n 's/.*"pub":"\([A-Za-z0-9+/=]*\)".*/\1/p' | head -c 4096 | base64 -d >"$w/seal.pub" 2>/dev/null
   echo "$json" | sed -n 's/.*"priv":"\([A-Za-z0-9+/=]*\)".*/\1/p' | head -c 4096 | base64 -d >"$w/seal.priv" 2>/dev/null
   rc=1
   luks_tpm createprimary -C o -g sha256 -G ecc -c "$w/primary" >/dev/null 2>&1 \
     && luks_tpm load -C "$w/primary" -u "$w/seal.pub" -r "$w/seal.priv" -c "$w/seal" >/dev/null 2>&1 \
-    && luks_tpm unseal -c "$w/seal" -p "pcr:$MACULAOS_LUKS_TPM_PCRS" -o "$3" 2>/dev/null && rc=0
+    && luks_tpm unseal -c "$w/seal" -p "pcr:$pcrs" -o "$3" 2>/dev/null && rc=0
   rm -rf "$w"
   return $rc
 }
@@ -171,7 +187,12 @@ luks_open_tpm() {
     luks_say "the TPM does not release the key sealed for slot $4 (another machine, boot loader or kernel?)"
   fi
   rm -f "$k"
-  return $rc
+  [ $rc -eq 0 ] || return 1
+  # the installer's key (sealed to fewer PCRs): this first boot seals one to all of them, as it measured them
+  if [ "$(luks_tpm_pcrs "$(cryptsetup token export --token-id "$3" "$1")")" != "$MACULAOS_LUKS_TPM_PCRS" ]; then
+    luks_tpm_enroll "$1" "$4" '' "$4" || luks_say "slot $4 keeps the installer's key"
+  fi
+  return 0
 }
 
 # Unlock volume $1 as /dev/mapper/$MACULAOS_LUKS_MAPPER with the first key source, in token order, that opens it;
@@ -226,7 +247,9 @@ luks_new_passphrase() {
 
 # Make volume $1 anew (a fresh random volume key; whatever it held is gone), cipher $2, key disk label $3, key
 # sources $4... in unlock order; open it and make its ext4. Every source's key is gathered before the disk is
-# touched: a missing key disk or a passphrase not given leaves the volume as it was.
+# touched: a missing key disk or a passphrase not given leaves the volume as it was. A tpm key is sealed for boot
+# slot MACULAOS_LUKS_TPM_BOOT to the PCRs MACULAOS_LUKS_TPM_PCR_LIST (default: all), their values in the file
+# MACULAOS_LUKS_TPM_PCR_VALUES (default: this boot's).
 luks_create() {
   luks_make new "$@"
 }
@@ -266,7 +289,8 @@ luks_make() {
 # A tpm token's own fields: the boot slot it is sealed for ($1), the sealed object (files $2.pub and $2.priv).
 luks_tpm_fields() {
   case "$1" in A|B) ;; *) luks_say "no boot slot to seal the tpm key for"; return 1 ;; esac
-  printf ',"boot":"%s","pub":"%s","priv":"%s"' "$1" "$(base64 -w0 <"$2.pub")" "$(base64 -w0 <"$2.priv")"
+  printf ',"boot":"%s","pcrs":"%s","pub":"%s","priv":"%s"' "$1" "${3:-$MACULAOS_LUKS_TPM_PCRS}" \
+    "$(base64 -w0 <"$2.pub")" "$(base64 -w0 <"$2.priv")"
 }
 
 # Each source's key into $keys/<its key slot> (tpm: sealed into $keys/<slot>.sealed.pub|priv too).
@@ -278,7 +302,8 @@ luks_gather() {
       usb) luks_usb_key "$label" "$keys/$slot" || return 1 ;;
       passphrase) luks_new_passphrase "$keys/$slot" || return 1 ;;
       tpm) head -c "$MACULAOS_LUKS_KEY_BYTES" /dev/urandom >"$keys/$slot" \
-             && luks_tpm_seal "$keys/$slot" "${MACULAOS_LUKS_TPM_PCR_VALUES:-}" "$keys/$slot.sealed" || return 1 ;;
+             && luks_tpm_seal "$keys/$slot" "${MACULAOS_LUKS_TPM_PCR_VALUES:-}" "$keys/$slot.sealed" \
+                  "${MACULAOS_LUKS_TPM_PCR_LIST:-}" || return 1 ;;
       *) luks_say "unknown key source $src"; return 1 ;;
     esac
     slot=$((slot + 1))
@@ -305,8 +330,9 @@ luks_format() {
     fi
     extra=''
     [ "$src" = usb ] && extra=",\"label\":\"$label\""
-    [ "$src" = tpm ] && extra=$(luks_tpm_fields "$MACULAOS_LUKS_TPM_BOOT" "$keys/$slot.sealed")
-    printf '{"type":"maculaos-%s","keyslots":["%s"]%s}' "$src" "$slot" "$extra" \
+    [ "$src" = tpm ] && extra=$(luks_tpm_fields "$MACULAOS_LUKS_TPM_BOOT" "$keys/$slot.sealed" \
+                                  "${MACULAOS_LUKS_TPM_PCR_LIST:-}")
+    printf '{"type":"maculaos-%s","keyslots":["%s"],"rank":%s%s}' "$src" "$slot" "$slot" "$extra" \
       | cryptsetup token import --token-id "$slot" --json-file - "$dev" >/dev/null || return 1
     slot=$((slot + 1))
   done
@@ -316,15 +342,17 @@ luks_format() {
 
 # Seal a new key for boot slot $2 (its PCR values in file $3) into a new key slot of volume $1, which this boot's
 # own tpm key (sealed for slot $4) opens; then drop slot $2's older tpm keys. An update runs this after writing
-# slot $2. A power cut in between leaves an extra key slot that no PCRs open, dropped by the next enrollment.
+# slot $2. A power cut before the token is in leaves a key slot whose key nobody holds (the next enrollment takes
+# another); one before the old tokens go leaves two for slot $2, the old one refused by the TPM, the new one opening.
 luks_tpm_enroll() {
   dev=$1 boot=$2 values=$3 running=$4
   keys=$MACULAOS_RUN/luks-keys
   rm -rf "$keys" && mkdir -m 0700 "$keys" || return 1
   sources=$(luks_sources "$dev")
   current=$(echo "$sources" | awk -v b="$running" '$2 == "tpm" && $3 == b {print $4; exit}')
-  free=0
-  while echo "$sources" | awk -v n="$free" '$1 == n || $4 == n {found=1} END {exit !found}'; do free=$((free + 1)); done
+  used=$(printf '%s\n%s\n' "$sources" "$(cryptsetup luksDump "$dev" | sed -n 's/^  \([0-9]\{1,2\}\): luks2$/\1/p')")
+  free=0  # the first id with neither a token nor a key slot (a key slot without a token: an interrupted enrollment)
+  while echo "$used" | awk -v n="$free" '$1 == n || $4 == n {found=1} END {exit !found}'; do free=$((free + 1)); done
   rc=1
   if [ -z "$current" ]; then
     luks_say "no tpm key for the running slot $running: slot $boot gets none (it will ask another key source)"
@@ -337,7 +365,8 @@ luks_tpm_enroll() {
        && cryptsetup luksAddKey --batch-mode --key-slot "$free" --key-file "$keys/current" \
             --pbkdf pbkdf2 --pbkdf-force-iterations 1000 "$dev" "$keys/new" \
        && fields=$(luks_tpm_fields "$boot" "$keys/new.sealed") \
-       && printf '{"type":"maculaos-tpm","keyslots":["%s"]%s}' "$free" "$fields" \
+       && rank=$(luks_rank "$(cryptsetup token export --token-id "$current" "$dev")" "$current") \
+       && printf '{"type":"maculaos-tpm","keyslots":["%s"],"rank":%s%s}' "$free" "$rank" "$fields" \
             | cryptsetup token import --token-id "$free" --json-file - "$dev" >/dev/null; then
     rc=0
     echo "$sources" | awk -v b="$boot" '$2 == "tpm" && $3 == b {print $1, $4}' | while read -r old token; do
