@@ -292,3 +292,23 @@ def test_a_tokens_pcr_selection_is_checked_before_it_reaches_the_tpm(tmp_path):
         proc = subprocess.run(["sh", "-c", f"{encryption.shell_file()}. {LUKS_SH}; luks_tpm_pcrs '{token}'"],
                               capture_output=True, text=True)
         assert proc.stdout == expected, token
+
+
+def test_the_callers_boot_slot_survives_an_unlock(tmp_path):
+    """POSIX sh has no locals: luks_unlock reads `slot` from the header's tokens; the initrd's own `slot` (the boot
+    slot, later the slot a factory reset seals its new tpm key for) must come back as it went in."""
+    dev = _luks(tmp_path, {"type": "maculaos-tpm", "keyslots": ["0"], "boot": "B", "pub": "AAAA", "priv": "AAAA"})
+    out = _luks_sh(tmp_path, f"slot=A; sources=keep; luks_unlock {dev} A; echo rc=$? slot=$slot sources=$sources")
+    assert out.splitlines()[-1] == "rc=1 slot=A sources=keep"  # no key for A tried, nothing opened
+
+
+@pytest.mark.parametrize("boot", ["", "3", "A;reboot"])
+def test_a_tpm_key_without_a_boot_slot_is_refused_before_the_disk_is_touched(tmp_path, boot):
+    dev = tmp_path / "data.img"
+    subprocess.run(["truncate", "-s", "32M", str(dev)], check=True)
+    script = (f"MACULAOS_RUN={tmp_path}; MACULAOS_LUKS_TPM_BOOT='{boot}'; {encryption.shell_file()}. {LUKS_SH}; "
+              f"luks_create {dev} {encryption.Cipher.aes_xts.value} {encryption.USB_LABEL} tpm")
+    proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr == "maculaos-luks: no boot slot to seal the tpm key for\n"
+    assert dev.read_bytes() == bytes(32 << 20)

@@ -188,8 +188,9 @@ def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_ma
     p.send_console(NEW_PASSPHRASE + "\r")
     p.wait_for_console_text(r"\(recovery\) # ", timeout=120)
     p.send_console(f"mount -t ext4 /dev/mapper/data /mnt && echo floor:$(cat /mnt/{layout.HIGHEST_VERSION_FILE})\r")
-    # (the typed line is echoed too: the value starts with a digit, the echo with `$`)
-    assert p.wait_for_console_text(r"floor:(\d\S*)", timeout=60).group(1) == highest.strip()
+    # (the typed line is echoed too: the value starts with a digit, the echo with `$`; the line's end is waited
+    # for, or a value still arriving would match in part)
+    assert p.wait_for_console_text(r"floor:(\d\S*)\r", timeout=60).group(1) == highest.strip()
     p.send_console("umount /mnt && cryptsetup close data && reboot -f\r")
     assert p.wait_for_console_text(r"maculaos-init: slot ([AB])", timeout=240).group(1) == "A"
     p.wait_for_console_text(r"Passphrase for the data partition \(1/3\): ", timeout=60)

@@ -1,7 +1,9 @@
 # shellcheck shell=sh
 # MaculaOS: the data partition's LUKS2 volume (maculaos_device.encryption): make, unlock, crypto-erase.
 # Sourced, after /usr/share/maculaos/paths.sh and encryption.sh, by the initrd's /init (from the profile layer)
-# and by `maculaos install`. Every key source has a key slot and a token {"type":"maculaos-<source>",
+# and by `maculaos install`. POSIX sh has no local variables: the functions a caller uses (luks_unlock,
+# luks_create, luks_recreate, luks_tpm_enroll) run in a subshell, so the caller's own (its boot `slot`, say) stay
+# its own; what they leave behind is the opened volume and files. Every key source has a key slot and a token {"type":"maculaos-<source>",
 # "keyslots":["<n>"]} in the header, so a volume is unlocked from its header alone, sources in token order.
 # Keys pass through files in tmpfs (0600) and are removed as soon as cryptsetup has read them.
 
@@ -197,7 +199,7 @@ luks_open_tpm() {
 
 # Unlock volume $1 as /dev/mapper/$MACULAOS_LUKS_MAPPER with the first key source, in token order, that opens it;
 # of the tpm keys, only the one sealed for boot slot $2 (when given).
-luks_unlock() {
+luks_unlock() (
   sources=$(luks_sources "$1")
   [ -n "$sources" ] || { luks_say "$1 has no MaculaOS key slot"; return 1; }
   while read -r slot src label token; do
@@ -211,7 +213,7 @@ luks_unlock() {
 $sources
 EOF
   return 1
-}
+)
 
 # The key of the disk labelled $1 into file $2: the key file there, made (random) when it has none.
 luks_usb_key() {
@@ -250,21 +252,21 @@ luks_new_passphrase() {
 # touched: a missing key disk or a passphrase not given leaves the volume as it was. A tpm key is sealed for boot
 # slot MACULAOS_LUKS_TPM_BOOT to the PCRs MACULAOS_LUKS_TPM_PCR_LIST (default: all), their values in the file
 # MACULAOS_LUKS_TPM_PCR_VALUES (default: this boot's).
-luks_create() {
+luks_create() (
   luks_make new "$@"
-}
+)
 
 # Crypto-erase volume $1 (closed): its key slots are wiped, so what it held can never be read again, and a new
 # volume is made with the same cipher and key sources (the key disk's key is kept, a new passphrase asked for, a
 # new tpm key sealed for this boot's slot, MACULAOS_LUKS_TPM_BOOT, with this boot's PCRs).
-luks_recreate() {
+luks_recreate() (
   sources=$(luks_sources "$1")
   [ -n "$sources" ] || { luks_say "$1 has no MaculaOS key slot"; return 1; }
   cipher=$(luks_cipher "$1") || { luks_say "$1 has no cipher MaculaOS makes"; return 1; }
   label=$(echo "$sources" | awk '$2 == "usb" { print $3; exit }')
   # shellcheck disable=SC2046  # one source per word (a tpm key per boot slot: one source)
   luks_make erase "$1" "$cipher" "${label:-$MACULAOS_LUKS_USB_LABEL}" $(echo "$sources" | awk '!seen[$2]++ {print $2}')
-}
+)
 
 # luks_make new|erase DEV CIPHER LABEL SOURCE...
 luks_make() {
@@ -273,6 +275,10 @@ luks_make() {
   case " $MACULAOS_LUKS_CIPHERS " in *" $cipher "*) ;; *) luks_say "unknown cipher $cipher"; return 1 ;; esac
   echo "$label" | grep -Eqx "$MACULAOS_LUKS_USB_LABEL_RE" || { luks_say "invalid key disk label $label"; return 1; }
   [ $# -gt 0 ] || { luks_say "no key source"; return 1; }
+  case " $* " in
+    *" tpm "*) case "${MACULAOS_LUKS_TPM_BOOT:-}" in A|B) ;; *) luks_say "no boot slot to seal the tpm key for"
+                                                                 return 1 ;; esac ;;
+  esac
   keys=$MACULAOS_RUN/luks-keys
   rm -rf "$keys" && mkdir -m 0700 "$keys" || return 1
   rc=0
@@ -330,8 +336,10 @@ luks_format() {
     fi
     extra=''
     [ "$src" = usb ] && extra=",\"label\":\"$label\""
-    [ "$src" = tpm ] && extra=$(luks_tpm_fields "$MACULAOS_LUKS_TPM_BOOT" "$keys/$slot.sealed" \
-                                  "${MACULAOS_LUKS_TPM_PCR_LIST:-}")
+    if [ "$src" = tpm ]; then
+      extra=$(luks_tpm_fields "$MACULAOS_LUKS_TPM_BOOT" "$keys/$slot.sealed" "${MACULAOS_LUKS_TPM_PCR_LIST:-}") \
+        || return 1
+    fi
     printf '{"type":"maculaos-%s","keyslots":["%s"],"rank":%s%s}' "$src" "$slot" "$slot" "$extra" \
       | cryptsetup token import --token-id "$slot" --json-file - "$dev" >/dev/null || return 1
     slot=$((slot + 1))
@@ -344,7 +352,7 @@ luks_format() {
 # own tpm key (sealed for slot $4) opens; then drop slot $2's older tpm keys. An update runs this after writing
 # slot $2. A power cut before the token is in leaves a key slot whose key nobody holds (the next enrollment takes
 # another); one before the old tokens go leaves two for slot $2, the old one refused by the TPM, the new one opening.
-luks_tpm_enroll() {
+luks_tpm_enroll() (
   dev=$1 boot=$2 values=$3 running=$4
   keys=$MACULAOS_RUN/luks-keys
   rm -rf "$keys" && mkdir -m 0700 "$keys" || return 1
@@ -376,4 +384,4 @@ luks_tpm_enroll() {
   fi
   rm -rf "$keys"
   return $rc
-}
+)
