@@ -31,25 +31,42 @@ def run(cmd: list[str], what: str, stdin: str | None = None) -> str:
     return proc.stdout
 
 
-def medium_disk(dev: Device) -> str | None:
-    for line in Path("/proc/mounts").read_text().splitlines():
-        src, target = line.split()[:2]
-        if target == str(MEDIUM) and src.startswith("/dev/"):
-            return disk_of(dev.sys_block, src[5:])
-    return None
-
-
 def auto_device(dev: Device) -> str:
-    """The first fixed disk that is not the boot medium."""
-    skip = medium_disk(dev)
+    """The first disk that is not the boot medium and has a size (an empty card reader has none)."""
+    skip = dev.disk_mounted_at(MEDIUM)
     if skip is None:
         raise DeviceError(f"install: cannot tell the boot medium (nothing mounted at {MEDIUM}): refusing to pick "
                           "a disk")
-    for pattern in ("vd*", "sd*", "nvme*n*", "mmcblk[0-9]*"):
-        for d in sorted(Path("/sys/block").glob(pattern)):
-            if d.name != skip and int((d / "size").read_text()) > 0:
-                return f"/dev/{d.name}"
+    for name in dev.disks():
+        if name != skip and dev.sectors(name) > 0:
+            return f"/dev/{name}"
     raise DeviceError("install: no disk found to install to")
+
+
+def target_disk(dev: Device, device: str) -> str:
+    """The name (`vda`) of the whole disk `device` (`auto`, `/dev/vda`, a /dev/disk/by-id link) names, which an
+    install may erase: a disk the kernel lists, not a partition, not the boot medium."""
+    if device == "auto":
+        device = auto_device(dev)
+    name = Path(device).resolve().name
+    if not device.startswith("/dev/") or not (dev.sys_block / name).is_dir():
+        raise DeviceError(f"install: {device} is not a disk this machine has (give /dev/<disk>)")
+    if disk_of(dev.sys_block, name) != name:
+        raise DeviceError(f"install: {device} is a partition; give the whole disk")
+    medium = dev.disk_mounted_at(MEDIUM)
+    if medium is None or name == medium:  # the medium, or no way to tell it apart: never written
+        raise DeviceError(f"install: {device} is the boot medium" if medium else
+                          f"install: cannot tell the boot medium (nothing mounted at {MEDIUM}): refusing to write")
+    return name
+
+
+def disk_plan(dev: Device, name: str, squashfs_bytes: int) -> layout.Layout:
+    """The layout for disk `name`: data gets what the slots and ESP leave; refused when they do not fit."""
+    disk_mb = dev.sectors(name) * 512 // layout.MIB
+    try:  # sizes, names and type GUIDs from the layout module the image build uses too
+        return layout.plan(squashfs_bytes, size_mb=disk_mb)
+    except layout.LayoutError as exc:
+        raise DeviceError(f"install: /dev/{name} ({disk_mb} MiB) is too small: {exc}") from None
 
 
 def partition_node(disk: str, n: int) -> Path:
@@ -71,28 +88,15 @@ def install(dev: Device, device: str, config: str | None, yes: bool) -> None:
     for f in MEDIUM_FILES:
         if not (MEDIUM / f).exists():
             raise DeviceError(f"the boot medium has no {f}: boot the MaculaOS ISO to install")
-    if device == "auto":
-        device = auto_device(dev)
-    node = Path(device)
-    if not node.is_block_device():
-        raise DeviceError(f"install: {device} is not a block device")
-    name = node.name
-    if disk_of(dev.sys_block, name) != name:
-        raise DeviceError(f"install: {device} is a partition; give the whole disk")
-    medium = medium_disk(dev)
-    if medium is None or name == medium:  # the medium, or no way to tell it apart: never written
-        raise DeviceError(f"install: {device} is the boot medium" if medium else
-                          f"install: cannot tell the boot medium (nothing mounted at {MEDIUM}): refusing to write")
+    name = target_disk(dev, device)
+    device = f"/dev/{name}"
     policy, passphrase = data_policy(config)
     tpm_values = tpm_values_for_slot_a(policy)
 
     squashfs = MEDIUM / "maculaos/rootfs.squashfs"
     sq_size = squashfs.stat().st_size
-    disk_mb = int((Path("/sys/block") / name / "size").read_text()) * 512 // layout.MIB
-    try:  # sizes, names and type GUIDs from the layout module the image build uses too; data gets the rest
-        plan = layout.plan(sq_size, size_mb=disk_mb)
-    except layout.LayoutError as exc:
-        raise DeviceError(f"install: {device} ({disk_mb} MiB) is too small: {exc}") from None
+    plan = disk_plan(dev, name, sq_size)
+    disk_mb = dev.sectors(name) * 512 // layout.MIB
     if not yes:
         print(f"This erases everything on {device} ({disk_mb} MiB). Type yes to continue: ", end="", file=sys.stderr,
               flush=True)
@@ -101,9 +105,7 @@ def install(dev: Device, device: str, config: str | None, yes: bool) -> None:
     version = dev.release().get("VERSION_ID", "")
     log(f"installing MaculaOS {version} to {device} (ESP {plan.esp_mb} MiB, slots 2 x {plan.slot_mb} MiB, "
         "data the rest)")
-    mounted = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
-               if line.startswith(device)]
-    for mountpoint in sorted(mounted, reverse=True):
+    for mountpoint in sorted(dev.mounts_on_disk(name), reverse=True):
         subprocess.run(["umount", mountpoint])
     with open(device, "r+b") as disk:
         disk.write(bytes(2 * layout.MIB))
@@ -307,7 +309,7 @@ def grow_data(dev: Device) -> None:
     sys_part = dev.sys_block / name
     n = int((sys_part / "partition").read_text())
     start, size = int((sys_part / "start").read_text()), int((sys_part / "size").read_text())
-    total = int((Path("/sys/block") / disk / "size").read_text())
+    total = dev.sectors(disk)
     free = total - start - size - GPT_BACKUP_SECTORS
     if free < GROW_MIN_SECTORS:
         return

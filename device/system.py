@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from . import layout, paths
 
@@ -24,7 +25,17 @@ COMMANDS = ("blockdev", "cryptsetup", "hostname", "minisign", "mkfs.ext4", "mkfs
 # Run only where the image has them, after checking (boards with Wi-Fi: boards.WIRELESS_PACKAGES).
 OPTIONAL_COMMANDS = ("wpa_supplicant",)
 HEALTH_HOOK_SECONDS = 120
+DISK_PATTERNS = ("vd*", "sd*", "nvme*n*", "mmcblk[0-9]*")  # virtio, SCSI/SATA/USB, NVMe, MMC (sysfs names)
 LOCK_SECONDS = 600
+
+
+class Mount(NamedTuple):
+    """One line of /proc/mounts."""
+
+    source: str
+    target: str
+    kind: str
+    options: str
 
 
 class DeviceError(Exception):
@@ -61,8 +72,9 @@ class Device:
     update_key: Path = Path(paths.UPDATE_KEY)  # in the read-only root, never the /etc overlay
     health_dirs: tuple[Path, ...] = tuple(Path(d) for d in paths.HEALTH_DIRS)
     cmdline_path: Path = Path("/proc/cmdline")
+    proc_mounts: Path = Path("/proc/mounts")
     config_root: Path = Path("/")
-    sys_block: Path = Path("/sys/class/block")
+    sys_block: Path = Path("/sys/class/block")  # disks and partitions (a partition's folder has `partition`)
 
     # --- what the initrd recorded ------------------------------------------------------------------
     def mode(self) -> str:
@@ -112,17 +124,46 @@ class Device:
         return self.data_root / layout.HIGHEST_VERSION_FILE
 
     # --- hardware --------------------------------------------------------------------------------
+    def mounts(self) -> list[Mount]:
+        """The mount table; empty when it cannot be read."""
+        try:
+            lines = self.proc_mounts.read_text().splitlines()
+        except OSError:
+            return []
+        return [Mount(*f[:4]) for f in (line.split() for line in lines) if len(f) >= 4]
+
+    def mounted(self, path: Path) -> bool:
+        return any(m.target == str(path) for m in self.mounts())
+
+    def disk_mounted_at(self, path: Path) -> str | None:
+        """The whole disk (`vda`) whose partition or self is mounted at `path`."""
+        for m in self.mounts():
+            if m.target == str(path) and m.source.startswith("/dev/"):
+                return disk_of(self.sys_block, m.source[5:])
+        return None
+
+    def mounts_on_disk(self, disk: str) -> list[str]:
+        """The mount points of disk `disk` itself and of its partitions."""
+        return [m.target for m in self.mounts()
+                if m.source.startswith("/dev/") and disk_of(self.sys_block, m.source[5:]) == disk]
+
+    def disks(self) -> list[str]:
+        """The whole disks an install may go to, in DISK_PATTERNS order (virtio first), each sorted; no partitions."""
+        found: list[str] = []
+        for pattern in DISK_PATTERNS:
+            found += sorted(d.name for d in self.sys_block.glob(pattern) if not (d / "partition").exists())
+        return found
+
+    def sectors(self, name: str) -> int:
+        """The size of block device `name` in 512-byte sectors (0 when the kernel gives none)."""
+        try:
+            return int((self.sys_block / name / "size").read_text())
+        except (OSError, ValueError):
+            return 0
+
     def boot_disk(self) -> str | None:
         """The disk holding the booted slot (`vda`), from the mount of the running root squashfs."""
-        try:
-            mounts = Path("/proc/mounts").read_text().splitlines()
-        except OSError:
-            return None
-        for line in mounts:
-            src, target = line.split()[:2]
-            if target == str(self.run / "lower") and src.startswith("/dev/"):
-                return disk_of(self.sys_block, src[5:])
-        return None
+        return self.disk_mounted_at(self.run / "lower")
 
     def partition(self, name: str) -> Path:
         """The /dev node of partition `name` (`esp`, `rootfs-A`, ...) on the boot disk."""
@@ -150,7 +191,7 @@ class Device:
         return self.partition(layout.slot_name(slot))
 
     def mount_esp(self) -> None:
-        if _mounted(self.esp):
+        if self.mounted(self.esp):
             return
         self.esp.mkdir(parents=True, exist_ok=True)
         dev = self.partition(layout.PART_ESP)
@@ -158,7 +199,7 @@ class Device:
         options = "rw,noatime,nosuid,nodev,noexec,uid=0,gid=0,fmask=0077,dmask=0077"
         proc = subprocess.run(["mount", "-t", "vfat", "-o", options, str(dev), str(self.esp)],
                               capture_output=True, text=True)
-        if proc.returncode != 0 and not _mounted(self.esp):
+        if proc.returncode != 0 and not self.mounted(self.esp):
             raise DeviceError(f"cannot mount the boot partition {dev}: {proc.stderr.strip()}")
 
     def reboot(self, force: bool = False) -> None:
@@ -167,10 +208,11 @@ class Device:
 
     def root_mounted(self) -> str | None:
         """The first missing mount a healthy installed system has, or None."""
-        mounts = Path("/proc/mounts").read_text()
-        if f" {self.run / 'lower'} squashfs ro" not in mounts:
+        mounts = self.mounts()
+        if not any(m.target == str(self.run / "lower") and m.kind == "squashfs" and "ro" in m.options.split(",")
+                   for m in mounts):
             return "root squashfs not mounted"
-        if f" {self.state} " not in mounts:
+        if not self.mounted(self.state):
             return "data partition not mounted"
         return None
 
@@ -221,9 +263,3 @@ def _cmdline_value(cmdline: str, key: str) -> str | None:
             return arg.split("=", 1)[1]
     return None
 
-
-def _mounted(path: Path) -> bool:
-    try:
-        return any(line.split()[1] == str(path) for line in Path("/proc/mounts").read_text().splitlines())
-    except OSError:
-        return False
