@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""What encrypting the data partition costs (issue 25): the same test ISO installed twice in one live boot, plain
-and encrypted (LUKS2, a USB key disk: unattended), then each disk booted N times and timed, under TCG.
+"""What encrypting the data partition costs (issue 25): the same test ISO installed three times in one live boot
+(UEFI, with a TPM: swtpm), plain and encrypted twice (LUKS2, unattended: a USB key disk; the node's TPM), then
+each disk booted N times and timed, under TCG (the TPM disk once more first, untimed: its first boot re-seals the
+installer's key).
 
-Prints, plain vs encrypted: seconds from QEMU's start to the initrd's slot line, to the data partition mounted
+Prints, plain vs USB key vs TPM: seconds from QEMU's start to the initrd's slot line, to the data partition mounted
 (the unlock in between), to the test shell; `maculaos upgrade --apply` of the 0.2.0 bundle; a 64 MiB write
 with fsync to the data partition; and in the guest `cryptsetup benchmark` of both ciphers the config offers
 (the guest CPU is QEMU's `max` model under TCG: AES instructions emulated in software). Then the initrd's size
-with and without what encryption adds (cryptsetup, mke2fs, their libraries, dm-crypt and cipher modules),
-each recompressed as the build does (zstd -19).
+without what encryption adds (cryptsetup, mke2fs, their libraries, dm-crypt and cipher modules; tpm2-tools and
+the libraries only it links: the TSS, libcurl's chain), with the LUKS part only, and whole, each recompressed as
+the build does (zstd -19).
 Needs out/maculaos-test-0.1.0-amd64.iso and out/update/maculaos-test-0.2.0-amd64.bundle (`make test`).
 Usage: python bench/encryption.py [--boots 2]
 """
@@ -36,32 +39,46 @@ from maculaos_sdk.vm import VmConfig  # noqa: E402
 
 ISO = ROOT / "out" / "maculaos-test-0.1.0-amd64.iso"
 BUNDLE = ROOT / "out" / "update" / "maculaos-test-0.2.0-amd64.bundle"
-# what the initrd carries only for encryption (collect.sh, plan.INITRD_MODULES)
-ENCRYPTION_FILES = re.compile(r"(sbin/(cryptsetup|mke2fs|mkfs\.ext4)|lib/modules/.*(dm-|xts|aesni|adiantum|chacha|"
+# what the initrd carries only for LUKS (collect.sh, plan.INITRD_MODULES)
+LUKS_FILES = re.compile(r"(sbin/(cryptsetup|mke2fs|mkfs\.ext4)|lib/modules/.*(dm-|xts|aesni|adiantum|chacha|"
                               r"nhpoly|poly1305|algif|af_alg).*|.*/lib(cryptsetup|argon2|json-c|devmapper|ssl|crypto|"
                               r"ext2fs|e2p|com_err|popt|blkid|uuid|selinux|pcre2-8|udev|cap|zstd)\.so.*)$")
+# what only tpm2-tools brings (its TSS, and libcurl-gnutls with everything it links; libssl and libcrypto are
+# cryptsetup's too)
+TPM_FILES = re.compile(r"(bin/tpm2|.*/lib(tss2-[a-z-]+|curl-gnutls|gnutls|p11-kit|unistring|idn2|nettle|hogweed|gmp|"
+                       r"tasn1|ffi|krb5|krb5support|k5crypto|gssapi_krb5|ldap|lber|sasl2|rtmp|ssh2|psl|nghttp[23]|"
+                       r"ngtcp2(_crypto_gnutls)?|brotli(dec|common)|keyutils)\.so.*)$")
 
 
-def install_both(work: Path) -> tuple[Path, Path, Path]:
-    """One live boot: the plain install to vda, the encrypted one (USB key source) to vdb."""
-    plain, sealed, stick = work / "plain-amd64.qcow2", work / "sealed-amd64.qcow2", work / "key.img"
-    for disk in (plain, sealed):
+DISKS = {"plain": None, "usb": ["usb"], "tpm": ["tpm"]}  # name -> key sources (None: not encrypted)
+
+
+def install_all(work: Path, tpm: Path) -> tuple[dict[str, Path], Path]:
+    """One live boot (UEFI, the node's TPM): each of DISKS installed to its own virtio disk."""
+    disks = {name: work / f"{name}-amd64.qcow2" for name in DISKS}
+    for disk in disks.values():
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "2G"], check=True)
+    stick = work / "key.img"
     subprocess.run(["truncate", "-s", "16M", str(stick)], check=True)
     subprocess.run(["mkfs.vfat", "-n", encryption.USB_LABEL, str(stick)], check=True, capture_output=True)
-    config = {"storage": {"encryption": {"enabled": True, "key_sources": ["usb"]}}}
-    m = MaculaMachine("bench-install", VmConfig.for_image(ISO, disks=(plain, sealed), usb_sticks=(stick,)), work)
+    cfg = VmConfig.for_image(ISO, disks=tuple(disks.values()), usb_sticks=(stick,), uefi=True)
+    m = MaculaMachine("bench-install", cfg, work, tpm_state=tpm)
     m.start()
     try:
         m.wait_for_channel(timeout=300)
-        m.succeed(f"echo {base64.b64encode(json.dumps(config).encode()).decode()} | base64 -d > /tmp/sealed.yaml")
-        m.succeed("maculaos install --device /dev/vda --yes", timeout=900)
-        m.succeed("maculaos install --device /dev/vdb --config /tmp/sealed.yaml --yes", timeout=900)
+        for n, (name, sources) in enumerate(DISKS.items()):
+            option = ""
+            if sources:
+                config = {"storage": {"encryption": {"enabled": True, "key_sources": sources}}}
+                encoded = base64.b64encode(json.dumps(config).encode()).decode()
+                m.succeed(f"echo {encoded} | base64 -d > /tmp/{name}.yaml")
+                option = f"--config /tmp/{name}.yaml"
+            m.succeed(f"maculaos install --device /dev/vd{'abc'[n]} {option} --yes", timeout=900)
         m.send_channel_nowait("poweroff")
         m.wait_for_poweroff(timeout=120)
     finally:
         m.close()
-    return plain, sealed, stick
+    return disks, stick
 
 
 def timed(m: MaculaMachine, command: str) -> float:
@@ -72,14 +89,14 @@ def timed(m: MaculaMachine, command: str) -> float:
     return float(out.strip().splitlines()[-1])
 
 
-def boot_once(disk: Path, stick: Path, work: Path, url: str | None) -> dict[str, float]:
+def boot_once(disk: Path, stick: Path, work: Path, tpm: Path, url: str | None) -> dict[str, float]:
     """Boot `disk` once: milestones, and with `url` the update apply and the data write."""
-    m = MaculaMachine("bench-boot", VmConfig.for_image(disk, usb_sticks=(stick,)), work)
+    m = MaculaMachine("bench-boot", VmConfig.for_image(disk, usb_sticks=(stick,)), work, tpm_state=tpm)
     m.start()
     try:
         m.wait_for_console_text(r"maculaos-init: slot A", timeout=300)
         seen = {"slot line (s)": time.monotonic() - m.started_at}
-        if "sealed" in disk.name:
+        if not disk.name.startswith("plain"):
             m.wait_for_console_text(r"maculaos-luks: unlocked with", timeout=300)
             seen["unlock (s)"] = time.monotonic() - m.started_at - seen["slot line (s)"]
         m.wait_for_channel(timeout=300)
@@ -97,7 +114,7 @@ def boot_once(disk: Path, stick: Path, work: Path, url: str | None) -> dict[str,
 
 
 def ciphers(disk: Path, stick: Path, work: Path) -> dict[str, str]:
-    m = MaculaMachine("bench-ciphers", VmConfig.for_image(disk, usb_sticks=(stick,)), work)
+    m = MaculaMachine("bench-ciphers", VmConfig.for_image(disk, usb_sticks=(stick,)), work)  # the USB key
     m.start()
     try:
         m.wait_for_boot()
@@ -129,8 +146,9 @@ def cpio_entries(data: bytes) -> list[tuple[str, bytes]]:
     return entries
 
 
-def initrd_sizes() -> tuple[int, int]:
-    """The build's initrd recompressed as the build does, whole and without the encryption files (bytes)."""
+def initrd_sizes() -> tuple[int, int, int]:
+    """The build's initrd recompressed as the build does: whole, without the TPM's files, without every
+    encryption file (bytes)."""
     initrd = ISO.with_name(ISO.name.replace(".iso", ".bundle")) / "initrd.img"
     raw = subprocess.run(["zstd", "-dc", str(initrd)], check=True, capture_output=True).stdout
     entries = cpio_entries(raw)
@@ -140,7 +158,10 @@ def initrd_sizes() -> tuple[int, int]:
         cpio = b"".join(e for _, e in kept) + trailer
         return len(subprocess.run(["zstd", "-19", "-q", "-c"], input=cpio, check=True, capture_output=True).stdout)
 
-    return packed(entries), packed([e for e in entries if not ENCRYPTION_FILES.match(e[0].removeprefix("./"))])
+    def without(*patterns: re.Pattern[str]) -> int:
+        return packed([e for e in entries if not any(p.match(e[0].removeprefix("./")) for p in patterns)])
+
+    return packed(entries), without(TPM_FILES), without(TPM_FILES, LUKS_FILES)
 
 
 def main() -> int:
@@ -153,23 +174,25 @@ def main() -> int:
             return 2
     server = serve(BUNDLE.parent)
     url = f"http://10.0.2.2:{server.server_address[1]}/{BUNDLE.name}"
-    full, bare = initrd_sizes()
+    full, no_tpm, bare = initrd_sizes()
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        plain, sealed, stick = install_both(work)
-        runs: dict[str, list[dict[str, float]]] = {"plain": [], "encrypted": []}
+        work, tpm = Path(tmp), Path(tmp) / "tpm"
+        disks, stick = install_all(work, tpm)
+        boot_once(disks["tpm"], stick, work, tpm, None)  # the first boot re-seals the installer's key: untimed
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in disks}
         for n in range(args.boots):
-            for name, disk in (("plain", plain), ("encrypted", sealed)):
-                runs[name].append(boot_once(disk, stick, work, url if n == 0 else None))
-        speeds = ciphers(sealed, stick, work)
+            for name, disk in disks.items():
+                runs[name].append(boot_once(disk, stick, work, tpm, url if n == 0 else None))
+        speeds = ciphers(disks["usb"], stick, work)
     server.shutdown()
-    print(f"{'TCG, amd64, ' + str(args.boots) + ' boots each (medians)':<34} {'plain':>10} {'encrypted':>10}")
-    for key in runs["encrypted"][0]:
+    print(f"{'TCG, amd64, ' + str(args.boots) + ' boots each (medians)':<34}" + "".join(f"{n:>10}" for n in runs))
+    for key in runs["usb"][0]:
         values = [statistics.median([r[key] for r in runs[name] if key in r] or [0.0]) for name in runs]
-        print(f"{key:<34} {values[0]:>10.2f} {values[1]:>10.2f}")
+        print(f"{key:<34}" + "".join(f"{v:>10.2f}" for v in values))
     for cipher, speed in speeds.items():
         print(f"{'cryptsetup benchmark ' + cipher:<50} {speed}")
-    print(f"{'initrd (zstd -19), bytes':<34} {bare:>10} {full:>10}  (+{(full - bare) / 1e6:.2f} MB for encryption)")
+    print(f"{'initrd (zstd -19), bytes':<34}{bare:>10}{no_tpm:>10}{full:>10}  (none, LUKS, LUKS + TPM: "
+          f"+{(no_tpm - bare) / 1e6:.2f} MB, +{(full - no_tpm) / 1e6:.2f} MB)")
     return 0
 
 
