@@ -306,9 +306,8 @@ def test_the_callers_boot_slot_survives_an_unlock(tmp_path):
 def test_a_tpm_key_without_a_boot_slot_is_refused_before_the_disk_is_touched(tmp_path, boot):
     dev = tmp_path / "data.img"
     subprocess.run(["truncate", "-s", "32M", str(dev)], check=True)
-    script = (f"MACULAOS_RUN={tmp_path}; MACULAOS_LUKS_TPM_BOOT='{boot}'; {encryption.shell_file()}. {LUKS_SH}; "
-              f"luks_create {dev} {encryption.Cipher.aes_xts.value} {encryption.USB_LABEL} tpm")
-    proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+    proc = _tpm_sh(tmp_path, "", f"MACULAOS_LUKS_TPM_BOOT='{boot}'; "
+                                 f"luks_create {dev} {encryption.Cipher.aes_xts.value} {encryption.USB_LABEL} tpm")
     assert proc.returncode == 1
     assert proc.stderr == "maculaos-luks: no boot slot to seal the tpm key for\n"
     assert dev.read_bytes() == bytes(32 << 20)
