@@ -48,6 +48,8 @@ BOOT_PACKAGES = ["sysvinit-core", "openrc", "udev", "kmod", "iproute2", "ifupdow
                  "cryptsetup-bin",
                  # ... and its tpm key source: sealed by the installer and by an update for the slot it writes
                  "tpm2-tools",
+                 # ... and its network key source (a Tang server's: jose; the HTTP: busybox's wget, which udhcpc brings)
+                 "jose",
                  # node config (config.yaml, the schema shared with the host), firewall, ssh
                  "python3-yaml", "nftables", "openssh-server",
                  # `maculaos upgrade`: bundle signatures

@@ -24,6 +24,7 @@ class KeySource(Enum):
     passphrase = "passphrase"  # typed on the consoles (serial and screen) at every boot
     usb = "usb"  # a key file on a removable disk with a given filesystem label, read and forgotten
     tpm = "tpm"  # a random key sealed to this node's TPM 2.0 and its boot loader and kernel (TPM_PCRS), per slot
+    network = "network"  # a random key encrypted to a Tang server (clevis's tang pin format), released by it at boot
 
     @property
     def token_type(self) -> str:
@@ -57,6 +58,14 @@ TPM_PCRS = (4, 7)
 # installer's boot (the firmware's failed boot options before the disk's are in PCR 4, and the installer boots from
 # another device). The initrd of the first boot that this key unlocks seals a TPM_PCRS key in its place.
 TPM_INSTALL_PCRS = (7,)
+# The network key source: a Tang server, reached over plain HTTP from the initrd (busybox wget, jose). The exchange
+# needs no TLS: the node trusts the server's advertisement through the thumbprint of a key that signed it, and what
+# it sends the server is blinded (the McCallum-Relyea exchange): the server never sees the key.
+TANG_URL_PATTERN = r"http://[A-Za-z0-9][A-Za-z0-9.-]{0,252}(:[0-9]{1,5})?(/[A-Za-z0-9._~-]{1,64}){0,8}"  # POSIX ERE too
+TANG_THP_PATTERN = r"[A-Za-z0-9_-]{43}"  # a signing key's SHA-256 JWK thumbprint (`tang-show-keys` prints it)
+NETWORK_TRIES = 3  # tries of the key server at boot (a second apart), then the next key source
+HTTP_TIMEOUT_SECONDS = 5  # per request to the key server
+HTTP_MAX_BYTES = 65536  # a larger answer from the key server is refused, not cut
 TPM_PCR_LIST_PATTERN = r"sha256:[0-9]{1,2}(,[0-9]{1,2}){0,7}"  # a token's "pcrs", as tpm2 spells a selection
 
 
@@ -75,7 +84,9 @@ FIELDS: tuple[Field, ...] = (
           f"`{USB_KEY_FILE}` on a disk labelled `storage.encryption.usb_label`; made there when absent), `tpm` "
           f"(a key sealed to the node's TPM 2.0 and PCRs {'+'.join(map(str, TPM_PCRS))}: its boot loader and kernel; "
           "sealed anew for a slot when an update writes it; the installer's, to PCR "
-          f"{'+'.join(map(str, TPM_INSTALL_PCRS))} only, is replaced at the first boot; needs UEFI).",
+          f"{'+'.join(map(str, TPM_INSTALL_PCRS))} only, is replaced at the first boot; needs UEFI), `network` "
+          "(a key the Tang server `storage.encryption.tang_url` releases at boot, over the network the initrd "
+          f"brings up with DHCP; {NETWORK_TRIES} tries).",
           choices=tuple(s.value for s in KeySource)),
     Field("storage.encryption.cipher", STR, Cipher.aes_xts.value,
           "Data cipher: `aes-xts-plain64` where the CPU has AES instructions, "
@@ -83,6 +94,13 @@ FIELDS: tuple[Field, ...] = (
           choices=tuple(c.value for c in Cipher)),
     Field("storage.encryption.usb_label", STR, USB_LABEL, "Filesystem label of the USB key disk.",
           pattern=USB_LABEL_PATTERN),
+    Field("storage.encryption.tang_url", STR, "",
+          "The Tang server of the `network` key source, e.g. `http://tang.example:7500`. Plain `http://`: Tang needs "
+          "no TLS (what the node sends is blinded, and the server is trusted through `tang_thp`); no IPv6 literals.",
+          pattern=TANG_URL_PATTERN),
+    Field("storage.encryption.tang_thp", STR, "",
+          "The SHA-256 thumbprint of a signing key of that Tang server (`tang-show-keys` on the server prints it): "
+          "its advertisement must carry that key's signature, or no key is made.", pattern=TANG_THP_PATTERN),
     Field("storage.encryption.passphrase", STR, "",
           "The passphrase `maculaos install` enrolls (8-256 printable characters). Never stored: the "
           "installed config.yaml has it removed, and a profile or an image may not carry it; without it "
@@ -100,19 +118,32 @@ class Policy:
     sources: tuple[KeySource, ...]
     cipher: Cipher
     usb_label: str
+    tang_url: str = ""
+    tang_thp: str = ""
 
     @classmethod
     def of(cls, config: dict[str, Any]) -> Policy:
         """From a resolved node config (nodeconfig.resolve: every key present, every value checked)."""
         enc = config["storage"]["encryption"]
         return cls(enabled=enc["enabled"], sources=tuple(dict.fromkeys(KeySource(s) for s in enc["key_sources"])),
-                   cipher=Cipher(enc["cipher"]), usb_label=enc["usb_label"])
+                   cipher=Cipher(enc["cipher"]), usb_label=enc["usb_label"], tang_url=enc["tang_url"],
+                   tang_thp=enc["tang_thp"])
 
     def problem(self) -> str | None:
         """Why this policy cannot make a volume, or None."""
         if self.enabled and not self.sources:
             return "storage.encryption.key_sources is empty: nothing could unlock the data partition"
+        if self.enabled and KeySource.network in self.sources and not (self.tang_url and self.tang_thp):
+            return ("storage.encryption.key_sources lists `network`: set storage.encryption.tang_url and tang_thp "
+                    "(the server's signing key thumbprint, from `tang-show-keys`)")
         return None
+
+    def shell_env(self) -> dict[str, str]:
+        """What luks.sh's `luks_create` reads of the network key source (validated by the schema)."""
+        if KeySource.network not in self.sources:
+            return {}
+        assert re.fullmatch(TANG_URL_PATTERN, self.tang_url) and re.fullmatch(TANG_THP_PATTERN, self.tang_thp)
+        return {"MACULAOS_LUKS_TANG_URL": self.tang_url, "MACULAOS_LUKS_TANG_THP": self.tang_thp}
 
     def shell_args(self) -> list[str]:
         """The arguments of luks.sh's `luks_create`: cipher, label, then the sources in unlock order."""
@@ -156,6 +187,8 @@ def shell_file() -> str:
         "USB_WAIT": USB_WAIT_SECONDS, "MAX_TOKENS": MAX_TOKENS, "USB_LABEL_RE": USB_LABEL_PATTERN,
         "TPM_PCRS": pcr_list(TPM_PCRS),
         "TPM_PCR_LIST_RE": TPM_PCR_LIST_PATTERN,
+        "TANG_URL_RE": TANG_URL_PATTERN, "TANG_THP_RE": TANG_THP_PATTERN, "NETWORK_TRIES": NETWORK_TRIES,
+        "HTTP_TIMEOUT": HTTP_TIMEOUT_SECONDS, "HTTP_MAX": HTTP_MAX_BYTES,
         "SOURCES": " ".join(s.value for s in KeySource), "CIPHERS": " ".join(c.value for c in Cipher),
     }
     lines = ["# maculaos_device.encryption, rendered by the SDK: source it, never edit it",

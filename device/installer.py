@@ -242,7 +242,7 @@ def make_encrypted_data(dev: Device, part: Path, policy: encryption.Policy, pass
     values = luks.secret_file(dev.run / "luks-tpm-values", tpm_values)
     env = {"MACULAOS_LUKS_PASSPHRASE_FILE": str(secret), "MACULAOS_LUKS_TPM_BOOT": "A",
            "MACULAOS_LUKS_TPM_PCR_VALUES": str(values),
-           "MACULAOS_LUKS_TPM_PCR_LIST": encryption.pcr_list(encryption.TPM_INSTALL_PCRS)}
+           "MACULAOS_LUKS_TPM_PCR_LIST": encryption.pcr_list(encryption.TPM_INSTALL_PCRS), **policy.shell_env()}
     try:
         made = luks.run_function("luks_create", [str(part), *policy.shell_args()], env)
     finally:

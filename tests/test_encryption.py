@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -19,6 +20,7 @@ from maculaos_device.system import DeviceError
 from maculaos_sdk.cli import main
 from maculaos_sdk.paths import sdk_root
 from maculaos_sdk.vm import free_port, port_is_free
+from tang_server import TangServer
 
 BASE = "name: x\nextends: core\n"
 LUKS_SH = sdk_root() / "overlay" / str(paths.LUKS_LIB).lstrip("/")
@@ -39,6 +41,10 @@ def _config(tmp_path: Path, text: str) -> Path:
     ("storage:\n  encryption:\n    passphrase: short\n", "storage.encryption.passphrase",
      "invalid value (not shown: a secret)"),
     ("storage:\n  encryption:\n    enabled: 'yes'\n", "storage.encryption.enabled", "expected a boolean"),
+    ("storage:\n  encryption:\n    tang_url: 'https://tang.lan'\n", "storage.encryption.tang_url", "invalid value"),
+    ("storage:\n  encryption:\n    tang_url: 'http://tang.lan/$(reboot)'\n", "storage.encryption.tang_url",
+     "invalid value"),
+    ("storage:\n  encryption:\n    tang_thp: 'abc'\n", "storage.encryption.tang_thp", "invalid value"),
 ])
 def test_the_encryption_keys_are_checked_like_every_other(tmp_path, text, key, what):
     problems = nodeconfig.validate_files([_config(tmp_path, text)])
@@ -311,3 +317,115 @@ def test_a_tpm_key_without_a_boot_slot_is_refused_before_the_disk_is_touched(tmp
     assert proc.returncode == 1
     assert proc.stderr == "maculaos-luks: no boot slot to seal the tpm key for\n"
     assert dev.read_bytes() == bytes(32 << 20)
+
+
+@pytest.fixture
+def tang(tmp_path):
+    """A real Tang server (Debian's tangd) on a local port; its signing key's thumbprint as tang-show-keys gives it."""
+    server = TangServer(tmp_path / "tang").start()
+    yield server
+    server.stop()
+
+
+def _net_sh(tmp_path: Path, call: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    script = f"MACULAOS_RUN={tmp_path}; {encryption.shell_file()}. {LUKS_SH}; {call}"
+    return subprocess.run(["sh", "-c", script], capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def test_a_network_key_is_a_clevis_tang_jwe_both_ways(tmp_path, tang):
+    """Our seal and unseal (POSIX sh, jose, wget: what the initrd has) speak clevis's tang pin format: clevis opens
+    what we seal, and we open what clevis seals, against the same tangd."""
+    url, thp = f"http://127.0.0.1:{tang.port}", tang.thumbprint()
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(encryption.KEY_BYTES))
+    assert _net_sh(tmp_path, f"luks_tang_seal {key} {url} {thp} {tmp_path / 'ours.jwe'}").returncode == 0
+    assert subprocess.run(["clevis", "decrypt"], stdin=(tmp_path / "ours.jwe").open("rb"), capture_output=True,
+                          check=True).stdout == key.read_bytes()
+    theirs = subprocess.run(["clevis", "encrypt", "tang", json.dumps({"url": url, "thp": thp})],
+                            input=key.read_bytes(), capture_output=True, check=True).stdout
+    (tmp_path / "theirs.jwe").write_bytes(theirs)
+    assert _net_sh(tmp_path, f"luks_tang_unseal {tmp_path / 'theirs.jwe'} {url} {tmp_path / 'out'}").returncode == 0
+    assert (tmp_path / "out").read_bytes() == key.read_bytes()
+    assert not (tmp_path / "luks-tang").exists()  # the work folder (the exchange's keys) is gone
+
+
+def test_only_the_trusted_key_server_gets_a_key_and_only_it_releases_one(tmp_path, tang):
+    url, thp = f"http://127.0.0.1:{tang.port}", tang.thumbprint()
+    other = TangServer(tmp_path / "other").start()
+    key, jwe = tmp_path / "key", tmp_path / "key.jwe"
+    key.write_bytes(os.urandom(encryption.KEY_BYTES))
+    try:
+        # another server (one on the path, say) has no advertisement signed by the trusted key: nothing is sealed
+        proc = _net_sh(tmp_path, f"luks_tang_seal {key} http://127.0.0.1:{other.port} {thp} {jwe}")
+        assert proc.returncode == 1 and not jwe.exists()
+        assert "sent no advertisement signed by the key" in proc.stderr
+        # a URL or thumbprint from a hostile config or header never reaches wget
+        for bad_url, bad_thp in [(f"{url}/$(reboot)", thp), ("https://tang.example", thp), (url, "short")]:
+            proc = _net_sh(tmp_path, f"luks_tang_seal {key} '{bad_url}' '{bad_thp}' {jwe}")
+            assert (proc.returncode, proc.stderr) == (1, "maculaos-luks: invalid key server URL or thumbprint\n")
+        assert _net_sh(tmp_path, f"luks_tang_seal {key} {url} {thp} {jwe}").returncode == 0
+        # the other server cannot release it: it holds none of the keys the exchange needs
+        proc = _net_sh(tmp_path, f"luks_tang_unseal {jwe} http://127.0.0.1:{other.port} {tmp_path / 'out'}")
+        assert proc.returncode == 1 and "did not answer (down, or not the one that holds this key)" in proc.stderr
+        assert not (tmp_path / "out").exists() or (tmp_path / "out").read_bytes() == b""
+    finally:
+        other.stop()
+    # the trusted one, down: a quick refusal (the next key source is tried), not a hang
+    tang.stop()
+    start = time.monotonic()
+    proc = _net_sh(tmp_path, f"luks_tang_unseal {jwe} {url} {tmp_path / 'out'}")
+    assert proc.returncode == 1 and f"the key server {url} did not answer" in proc.stderr
+    assert time.monotonic() - start < encryption.HTTP_TIMEOUT_SECONDS
+
+
+def _without_device_mapper(tmp_path: Path) -> dict[str, str]:
+    """PATH with a cryptsetup whose `open` checks the key instead of mapping the volume (this host has no
+    device-mapper): the key slot still has to accept the key the source gave."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    shim = bindir / "cryptsetup"
+    shim.write_text("#!/usr/bin/env python3\nimport os, sys\na = sys.argv[1:]\n"
+                    "if a[:1] == ['open']:\n    a = ['open', '--test-passphrase', *a[1:-1]]\n"
+                    f"os.execv({shutil.which('cryptsetup')!r}, ['cryptsetup', *a])\n")
+    shim.chmod(0o755)
+    return {"PATH": f"{bindir}:{os.environ['PATH']}"}
+
+
+def test_the_initrd_unlocks_with_the_key_server_and_falls_back_when_it_is_down(tmp_path, tang):
+    url, thp = f"http://127.0.0.1:{tang.port}", tang.thumbprint()
+    jwe = tmp_path / "key.jwe"
+    dev = _luks(tmp_path)  # key slot 0: the key in tmp_path / "key"
+    assert _net_sh(tmp_path, f"luks_tang_seal {tmp_path / 'key'} {url} {thp} {jwe}").returncode == 0
+    for i, token in enumerate([
+            {"type": "maculaos-network", "keyslots": ["0"], "rank": 0, "url": "http://x/$(reboot)", "jwe": "a.b"},
+            {"type": "maculaos-network", "keyslots": ["0"], "rank": 1, "url": url, "thp": thp,
+             "jwe": jwe.read_text()},
+            {"type": "maculaos-usb", "keyslots": ["0"], "rank": 2, "label": "NO_SUCH_KEY"}]):
+        subprocess.run(["cryptsetup", "token", "import", "--token-id", str(i), "--json-file", "-", str(dev)],
+                       input=json.dumps(token).encode(), check=True)
+    env = _without_device_mapper(tmp_path)
+    unlock = f"MACULAOS_LUKS_USB_WAIT=0; luks_unlock {dev}"
+    proc = _net_sh(tmp_path, unlock, env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "maculaos-luks: a network key names no valid key server URL: trying the next key source",
+        f"maculaos-luks: unlocked with the key server {url}"]
+    tang.stop()
+    proc = _net_sh(tmp_path, unlock, env)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-2:] == [
+        f"maculaos-luks: the key server {url} did not unlock the data partition: trying the next key source",
+        "maculaos-luks: no disk labelled NO_SUCH_KEY: trying the next key source"]
+    assert proc.stderr.count(f"the key server {url} did not answer") == encryption.NETWORK_TRIES
+    assert not list(tmp_path.glob("luks-network*"))  # nothing of the key left behind
+
+
+def test_a_network_key_source_needs_its_server_and_thumbprint(tmp_path):
+    config = _config(tmp_path, "storage:\n  encryption:\n    enabled: true\n    key_sources: [network]\n")
+    with pytest.raises(DeviceError, match="lists `network`: set storage.encryption.tang_url and tang_thp"):
+        installer.data_policy(str(config))
+    config.write_text("storage:\n  encryption:\n    enabled: true\n    key_sources: [network]\n"
+                      f"    tang_url: http://tang.lan:7500\n    tang_thp: {'a' * 43}\n")
+    policy, _ = installer.data_policy(str(config))
+    assert policy.shell_env() == {"MACULAOS_LUKS_TANG_URL": "http://tang.lan:7500",
+                                  "MACULAOS_LUKS_TANG_THP": "a" * 43}

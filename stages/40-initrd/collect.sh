@@ -1,6 +1,6 @@
 #!/bin/sh
 # The initrd's binaries for the target arch, into $1: busybox-static with its applet links, and the
-# recovery sshd (dropbear), cryptsetup, mke2fs and tpm2 with the shared libraries they link (found by ldd, copied to the same paths).
+# recovery sshd (dropbear), cryptsetup, mke2fs, tpm2 and jose with the shared libraries they link (found by ldd, copied to the same paths).
 set -eu
 root=$1
 mkdir -p $root/bin $root/sbin
@@ -22,7 +22,9 @@ ln -sf mke2fs $root/sbin/mkfs.ext4
 install -D -m 0755 /usr/bin/tpm2 $root/bin/tpm2
 tcti=$(ls /usr/lib/*/libtss2-tcti-device.so.0 | head -n 1)
 install -D -m 0755 "$tcti" "$root$tcti"
-bins="/usr/sbin/dropbear $convert /usr/sbin/cryptsetup /usr/sbin/mke2fs /usr/bin/tpm2 $tcti"
+# jose: the network key source (a key a Tang server releases; busybox's wget does the HTTP)
+install -D -m 0755 /usr/bin/jose $root/bin/jose
+bins="/usr/sbin/dropbear $convert /usr/sbin/cryptsetup /usr/sbin/mke2fs /usr/bin/tpm2 $tcti /usr/bin/jose"
 for lib in $(for bin in $bins; do ldd "$bin"; done \
              | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u); do
   install -D -m 0755 "$lib" "$root$lib"

@@ -3,8 +3,10 @@
 # Sourced, after /usr/share/maculaos/paths.sh and encryption.sh, by the initrd's /init (from the profile layer)
 # and by `maculaos install`. POSIX sh has no local variables: the functions a caller uses (luks_unlock,
 # luks_create, luks_recreate, luks_tpm_enroll) run in a subshell, so the caller's own (its boot `slot`, say) stay
-# its own; what they leave behind is the opened volume and files. Every key source has a key slot and a token {"type":"maculaos-<source>",
-# "keyslots":["<n>"]} in the header, so a volume is unlocked from its header alone, sources in token order.
+# its own; what they leave behind is the opened volume and files. Inside them, names are shared (rc, w, json, ...):
+# a function sets its result after the calls it makes, not before. Every key source has a key slot and a token
+# {"type":"maculaos-<source>","keyslots":["<n>"]} in the header, so a volume is unlocked from its header alone,
+# sources in token order.
 # Keys pass through files in tmpfs (0600) and are removed as soon as cryptsetup has read them.
 
 luks_say() { echo "maculaos-luks: $*" >&2; }
@@ -92,7 +94,8 @@ luks_open_usb() {
   luks_mount_key_disk "$3" ro || { luks_say "no disk labelled $3: trying the next key source"; return 1; }
   rc=1
   if [ -f "$mnt/$MACULAOS_LUKS_USB_KEY_FILE" ] && cryptsetup open --key-slot "$2" \
-       --keyfile-size "$MACULAOS_LUKS_KEY_BYTES" --key-file "$mnt/$MACULAOS_LUKS_USB_KEY_FILE" "$1" "$MACULAOS_LUKS_MAPPER"
+       --keyfile-size "$MACULAOS_LUKS_KEY_BYTES" --key-file "$mnt/$MACULAOS_LUKS_USB_KEY_FILE" \
+       "$1" "$MACULAOS_LUKS_MAPPER"
   then
     luks_say "unlocked with the key on $disk ($3)"; rc=0
   else
@@ -178,15 +181,146 @@ luks_tpm_unseal() {
   return $rc
 }
 
+# The network key source: a key encrypted to a Tang server (the McCallum-Relyea exchange, as clevis's tang pin does
+# it, in its JWE format: `clevis decrypt` opens it too), with jose. The server never sees the key, and the exchange
+# needs no TLS: the advertisement is trusted through the thumbprint of a key that signed it (the node config's),
+# and what the node sends is blinded by a key it makes for the one request.
+
+# wget: busybox's in the initrd and on the node, or the host's (unit tests); both take these options.
+luks_wget() {
+  if command -v wget >/dev/null 2>&1; then wget "$@"; else busybox wget "$@"; fi
+}
+
+# The body of an HTTP GET of URL $1 (a POST of JWK $3 when given) into file $2: at most MACULAOS_LUKS_HTTP_MAX bytes,
+# MACULAOS_LUKS_HTTP_TIMEOUT seconds. A larger answer is an error, not cut.
+luks_http() {
+  {
+    if [ -n "${3:-}" ]; then
+      luks_wget -q -t 1 -T "$MACULAOS_LUKS_HTTP_TIMEOUT" -O - --header 'Content-Type: application/jwk+json' \
+        --post-data "$3" "$1"
+    else
+      luks_wget -q -t 1 -T "$MACULAOS_LUKS_HTTP_TIMEOUT" -O - "$1"
+    fi 2>/dev/null
+    echo $? >"$2.rc"
+  } | head -c $((MACULAOS_LUKS_HTTP_MAX + 1)) >"$2"
+  got=$(cat "$2.rc" 2>/dev/null); rm -f "$2.rc"
+  [ "$got" = 0 ] && [ "$(wc -c <"$2")" -le "$MACULAOS_LUKS_HTTP_MAX" ]
+}
+
+# Is $1 a Tang server URL and $2 a signing key thumbprint as the schema allows them (never shell or URL syntax)?
+luks_tang_valid() {
+  echo "$1" | grep -Eqx "$MACULAOS_LUKS_TANG_URL_RE" && echo "$2" | grep -Eqx "$MACULAOS_LUKS_TANG_THP_RE"
+}
+
+# The network up for the key server: the initrd's /init brings it up (luks_net_up), a running node has it.
+luks_network() {
+  if command -v luks_net_up >/dev/null 2>&1; then luks_net_up; fi
+}
+
+# Encrypt key file $1 to the Tang server at URL $2, whose advertisement the signing key with thumbprint $3 (SHA-256,
+# as `tang-show-keys` prints it) must have signed; the compact JWE into file $4.
+luks_tang_seal() {
+  luks_tang_valid "$2" "$3" || { luks_say "invalid key server URL or thumbprint"; return 1; }
+  luks_network
+  w=$MACULAOS_RUN/luks-tang
+  rm -rf "$w" && mkdir -m 0700 "$w" || return 1
+  rc=1
+  if ! luks_http "$2/adv/$3" "$w/adv"; then
+    luks_say "the key server $2 sent no advertisement signed by the key $3"
+  elif ! jwks=$(jose fmt -j- -Og payload -SyOg keys -AUo- <"$w/adv" 2>/dev/null) \
+       || ! ver=$(printf '%s' "$jwks" | jose jwk use -i- -r -u verify -o- 2>/dev/null) \
+       || ! printf '%s' "$ver" | jose jws ver -i "$w/adv" -k- -a 2>/dev/null; then
+    luks_say "the key server $2 sent an advertisement that is not signed by its own keys"
+  elif ! printf '%s' "$ver" | jose jwk thp -i- -f "$3" -a S256 -o /dev/null 2>/dev/null; then
+    luks_say "the key server $2 has no signing key with thumbprint $3: not trusted"
+  elif enc=$(printf '%s' "$jwks" | jose jwk use -i- -r -u deriveKey -o- 2>/dev/null) \
+       && { printf '%s' "$enc" | jose fmt -j- -Og keys -A 2>/dev/null || enc="{\"keys\":[$enc]}"; } \
+       && jwk=$(printf '%s' "$enc" | jose fmt -j- -Og keys -Af- 2>/dev/null) \
+       && jwk=$(printf '%s' "$jwk" | jose fmt -j- -Od key_ops -o- | jose fmt -j- -Od alg -o-) \
+       && kid=$(printf '%s' "$jwk" | jose jwk thp -i- -a S256) \
+       && hdr=$(jose fmt -j '{"alg":"ECDH-ES","enc":"A256GCM","clevis":{"pin":"tang","tang":{}}}' \
+                  -q "$kid" -s kid -U -g clevis -g tang -q "$2" -s url -U -j "$jwks" -s adv -UUUo-) \
+       && { printf '{"protected":%s}%s' "$hdr" "$jwk"; cat "$1"; } | jose jwe enc -i- -k- -I- -c >"$4"; then
+    rc=0
+  else
+    luks_say "the key server $2 offers no exchange key"
+  fi
+  rm -rf "$w"
+  return $rc
+}
+
+# Decrypt JWE file $1 (luks_tang_seal's) with the Tang server at URL $2 into key file $3.
+luks_tang_unseal() {
+  echo "$2" | grep -Eqx "$MACULAOS_LUKS_TANG_URL_RE" || { luks_say "invalid key server URL"; return 1; }
+  jwe=$(head -c "$MACULAOS_LUKS_HTTP_MAX" "$1")
+  jhd=$(printf '%s' "${jwe%%.*}" | jose b64 dec -i- 2>/dev/null) \
+    && clt=$(printf '%s' "$jhd" | jose fmt -j- -Og epk -Oo-) \
+    && kid=$(printf '%s' "$jhd" | jose fmt -j- -Og kid -Su-) \
+    && srv=$(printf '%s' "$jhd" | jose fmt -j- -Og clevis -g tang -g adv -Oo- | jose jwk thp -i- -f "$kid" -a S256) \
+    && crv=$(printf '%s' "$clt" | jose fmt -j- -Og crv -Su-) \
+    && eph=$(jose jwk gen -i "{\"alg\":\"ECMR\",\"crv\":\"$crv\"}") \
+    && xfr=$(printf '%s%s' "$clt" "$eph" | jose jwk exc -i '{"alg":"ECMR"}' -l- -r-) \
+    || { luks_say "the network key is not a Tang JWE"; return 1; }
+  echo "$kid" | grep -Eqx "$MACULAOS_LUKS_TANG_THP_RE" || { luks_say "the network key names no valid key"; return 1; }
+  w=$MACULAOS_RUN/luks-tang
+  rm -rf "$w" && mkdir -m 0700 "$w" || return 1
+  rc=1
+  if ! luks_http "$2/rec/$kid" "$w/rep" "$xfr"; then
+    luks_say "the key server $2 did not answer (down, or not the one that holds this key)"
+  elif rep=$(jose fmt -j- -Og kty -q EC -EUUg crv -q "$crv" -EUUo- <"$w/rep" 2>/dev/null) \
+       && tmp=$(printf '%s%s' "$eph" "$srv" | jose jwk exc -i '{"alg":"ECMR"}' -l- -r-) \
+       && rep=$(printf '%s' "$rep" | jose jwk pub -i-) \
+       && jwk=$(printf '%s%s' "$rep" "$tmp" | jose jwk exc -l- -r-) \
+       && printf '%s%s' "$jwk" "$jwe" | jose jwe dec -k- -i- >"$3" 2>/dev/null; then
+    rc=0
+  else
+    luks_say "the key server $2 did not release the key"
+  fi
+  jwk='' tmp='' eph=''
+  rm -rf "$w"
+  return $rc
+}
+
+# Open volume $1 with key slot $2 from the key network token $3 holds, released by its Tang server, which gets
+# MACULAOS_LUKS_NETWORK_TRIES tries (the network may still be coming up).
+luks_open_network() {
+  json=$(cryptsetup token export --token-id "$3" "$1" 2>/dev/null) || return 1
+  url=$(echo "$json" | sed -n 's/.*"url":"\([^"]*\)".*/\1/p' | head -c 512 | sed 's|\\/|/|g')
+  k=$MACULAOS_RUN/luks-network.key
+  # (sed's bounded repeats are slow on a long field: an unbounded match, then cut)
+  echo "$json" | sed -n 's/.*"jwe":"\([A-Za-z0-9_.-]*\)".*/\1/p' | head -c "$MACULAOS_LUKS_HTTP_MAX" >"$k.jwe"
+  if ! echo "$url" | grep -Eqx "$MACULAOS_LUKS_TANG_URL_RE"; then
+    rm -f "$k.jwe"
+    luks_say "a network key names no valid key server URL: trying the next key source"
+    return 1
+  fi
+  luks_network
+  n=1
+  while [ "$n" -le "$MACULAOS_LUKS_NETWORK_TRIES" ]; do
+    # (each call sets its own variables: nothing of theirs is read after it)
+    if luks_tang_unseal "$k.jwe" "$url" "$k" \
+       && cryptsetup open --key-slot "$2" --key-file "$k" "$1" "$MACULAOS_LUKS_MAPPER"; then
+      rm -f "$k" "$k.jwe"
+      luks_say "unlocked with the key server $url"
+      return 0
+    fi
+    n=$((n + 1))
+    [ "$n" -le "$MACULAOS_LUKS_NETWORK_TRIES" ] && sleep 1
+  done
+  rm -f "$k" "$k.jwe"
+  luks_say "the key server ${url:-?} did not unlock the data partition: trying the next key source"
+  return 1
+}
+
 # Open volume $1 with key slot $2 from the key tpm token $3 seals for boot slot $4.
 luks_open_tpm() {
   k=$MACULAOS_RUN/luks-tpm.key
-  rc=1
+  # (luks_tpm_unseal sets rc too: it is set here after it, in both branches)
   if luks_tpm_unseal "$1" "$3" "$k" && cryptsetup open --key-slot "$2" --key-file "$k" "$1" "$MACULAOS_LUKS_MAPPER"
   then
     luks_say "unlocked with the TPM (the key sealed for slot $4)"; rc=0
   else
-    luks_say "the TPM does not release the key sealed for slot $4 (another machine, boot loader or kernel?)"
+    luks_say "the TPM does not release the key sealed for slot $4 (another machine, boot loader or kernel?)"; rc=1
   fi
   rm -f "$k"
   [ $rc -eq 0 ] || return 1
@@ -205,6 +339,7 @@ luks_unlock() (
   while read -r slot src label token; do
     case "$src" in
       usb) luks_open_usb "$1" "$slot" "$label" && return 0 ;;
+      network) luks_open_network "$1" "$slot" "$token" && return 0 ;;
       tpm) [ -z "${2:-}" ] || [ "$2" = "$label" ] || continue
            luks_open_tpm "$1" "$slot" "$token" "$label" && return 0 ;;
       passphrase) luks_open_passphrase "$1" "$slot" && return 0 ;;
@@ -264,6 +399,13 @@ luks_recreate() (
   [ -n "$sources" ] || { luks_say "$1 has no MaculaOS key slot"; return 1; }
   cipher=$(luks_cipher "$1") || { luks_say "$1 has no cipher MaculaOS makes"; return 1; }
   label=$(echo "$sources" | awk '$2 == "usb" { print $3; exit }')
+  # the key server the old network key named (checked by luks_make, as a header anyone may have written must be)
+  network=$(echo "$sources" | awk '$2 == "network" { print $4; exit }')
+  if [ -n "$network" ]; then
+    json=$(cryptsetup token export --token-id "$network" "$1")
+    MACULAOS_LUKS_TANG_URL=$(echo "$json" | sed -n 's/.*"url":"\([^"]*\)".*/\1/p' | head -c 512 | sed 's|\\/|/|g')
+    MACULAOS_LUKS_TANG_THP=$(echo "$json" | sed -n 's/.*"thp":"\([A-Za-z0-9_-]*\)".*/\1/p' | head -c 86)
+  fi
   # shellcheck disable=SC2046  # one source per word (a tpm key per boot slot: one source)
   luks_make erase "$1" "$cipher" "${label:-$MACULAOS_LUKS_USB_LABEL}" $(echo "$sources" | awk '!seen[$2]++ {print $2}')
 )
@@ -278,6 +420,10 @@ luks_make() {
   case " $* " in
     *" tpm "*) case "${MACULAOS_LUKS_TPM_BOOT:-}" in A|B) ;; *) luks_say "no boot slot to seal the tpm key for"
                                                                  return 1 ;; esac ;;
+  esac
+  case " $* " in
+    *" network "*) luks_tang_valid "${MACULAOS_LUKS_TANG_URL:-}" "${MACULAOS_LUKS_TANG_THP:-}" \
+                     || { luks_say "no valid key server URL and thumbprint for the network key"; return 1; } ;;
   esac
   keys=$MACULAOS_RUN/luks-keys
   rm -rf "$keys" && mkdir -m 0700 "$keys" || return 1
@@ -307,6 +453,9 @@ luks_gather() {
     case "$src" in
       usb) luks_usb_key "$label" "$keys/$slot" || return 1 ;;
       passphrase) luks_new_passphrase "$keys/$slot" || return 1 ;;
+      network) head -c "$MACULAOS_LUKS_KEY_BYTES" /dev/urandom >"$keys/$slot" \
+                 && luks_tang_seal "$keys/$slot" "$MACULAOS_LUKS_TANG_URL" "$MACULAOS_LUKS_TANG_THP" \
+                      "$keys/$slot.jwe" || return 1 ;;
       tpm) head -c "$MACULAOS_LUKS_KEY_BYTES" /dev/urandom >"$keys/$slot" \
              && luks_tpm_seal "$keys/$slot" "${MACULAOS_LUKS_TPM_PCR_VALUES:-}" "$keys/$slot.sealed" \
                   "${MACULAOS_LUKS_TPM_PCR_LIST:-}" || return 1 ;;
@@ -336,6 +485,8 @@ luks_format() {
     fi
     extra=''
     [ "$src" = usb ] && extra=",\"label\":\"$label\""
+    [ "$src" = network ] && extra=$(printf ',"url":"%s","thp":"%s","jwe":"%s"' "$MACULAOS_LUKS_TANG_URL" \
+                                      "$MACULAOS_LUKS_TANG_THP" "$(cat "$keys/$slot.jwe")")
     if [ "$src" = tpm ]; then
       extra=$(luks_tpm_fields "$MACULAOS_LUKS_TPM_BOOT" "$keys/$slot.sealed" "${MACULAOS_LUKS_TPM_PCR_LIST:-}") \
         || return 1
