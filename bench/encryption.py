@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
-"""What encrypting the data partition costs (issue 25): the same test ISO installed three times in one live boot
-(UEFI, with a TPM: swtpm), plain and encrypted twice (LUKS2, unattended: a USB key disk; the node's TPM), then
-each disk booted N times and timed, under TCG (the TPM disk once more first, untimed: its first boot re-seals the
-installer's key).
+"""What encrypting the data partition costs (issue 25): the same test ISO installed four times in one live boot
+(UEFI, with a TPM: swtpm), plain and encrypted three times (LUKS2, unattended: a USB key disk; the node's TPM; a
+Tang server on the host, Debian's tangd), then each disk booted N times and timed, under TCG (the TPM disk once
+more first, untimed: its first boot re-seals the installer's key).
 
-Prints, plain vs USB key vs TPM: seconds from QEMU's start to the initrd's slot line, to the data partition mounted
-(the unlock in between), to the test shell; `maculaos upgrade --apply` of the 0.2.0 bundle; a 64 MiB write
-with fsync to the data partition; and in the guest `cryptsetup benchmark` of both ciphers the config offers
-(the guest CPU is QEMU's `max` model under TCG: AES instructions emulated in software). Then the initrd's size
-without what encryption adds (cryptsetup, mke2fs, their libraries, dm-crypt and cipher modules; tpm2-tools and
-the libraries only it links: the TSS, libcurl's chain), with the LUKS part only, and whole, each recompressed as
-the build does (zstd -19).
+Prints, plain vs USB key vs TPM vs Tang (the network key source; its unlock includes the initrd's DHCP): seconds
+from QEMU's start to the initrd's slot line, to the data partition mounted (the unlock in between), to the test
+shell; `maculaos upgrade --apply` of the 0.2.0 bundle; a 64 MiB write with fsync to the data partition; and in
+the guest `cryptsetup benchmark` of both ciphers the config offers (the guest CPU is QEMU's `max` model under TCG:
+AES instructions emulated in software). Then the initrd's size without what encryption adds (cryptsetup, mke2fs,
+their libraries, dm-crypt and cipher modules; tpm2-tools and the libraries only it links: the TSS, libcurl's chain;
+jose and its libraries), with the LUKS part only, with the TPM's too, and whole, each recompressed as the build does
+(zstd -19).
 Needs out/maculaos-test-0.1.0-amd64.iso and out/update/maculaos-test-0.2.0-amd64.bundle (`make test`).
 Usage: python bench/encryption.py [--boots 2]
 """
@@ -18,7 +19,6 @@ Usage: python bench/encryption.py [--boots 2]
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import re
 import statistics
@@ -37,6 +37,9 @@ from maculaos_sdk.node_machine import MaculaMachine  # noqa: E402
 from maculaos_sdk.publish import serve  # noqa: E402
 from maculaos_sdk.vm import VmConfig  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tests"))
+from tang_server import TangServer  # noqa: E402
+
 ISO = ROOT / "out" / "maculaos-test-0.1.0-amd64.iso"
 BUNDLE = ROOT / "out" / "update" / "maculaos-test-0.2.0-amd64.bundle"
 # what the initrd carries only for LUKS (collect.sh, plan.INITRD_MODULES)
@@ -48,12 +51,14 @@ LUKS_FILES = re.compile(r"(sbin/(cryptsetup|mke2fs|mkfs\.ext4)|lib/modules/.*(dm
 TPM_FILES = re.compile(r"(bin/tpm2|.*/lib(tss2-[a-z-]+|curl-gnutls|gnutls|p11-kit|unistring|idn2|nettle|hogweed|gmp|"
                        r"tasn1|ffi|krb5|krb5support|k5crypto|gssapi_krb5|ldap|lber|sasl2|rtmp|ssh2|psl|nghttp[23]|"
                        r"ngtcp2(_crypto_gnutls)?|brotli(dec|common)|keyutils)\.so.*)$")
+# what only the network key source brings (jose; busybox's wget and udhcpc were there before)
+NETWORK_FILES = re.compile(r"(bin/jose|.*/lib(jose|jansson)\.so.*)$")
 
 
-DISKS = {"plain": None, "usb": ["usb"], "tpm": ["tpm"]}  # name -> key sources (None: not encrypted)
+DISKS = {"plain": None, "usb": ["usb"], "tpm": ["tpm"], "network": ["network"]}  # name -> key sources (None: plain)
 
 
-def install_all(work: Path, tpm: Path) -> tuple[dict[str, Path], Path]:
+def install_all(work: Path, tpm: Path, tang: TangServer) -> tuple[dict[str, Path], Path]:
     """One live boot (UEFI, the node's TPM): each of DISKS installed to its own virtio disk."""
     disks = {name: work / f"{name}-amd64.qcow2" for name in DISKS}
     for disk in disks.values():
@@ -69,11 +74,12 @@ def install_all(work: Path, tpm: Path) -> tuple[dict[str, Path], Path]:
         for n, (name, sources) in enumerate(DISKS.items()):
             option = ""
             if sources:
-                config = {"storage": {"encryption": {"enabled": True, "key_sources": sources}}}
-                encoded = base64.b64encode(json.dumps(config).encode()).decode()
-                m.succeed(f"echo {encoded} | base64 -d > /tmp/{name}.yaml")
+                config = {"storage": {"encryption": {"enabled": True, "key_sources": sources,
+                                                     "tang_url": f"http://10.0.2.2:{tang.port}",
+                                                     "tang_thp": tang.thumbprint()}}}
+                m.write_file(f"/tmp/{name}.yaml", json.dumps(config).encode())
                 option = f"--config /tmp/{name}.yaml"
-            m.succeed(f"maculaos install --device /dev/vd{'abc'[n]} {option} --yes", timeout=900)
+            m.succeed(f"maculaos install --device /dev/vd{'abcd'[n]} {option} --yes", timeout=900)
         m.send_channel_nowait("poweroff")
         m.wait_for_poweroff(timeout=120)
     finally:
@@ -146,9 +152,9 @@ def cpio_entries(data: bytes) -> list[tuple[str, bytes]]:
     return entries
 
 
-def initrd_sizes() -> tuple[int, int, int]:
-    """The build's initrd recompressed as the build does: whole, without the TPM's files, without every
-    encryption file (bytes)."""
+def initrd_sizes() -> tuple[int, int, int, int]:
+    """The build's initrd recompressed as the build does: whole, without the network key source's files, without
+    the TPM's too, without every encryption file (bytes)."""
     initrd = ISO.with_name(ISO.name.replace(".iso", ".bundle")) / "initrd.img"
     raw = subprocess.run(["zstd", "-dc", str(initrd)], check=True, capture_output=True).stdout
     entries = cpio_entries(raw)
@@ -161,7 +167,8 @@ def initrd_sizes() -> tuple[int, int, int]:
     def without(*patterns: re.Pattern[str]) -> int:
         return packed([e for e in entries if not any(p.match(e[0].removeprefix("./")) for p in patterns)])
 
-    return packed(entries), without(TPM_FILES), without(TPM_FILES, LUKS_FILES)
+    return (packed(entries), without(NETWORK_FILES), without(NETWORK_FILES, TPM_FILES),
+            without(NETWORK_FILES, TPM_FILES, LUKS_FILES))
 
 
 def main() -> int:
@@ -174,16 +181,18 @@ def main() -> int:
             return 2
     server = serve(BUNDLE.parent)
     url = f"http://10.0.2.2:{server.server_address[1]}/{BUNDLE.name}"
-    full, no_tpm, bare = initrd_sizes()
+    full, no_net, no_tpm, bare = initrd_sizes()
     with tempfile.TemporaryDirectory() as tmp:
         work, tpm = Path(tmp), Path(tmp) / "tpm"
-        disks, stick = install_all(work, tpm)
+        tang = TangServer(work / "tang").start()
+        disks, stick = install_all(work, tpm, tang)
         boot_once("tpm", disks["tpm"], stick, work, tpm, None)  # the first boot re-seals the installer's key: untimed
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in disks}
         for n in range(args.boots):
             for name, disk in disks.items():
                 runs[name].append(boot_once(name, disk, stick, work, tpm, url if n == 0 else None))
         speeds = ciphers(disks["usb"], stick, work)
+        tang.stop()
     server.shutdown()
     print(f"{'TCG, amd64, ' + str(args.boots) + ' boots each (medians)':<34}" + "".join(f"{n:>10}" for n in runs))
     for key in runs["usb"][0]:
@@ -191,8 +200,9 @@ def main() -> int:
         print(f"{key:<34}" + "".join(f"{v:>10.2f}" for v in values))
     for cipher, speed in speeds.items():
         print(f"{'cryptsetup benchmark ' + cipher:<50} {speed}")
-    print(f"{'initrd (zstd -19), bytes':<34}{bare:>10}{no_tpm:>10}{full:>10}  (none, LUKS, LUKS + TPM: "
-          f"+{(no_tpm - bare) / 1e6:.2f} MB, +{(full - no_tpm) / 1e6:.2f} MB)")
+    print(f"{'initrd (zstd -19), bytes':<34}{bare:>10}{no_tpm:>10}{no_net:>10}{full:>10}  (none, LUKS, + TPM, "
+          f"+ Tang: +{(no_tpm - bare) / 1e6:.2f} MB, +{(no_net - no_tpm) / 1e6:.2f} MB, "
+          f"+{(full - no_net) / 1e6:.2f} MB)")
     return 0
 
 

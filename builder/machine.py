@@ -396,6 +396,12 @@ class Machine:
             raise MachineError(f"{self.name}: `{command}` unexpectedly succeeded:\n{out}")
         return out
 
+    def write_file(self, path: str, data: bytes, mode: str = "0600") -> None:
+        """Write `data` to the guest file `path` (created with `mode`), through the channel as base64."""
+        encoded = base64.b64encode(data).decode()
+        target = shlex.quote(path)
+        self.succeed(f"umask 077 && echo {encoded} | base64 -d > {target} && chmod {mode} {target}")
+
     def send_channel_nowait(self, command: str) -> None:
         """Fire a command whose shell will not live to answer (reboot, poweroff)."""
         self._send_channel(command + "\n")

@@ -96,10 +96,9 @@ def install(dev: Device, device: str, config: str | None, yes: bool) -> None:
     squashfs = MEDIUM / "maculaos/rootfs.squashfs"
     sq_size = squashfs.stat().st_size
     plan = disk_plan(dev, name, sq_size)
-    disk_mb = dev.sectors(name) * 512 // layout.MIB
     if not yes:
-        print(f"This erases everything on {device} ({disk_mb} MiB). Type yes to continue: ", end="", file=sys.stderr,
-              flush=True)
+        print(f"This erases everything on {device} ({plan.size_mb} MiB). Type yes to continue: ", end="",
+              file=sys.stderr, flush=True)
         if sys.stdin.readline().strip() != "yes":
             raise DeviceError("install: cancelled")
     version = dev.release().get("VERSION_ID", "")

@@ -212,7 +212,7 @@ class Device:
         if not any(m.target == str(self.run / "lower") and m.kind == "squashfs" and "ro" in m.options.split(",")
                    for m in mounts):
             return "root squashfs not mounted"
-        if not self.mounted(self.state):
+        if not any(m.target == str(self.state) for m in mounts):
             return "data partition not mounted"
         return None
 

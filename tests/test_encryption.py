@@ -16,11 +16,11 @@ import pytest
 import yaml
 from maculaos_device import encryption, installer, nodeconfig, paths
 from maculaos_device.system import DeviceError
+from tang_server import TangServer
 
 from maculaos_sdk.cli import main
 from maculaos_sdk.paths import sdk_root
 from maculaos_sdk.vm import free_port, port_is_free
-from tang_server import TangServer
 
 BASE = "name: x\nextends: core\n"
 LUKS_SH = sdk_root() / "overlay" / str(paths.LUKS_LIB).lstrip("/")

@@ -1,12 +1,13 @@
 """Encryption at rest (issue 25): `maculaos install` makes the data partition a LUKS2 volume whose key sources
-(the node's TPM, a USB key disk, then a passphrase) the initrd unlocks from the header alone; what the node writes
+(the node's TPM, a Tang server on the host, a USB key disk, then a passphrase) the initrd unlocks from the header
+alone; what the node writes
 is not on the raw disk; an update (its new slot sealed a TPM key of its own) and a rollback keep unlocking
 unattended; a factory reset crypto-erases the volume and makes a new one; another TPM releases nothing, and
-three wrong passphrases end in the recovery shell, which unlocks by hand; the Adiantum cipher opens too."""
+the key server down, three wrong passphrases end in the recovery shell, which unlocks by hand; a node without a TPM
+unlocks with the key server; the Adiantum cipher opens too."""
 
 from __future__ import annotations
 
-import base64
 import json
 import secrets
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from maculaos_device import encryption, layout, paths
+from tang_server import TangServer
 
 pytestmark = pytest.mark.qemu
 
@@ -66,37 +68,47 @@ def _disk_holds(image: Path, needles: list[bytes], work: Path) -> dict[bytes, bo
     return found
 
 
-def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_machine, bundle_server, tmp_path):
+@pytest.fixture
+def tang(tmp_path):
+    """Debian's tangd on the host; the guests reach it as 10.0.2.2."""
+    server = TangServer(tmp_path / "tang").start()
+    yield server
+    server.stop()
+
+
+def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_machine, bundle_server, tang, tmp_path):
     target, second = tmp_path / "target-amd64.qcow2", tmp_path / "adiantum-amd64.qcow2"
     for disk in (target, second):
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "2G"], check=True)
     stick, tpm = _key_disk(tmp_path / "key.img"), tmp_path / "tpm"
 
     # 1. install from the live ISO, booted through UEFI on the node (its TPM), with a TPM key sealed for slot A, a
-    #    USB key disk (its key is made by the installer) and a passphrase; and a second disk with the other cipher
-    #    and the same key disk (its key is reused)
+    #    key the Tang server releases, a USB key disk (its key is made by the installer) and a passphrase; and a
+    #    second disk with the other cipher and the same key disk (its key is reused)
     live = make_machine(test_iso, "installer", uefi=True, disks=(target, second), usb_sticks=(stick,), tpm_state=tpm)
     live.start()
     live.wait_for_channel(timeout=240)
-    config = {"storage": {"encryption": {"enabled": True, "key_sources": ["tpm", "usb", "passphrase"],
+    tang_url = f"http://10.0.2.2:{tang.port}"
+    config = {"storage": {"encryption": {"enabled": True, "key_sources": ["tpm", "network", "usb", "passphrase"],
+                                         "tang_url": tang_url, "tang_thp": tang.thumbprint(),
                                          "passphrase": PASSPHRASE}},
               "maculaos": {"hostname": "sealed"}}
-    encoded = base64.b64encode(json.dumps(config).encode()).decode()  # JSON is YAML
-    live.succeed(f"echo {encoded} | base64 -d > /tmp/node.yaml")
+    live.write_file("/tmp/node.yaml", json.dumps(config).encode())  # JSON is YAML
     live.succeed("maculaos install --device /dev/vda --config /tmp/node.yaml --yes", timeout=600)
     header = _header(live)
-    assert _sources(live) == [("maculaos-tpm", ["0"], "A"), ("maculaos-usb", ["1"], None),
-                              ("maculaos-passphrase", ["2"], None)]
-    assert header["tokens"]["1"]["label"] == encryption.USB_LABEL
+    assert _sources(live) == [("maculaos-tpm", ["0"], "A"), ("maculaos-network", ["1"], None),
+                              ("maculaos-usb", ["2"], None), ("maculaos-passphrase", ["3"], None)]
+    assert header["tokens"]["2"]["label"] == encryption.USB_LABEL
+    assert header["tokens"]["1"]["url"] == tang_url
     # the installed disk's PCR 4 is unknown from the live boot: the installer's key is bound to PCR 7 alone
     assert header["tokens"]["0"]["pcrs"] == encryption.pcr_list(encryption.TPM_INSTALL_PCRS)
-    kdfs = [header["keyslots"][str(n)]["kdf"]["type"] for n in range(3)]
-    assert kdfs == ["pbkdf2", "pbkdf2", "argon2id"]  # random keys: nothing to stretch; a passphrase: memory-hard
+    kdfs = [header["keyslots"][str(n)]["kdf"]["type"] for n in range(4)]
+    assert kdfs == ["pbkdf2", "pbkdf2", "pbkdf2", "argon2id"]  # random keys: nothing to stretch; a passphrase:
+    #                                                            memory-hard
     assert header["segments"]["0"]["encryption"] == encryption.Cipher.aes_xts.value
     adiantum = {"storage": {"encryption": {"enabled": True, "key_sources": ["usb"],
                                            "cipher": encryption.Cipher.adiantum.value}}}
-    encoded = base64.b64encode(json.dumps(adiantum).encode()).decode()
-    live.succeed(f"echo {encoded} | base64 -d > /tmp/adiantum.yaml")
+    live.write_file("/tmp/adiantum.yaml", json.dumps(adiantum).encode())
     live.succeed("maculaos install --device /dev/vdb --config /tmp/adiantum.yaml --yes", timeout=600)
     live.send_channel_nowait("poweroff")
     live.wait_for_poweroff(timeout=120)
@@ -110,10 +122,10 @@ def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_ma
     m.start()
     assert m.wait_for_boot() == "A"
     m.wait_for_console_text(r"maculaos-luks: unlocked with the TPM \(the key sealed for slot A\)", timeout=5)
-    m.wait_for_console_text(r"maculaos-luks: sealed a key for slot A to the TPM \(key slot 3\)", timeout=5)
-    assert _sources(m) == [("maculaos-usb", ["1"], None), ("maculaos-passphrase", ["2"], None),
-                           ("maculaos-tpm", ["3"], "A")]
-    assert _header(m)["tokens"]["3"]["pcrs"] == encryption.pcr_list(encryption.TPM_PCRS)
+    m.wait_for_console_text(r"maculaos-luks: sealed a key for slot A to the TPM \(key slot 4\)", timeout=5)
+    assert _sources(m) == [("maculaos-network", ["1"], None), ("maculaos-usb", ["2"], None),
+                           ("maculaos-passphrase", ["3"], None), ("maculaos-tpm", ["4"], "A")]
+    assert _header(m)["tokens"]["4"]["pcrs"] == encryption.pcr_list(encryption.TPM_PCRS)
     assert _boot_code(m, "A") == _boot_code(m)  # OVMF measured GRUB and the kernel as predicted from its log
     status = m.succeed(f"cryptsetup status {encryption.MAPPER}")
     assert "type:    LUKS2" in status and f"device:  {DATA}" in status
@@ -133,8 +145,9 @@ def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_ma
     url, _ = bundle_server
     m.wait_for_network()  # a fresh boot: the channel answers while DHCP still runs
     m.succeed(f"maculaos upgrade --apply {url}/good --no-reboot", timeout=300)
-    assert _sources(m) == [("maculaos-tpm", ["0"], "B"), ("maculaos-usb", ["1"], None),
-                           ("maculaos-passphrase", ["2"], None), ("maculaos-tpm", ["3"], "A")]
+    assert _sources(m) == [("maculaos-tpm", ["0"], "B"), ("maculaos-network", ["1"], None),
+                           ("maculaos-usb", ["2"], None), ("maculaos-passphrase", ["3"], None),
+                           ("maculaos-tpm", ["4"], "A")]
     predicted = {"B": _boot_code(m, "B"), "A": _boot_code(m, "A")}  # from slot A's boot, before B ever booted
     for slot in ("B", "A"):
         assert m.reboot() == slot
@@ -148,7 +161,8 @@ def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_ma
     floor = f"/run/maculaos/data/{layout.HIGHEST_VERSION_FILE}"
     highest = m.wait_until_succeeds(f"cat {floor}", timeout=120)  # the confirm service records it
 
-    # 3. factory reset: the volume is crypto-erased and made anew (the key disk kept, a new passphrase chosen)
+    # 3. factory reset: the volume is crypto-erased and made anew (the key disk kept, a new key from the key server,
+    #    which the initrd reaches over its own network, a new passphrase chosen)
     m.send_channel_nowait("maculaos factory-reset --confirm")
     assert m.wait_for_console_text(r"maculaos-init: slot ([AB])", timeout=240).group(1) == "A"
     m.wait_for_console_text(r"factory reset: crypto-erasing the data partition", timeout=120)
@@ -160,21 +174,24 @@ def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_ma
     assert m.succeed(f"cryptsetup luksUUID {DATA}").strip() != uuid
     m.succeed("test ! -e /var/lib/data/marker && test ! -e /var/lib/maculaos/marker")
     assert m.succeed(f"cat {floor}") == highest  # the anti-rollback floor survives the reset
-    assert _sources(m) == [("maculaos-tpm", ["0"], "A"), ("maculaos-usb", ["1"], None),
-                           ("maculaos-passphrase", ["2"], None)]  # B's TPM key went with the old volume
+    assert _sources(m) == [("maculaos-tpm", ["0"], "A"), ("maculaos-network", ["1"], None),
+                           ("maculaos-usb", ["2"], None), ("maculaos-passphrase", ["3"], None)]  # B's TPM key went
+    assert m.console_text().count("maculaos-init: network eth0 ") == 1  # the crypto-erase's: no unlock needed it
     # the new volume's TPM key (sealed in the initrd, to this boot's PCRs) is released to this boot
     m.succeed(f". {paths.SHELL_PATHS}; . {paths.ENCRYPTION_SH}; . {paths.LUKS_LIB}; "
               f"luks_tpm_unseal {DATA} 0 /run/tpm.key && cryptsetup open --test-passphrase --key-slot 0 "
               f"--key-file /run/tpm.key {DATA}; rc=$?; rm -f /run/tpm.key; exit $rc")
     m.shutdown()
 
-    # 4. another machine's TPM (a fresh swtpm state) and no key disk: the passphrase, asked on the console; the old
-    #    one opens nothing any more, and after three wrong tries the recovery shell (the volume locked) unlocks it by
-    #    hand with the passphrase slot
+    # 4. another machine's TPM (a fresh swtpm state), the key server down and no key disk: the passphrase, asked on
+    #    the console; the old one opens nothing any more, and after three wrong tries the recovery shell (the volume
+    #    locked) unlocks it by hand with the passphrase slot
+    tang.stop()
     p = make_machine(target, "passphrase", tpm_state=tmp_path / "other-tpm")
     p.start()
     assert p.wait_for_console_text(r"maculaos-init: slot ([AB])", timeout=240).group(1) == "A"
     p.wait_for_console_text(r"the TPM does not release the key sealed for slot A", timeout=60)
+    p.wait_for_console_text(rf"the key server {tang_url} did not unlock the data partition: trying", timeout=60)
     p.wait_for_console_text(rf"no disk labelled {encryption.USB_LABEL}: trying the next key source", timeout=60)
     for n in (1, 2, 3):
         p.wait_for_console_text(rf"Passphrase for the data partition \({n}/3\): ", timeout=60)
@@ -202,7 +219,18 @@ def test_encrypted_install_usb_key_passphrase_and_crypto_erase(test_iso, make_ma
     assert (s["mode"], s["booted"], s["active"]) == ("disk", "A", "A")
     p.shutdown()
 
-    # 5. the other cipher (boards without AES instructions), opened in the initrd with the same key disk
+    # 5. a node without a TPM, the key server back: it unlocks unattended, and gives the initrd's network back
+    tang.start()
+    n = make_machine(target, "network")
+    n.start()
+    assert n.wait_for_boot() == "A"
+    n.wait_for_console_text(r"maculaos-luks: no TPM \(/dev/tpmrm0\)", timeout=5)
+    n.wait_for_console_text(rf"maculaos-luks: unlocked with the key server {tang_url}", timeout=5)
+    assert f"/dev/mapper/{encryption.MAPPER} /var/lib/maculaos " in n.succeed("cat /proc/mounts")
+    n.wait_for_network()  # the booted system's own DHCP, after the initrd's address went
+    n.shutdown()
+
+    # 6. the other cipher (boards without AES instructions), opened in the initrd with the same key disk
     a = make_machine(second, "adiantum", usb_sticks=(stick,))
     a.start()
     assert a.wait_for_boot() == "A"

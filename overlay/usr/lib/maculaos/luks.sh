@@ -418,8 +418,7 @@ luks_make() {
   echo "$label" | grep -Eqx "$MACULAOS_LUKS_USB_LABEL_RE" || { luks_say "invalid key disk label $label"; return 1; }
   [ $# -gt 0 ] || { luks_say "no key source"; return 1; }
   case " $* " in
-    *" tpm "*) case "${MACULAOS_LUKS_TPM_BOOT:-}" in A|B) ;; *) luks_say "no boot slot to seal the tpm key for"
-                                                                 return 1 ;; esac ;;
+    *" tpm "*) luks_boot_slot "${MACULAOS_LUKS_TPM_BOOT:-}" || return 1 ;;
   esac
   case " $* " in
     *" network "*) luks_tang_valid "${MACULAOS_LUKS_TANG_URL:-}" "${MACULAOS_LUKS_TANG_THP:-}" \
@@ -438,9 +437,16 @@ luks_make() {
   return $rc
 }
 
+# Is $1 a boot slot a tpm key can be sealed for?
+luks_boot_slot() {
+  case "$1" in A|B) return 0 ;; esac
+  luks_say "no boot slot to seal the tpm key for"
+  return 1
+}
+
 # A tpm token's own fields: the boot slot it is sealed for ($1), the sealed object (files $2.pub and $2.priv).
 luks_tpm_fields() {
-  case "$1" in A|B) ;; *) luks_say "no boot slot to seal the tpm key for"; return 1 ;; esac
+  luks_boot_slot "$1" || return 1
   printf ',"boot":"%s","pcrs":"%s","pub":"%s","priv":"%s"' "$1" "${3:-$MACULAOS_LUKS_TPM_PCRS}" \
     "$(base64 -w0 <"$2.pub")" "$(base64 -w0 <"$2.priv")"
 }
