@@ -207,9 +207,17 @@ luks_http() {
   [ "$got" = 0 ] && [ "$(wc -c <"$2")" -le "$MACULAOS_LUKS_HTTP_MAX" ]
 }
 
-# Is $1 a Tang server URL and $2 a signing key thumbprint as the schema allows them (never shell or URL syntax)?
+# Is $1 a Tang server URL as the schema allows it (never shell or URL syntax)?
+luks_tang_url_valid() { echo "$1" | grep -Eqx "$MACULAOS_LUKS_TANG_URL_RE"; }
+
+# ... and $2 a signing key thumbprint?
 luks_tang_valid() {
-  echo "$1" | grep -Eqx "$MACULAOS_LUKS_TANG_URL_RE" && echo "$2" | grep -Eqx "$MACULAOS_LUKS_TANG_THP_RE"
+  luks_tang_url_valid "$1" && echo "$2" | grep -Eqx "$MACULAOS_LUKS_TANG_THP_RE"
+}
+
+# The key server URL in network token JSON $1 (cut to 512 characters, json-c's escaped slashes undone; unchecked).
+luks_tang_token_url() {
+  echo "$1" | sed -n 's/.*"url":"\([^"]*\)".*/\1/p' | head -c 512 | sed 's|\\/|/|g'
 }
 
 # The network up for the key server: the initrd's /init brings it up (luks_net_up), a running node has it.
@@ -251,7 +259,7 @@ luks_tang_seal() {
 
 # Decrypt JWE file $1 (luks_tang_seal's) with the Tang server at URL $2 into key file $3.
 luks_tang_unseal() {
-  echo "$2" | grep -Eqx "$MACULAOS_LUKS_TANG_URL_RE" || { luks_say "invalid key server URL"; return 1; }
+  luks_tang_url_valid "$2" || { luks_say "invalid key server URL"; return 1; }
   jwe=$(head -c "$MACULAOS_LUKS_HTTP_MAX" "$1")
   jhd=$(printf '%s' "${jwe%%.*}" | jose b64 dec -i- 2>/dev/null) \
     && clt=$(printf '%s' "$jhd" | jose fmt -j- -Og epk -Oo-) \
@@ -285,11 +293,11 @@ luks_tang_unseal() {
 # MACULAOS_LUKS_NETWORK_TRIES tries (the network may still be coming up).
 luks_open_network() {
   json=$(cryptsetup token export --token-id "$3" "$1" 2>/dev/null) || return 1
-  url=$(echo "$json" | sed -n 's/.*"url":"\([^"]*\)".*/\1/p' | head -c 512 | sed 's|\\/|/|g')
+  url=$(luks_tang_token_url "$json")
   k=$MACULAOS_RUN/luks-network.key
   # (sed's bounded repeats are slow on a long field: an unbounded match, then cut)
   echo "$json" | sed -n 's/.*"jwe":"\([A-Za-z0-9_.-]*\)".*/\1/p' | head -c "$MACULAOS_LUKS_HTTP_MAX" >"$k.jwe"
-  if ! echo "$url" | grep -Eqx "$MACULAOS_LUKS_TANG_URL_RE"; then
+  if ! luks_tang_url_valid "$url"; then
     rm -f "$k.jwe"
     luks_say "a network key names no valid key server URL: trying the next key source"
     return 1
@@ -403,7 +411,7 @@ luks_recreate() (
   network=$(echo "$sources" | awk '$2 == "network" { print $4; exit }')
   if [ -n "$network" ]; then
     json=$(cryptsetup token export --token-id "$network" "$1")
-    MACULAOS_LUKS_TANG_URL=$(echo "$json" | sed -n 's/.*"url":"\([^"]*\)".*/\1/p' | head -c 512 | sed 's|\\/|/|g')
+    MACULAOS_LUKS_TANG_URL=$(luks_tang_token_url "$json")
     MACULAOS_LUKS_TANG_THP=$(echo "$json" | sed -n 's/.*"thp":"\([A-Za-z0-9_-]*\)".*/\1/p' | head -c 86)
   fi
   # shellcheck disable=SC2046  # one source per word (a tpm key per boot slot: one source)
