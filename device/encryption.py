@@ -65,6 +65,9 @@ TANG_URL_PATTERN = r"http://[A-Za-z0-9][A-Za-z0-9.-]{0,252}(:[0-9]{1,5})?(/[A-Za
 TANG_THP_PATTERN = r"[A-Za-z0-9_-]{43}"  # a signing key's SHA-256 JWK thumbprint (`tang-show-keys` prints it)
 NETWORK_TRIES = 3  # tries of the key server at boot (a second apart), then the next key source
 HTTP_TIMEOUT_SECONDS = 5  # per request to the key server
+# How long a running system (the installer just booted, say) waits for the key server to answer before it seals a
+# key to it: its network may still be coming up. The initrd brings its own network up first and does not wait.
+NETWORK_WAIT_SECONDS = 120
 HTTP_MAX_BYTES = 65536  # a larger answer from the key server is refused, not cut
 TPM_PCR_LIST_PATTERN = r"sha256:[0-9]{1,2}(,[0-9]{1,2}){0,7}"  # a token's "pcrs", as tpm2 spells a selection
 
@@ -188,6 +191,7 @@ def shell_file() -> str:
         "TPM_PCRS": pcr_list(TPM_PCRS),
         "TPM_PCR_LIST_RE": TPM_PCR_LIST_PATTERN,
         "TANG_URL_RE": TANG_URL_PATTERN, "TANG_THP_RE": TANG_THP_PATTERN, "NETWORK_TRIES": NETWORK_TRIES,
+        "NETWORK_WAIT": NETWORK_WAIT_SECONDS,
         "HTTP_TIMEOUT": HTTP_TIMEOUT_SECONDS, "HTTP_MAX": HTTP_MAX_BYTES,
         "SOURCES": " ".join(s.value for s in KeySource), "CIPHERS": " ".join(c.value for c in Cipher),
     }

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -375,6 +376,32 @@ def test_only_the_trusted_key_server_gets_a_key_and_only_it_releases_one(tmp_pat
     start = time.monotonic()
     proc = _net_sh(tmp_path, f"luks_tang_unseal {jwe} {url} {tmp_path / 'out'}")
     assert proc.returncode == 1 and f"the key server {url} did not answer" in proc.stderr
+    assert time.monotonic() - start < encryption.HTTP_TIMEOUT_SECONDS
+
+
+def test_a_running_system_waits_for_a_key_server_that_is_not_up_yet(tmp_path, tang):
+    """The installer, run just after its boot, may ask before DHCP is done: it waits for the server to answer (the
+    initrd brings its network up first and does not wait), then gives up with one line."""
+    url, thp = f"http://127.0.0.1:{tang.port}", tang.thumbprint()
+    key, jwe = tmp_path / "key", tmp_path / "key.jwe"
+    key.write_bytes(os.urandom(encryption.KEY_BYTES))
+    tang.stop()
+    threading.Timer(3, tang.start).start()  # the same port and keys, 3 s into the seal
+    proc = _net_sh(tmp_path, f"luks_tang_seal {key} {url} {thp} {jwe}")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == (f"maculaos-luks: waiting up to {encryption.NETWORK_WAIT_SECONDS}s for the key server "
+                           f"{url} (the network may still be coming up)\n")
+    assert subprocess.run(["clevis", "decrypt"], stdin=jwe.open("rb"), capture_output=True,
+                          check=True).stdout == key.read_bytes()
+    tang.stop()
+    jwe.unlink()
+    proc = _net_sh(tmp_path, f"MACULAOS_LUKS_NETWORK_WAIT=3; luks_tang_seal {key} {url} {thp} {jwe}")
+    assert proc.returncode == 1 and not jwe.exists()
+    assert proc.stderr.splitlines()[-1] == f"maculaos-luks: the key server {url} does not answer"
+    # in the initrd (its /init defines luks_net_up) an unanswered server fails at once: no wait
+    start = time.monotonic()
+    proc = _net_sh(tmp_path, f"luks_net_up() {{ :; }}; luks_tang_seal {key} {url} {thp} {jwe}")
+    assert proc.stderr == f"maculaos-luks: the key server {url} does not answer\n"
     assert time.monotonic() - start < encryption.HTTP_TIMEOUT_SECONDS
 
 

@@ -225,6 +225,21 @@ luks_network() {
   if command -v luks_net_up >/dev/null 2>&1; then luks_net_up; fi
 }
 
+# Does the Tang server at URL $1 answer (its advertisement, whoever signed it, into file $2)? A running system waits
+# for it up to MACULAOS_LUKS_NETWORK_WAIT seconds, as its network may still be coming up; the initrd has brought its
+# own up (luks_network) and does not wait.
+luks_tang_answers() {
+  luks_http "$1/adv" "$2" && return 0
+  command -v luks_net_up >/dev/null 2>&1 && return 1
+  luks_say "waiting up to ${MACULAOS_LUKS_NETWORK_WAIT}s for the key server $1 (the network may still be coming up)"
+  end=$(($(date +%s) + MACULAOS_LUKS_NETWORK_WAIT))
+  while [ "$(date +%s)" -lt "$end" ]; do
+    sleep 2
+    luks_http "$1/adv" "$2" && return 0
+  done
+  return 1
+}
+
 # Encrypt key file $1 to the Tang server at URL $2, whose advertisement the signing key with thumbprint $3 (SHA-256,
 # as `tang-show-keys` prints it) must have signed; the compact JWE into file $4.
 luks_tang_seal() {
@@ -233,7 +248,9 @@ luks_tang_seal() {
   w=$MACULAOS_RUN/luks-tang
   rm -rf "$w" && mkdir -m 0700 "$w" || return 1
   rc=1
-  if ! luks_http "$2/adv/$3" "$w/adv"; then
+  if ! luks_tang_answers "$2" "$w/adv"; then
+    luks_say "the key server $2 does not answer"
+  elif ! luks_http "$2/adv/$3" "$w/adv"; then
     luks_say "the key server $2 sent no advertisement signed by the key $3"
   elif ! jwks=$(jose fmt -j- -Og payload -SyOg keys -AUo- <"$w/adv" 2>/dev/null) \
        || ! ver=$(printf '%s' "$jwks" | jose jwk use -i- -r -u verify -o- 2>/dev/null) \
