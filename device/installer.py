@@ -12,7 +12,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from . import encryption, layout, luks, paths, updater
+from . import bootenv, encryption, layout, luks, paths, updater
 from .bootenv import other
 from .manifest import SlotRecord
 from .system import Device, DeviceError, disk_of, log
@@ -347,8 +347,9 @@ def factory_reset(dev: Device, keep_data: bool) -> None:
     if env.trial:
         updater.store(dev).save(replace(env, trial="", tries=0))
     updater.forget_slot(dev, standby, dev.slot_device(standby))
-    marker = dev.data_root / ".factory-reset"
-    marker.write_text("keep-data\n" if keep_data else "wipe-data\n")
+    # atomic: the initrd takes a marker that is not "keep-data" for a wipe, and a power cut during a plain write can
+    # leave an empty file (tests/test_crash_matrix.py found it)
+    bootenv.write_atomic(dev.data_root / ".factory-reset", b"keep-data\n" if keep_data else b"wipe-data\n")
     os.sync()
     log("factory reset scheduled: node state is wiped at the next boot; rebooting")
     dev.reboot()
