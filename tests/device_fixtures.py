@@ -86,12 +86,17 @@ def make_bundle(folder: Path, secret: Path, version: str, rootfs: bytes | None =
     return folder
 
 
+def file_device(root: Path, public_key: Path) -> FileDevice:
+    """The node whose files are under `root` (as make_node lays them out)."""
+    return FileDevice(run=root / "run", esp=root / "esp", state=root / "data/maculaos", data_root=root / "data",
+                      os_release=root / "os-release", update_key=public_key, health_dirs=(),
+                      cmdline_path=root / "cmdline", config_root=root / "config-root",
+                      slots={s: root / f"slot-{s}.img" for s in "AB"})
+
+
 def make_node(root: Path, public_key: Path, version: str = "0.1.0") -> FileDevice:
     """An installed node booted to slot A, as the disk image or the installer leaves it."""
-    dev = FileDevice(run=root / "run", esp=root / "esp", state=root / "data/maculaos", data_root=root / "data",
-                     os_release=root / "os-release", update_key=public_key, health_dirs=(),
-                     cmdline_path=root / "cmdline", config_root=root / "config-root",
-                     slots={s: root / f"slot-{s}.img" for s in "AB"})
+    dev = file_device(root, public_key)
     for folder in (dev.run, dev.esp / "grub", dev.esp / "A", dev.state, dev.config_root):
         folder.mkdir(parents=True, exist_ok=True)
     (dev.run / "mode").write_text("disk\n")

@@ -9,11 +9,12 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
-from device_fixtures import make_bundle, make_key, make_node, sign
+from device_fixtures import file_device, make_bundle, make_key, make_node, sign
 from maculaos_device import bootenv, manifest, updater
 from maculaos_device.bootenv import BootEnv
 from maculaos_device.source import Source
@@ -150,20 +151,27 @@ def test_an_apply_killed_mid_way_still_invalidates_the_slot(tmp_path, key, node,
 
 
 def test_a_power_cut_between_the_env_writes_is_repaired_to_the_primary(tmp_path, key, node, monkeypatch):
+    """The node's files as the cut leaves them (copied at the fault point, before apply's own clean-up could run):
+    the backup already says "trial B", the primary still the old state; the boot service makes them one again,
+    taking the copy GRUB reads. tests/test_crash_matrix.py does this for every step."""
+    cut_root = tmp_path / "cut"
+
     def cut(name):
         if name == "env-backup-written":
+            shutil.copytree(node.esp.parent, cut_root)
             raise SystemExit("power cut")
 
     monkeypatch.setattr(bootenv, "fault_point", cut)
     with pytest.raises(SystemExit):
         updater.apply(node, Source(str(bundle(tmp_path, key))))
     monkeypatch.undo()
-    # What the disk holds after that cut: the backup already says "trial B", the primary still the old state.
-    node.envs.save(BootEnv())
-    node.envs.backup.write_bytes(BootEnv(trial="B").render())
-    assert state(node) == BootEnv()  # GRUB and the tool read the primary
-    assert updater.confirm(node) == "nothing on trial"
-    assert node.envs.backup.read_bytes() == node.envs.primary.read_bytes() == BootEnv().render()
+    left = file_device(cut_root, key[1])
+    assert left.envs.backup.read_bytes() == BootEnv(trial="B").render()
+    assert left.envs.primary.read_bytes() == BootEnv().render()
+    assert updater.slot_record(left, "B").version == "0.2.0"  # written and recorded before the env
+    assert state(left) == BootEnv()  # GRUB and the tool read the primary
+    assert updater.confirm(left) == "nothing on trial"
+    assert left.envs.backup.read_bytes() == left.envs.primary.read_bytes() == BootEnv().render()
 
 
 def test_corrupted_envs(tmp_path, key, node):
