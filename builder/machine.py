@@ -1,6 +1,7 @@
 """A QEMU machine driven from Python, after the NixOS test driver.
 
-The serial console is the log: a background thread drains it into `serial.log` and a buffer that
+The serial console is the log: a background thread drains it into `serial.log` (and `timeline.log`: each line
+with the seconds since the QEMU it came from started, to see where a boot spends its time) and a buffer that
 `wait_for_console_text` searches. Commands go over a separate virtio console (/dev/hvc0, served only by
 the `test` profile), each framed with a token, its exit code and base64 output, so kernel messages
 never tangle with results. Every wait has a deadline.
@@ -22,6 +23,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import TextIO
 
 import pexpect
 import pexpect.fdpexpect
@@ -70,6 +72,28 @@ def guest_cpus() -> int:
     return max(1, min(2, (os.cpu_count() or 1) // workers))
 
 
+
+class Timeline:
+    """Console lines stamped with the seconds since this QEMU started (escape sequences dropped)."""
+
+    ESCAPES = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
+
+    def __init__(self, out: TextIO) -> None:
+        self.out, self.start, self.partial = out, time.monotonic(), b""
+        out.write("--- QEMU started\n")
+
+    def add(self, data: bytes) -> None:
+        *done, self.partial = (self.partial + data).split(b"\n")
+        if len(self.partial) > 4096:  # a screen redrawn without newlines (a boot menu): a line of its own
+            done.append(self.partial)
+            self.partial = b""
+        for raw in done:
+            line = self.ESCAPES.sub("", raw.decode(errors="replace")).strip()
+            if line:
+                self.out.write(f"[{time.monotonic() - self.start:7.1f}s] {line}\n")
+        self.out.flush()
+
+
 class MachineError(AssertionError):
     """A wait ran out or a command's exit code was not what the test expected."""
 
@@ -91,6 +115,7 @@ class Machine:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.serial_log = workdir / f"{name}.serial.log"
         self.commands_log = workdir / f"{name}.commands.log"
+        self.timeline_log = workdir / f"{name}.timeline.log"
         self.test_channel = test_channel
         # AF_UNIX paths are limited to 108 bytes, and a checkout's test-log folder can be deeper than that.
         self._sock_dir = Path(tempfile.mkdtemp(prefix="mq-"))
@@ -167,10 +192,11 @@ class Machine:
         return sock
 
     def _drain(self) -> None:
-        with self.serial_log.open("ab") as log:
+        with self.serial_log.open("ab") as log, self.timeline_log.open("a") as timeline:
             while True:
                 process = self.process
                 assert process is not None
+                lines = Timeline(timeline)
                 while True:
                     try:
                         data = process.read_nonblocking(65536, timeout=0.2)
@@ -180,6 +206,7 @@ class Machine:
                         break
                     log.write(data)
                     log.flush()
+                    lines.add(data)
                     with self._lock:
                         self._console.extend(data)
                         self._lock.notify_all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import socket
 
 import pytest
@@ -85,3 +86,20 @@ def test_doctor_fits_80_columns_and_suggests_nothing_bookworm_lacks():
     assert max(len(line) for line in lines) <= 80
     assert any("-> fix fix" in line for line in lines) and not any("-> " in line and "GiB" in line for line in lines)
     assert "buildx" not in inspect.getsource(doctor)  # docker-buildx is not in bookworm: never suggested
+
+
+def test_the_timeline_stamps_each_console_line_without_escapes():
+    """out/test-logs/<test>/<machine>.timeline.log: where a boot spends its time, line by line."""
+    import io
+
+    from maculaos_sdk.machine import Timeline
+
+    out = io.StringIO()
+    timeline = Timeline(out)
+    timeline.add(b"\x1b[1;33m*\x1b[m Starting udev ... \x1b[K")  # OpenRC's colours, a line in two reads
+    timeline.add(b"[ ok ]\r\n\r\nmaculaos-init: slot A\n" + b"=" * 5000)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "--- QEMU started"
+    assert [re.sub(r"^\[\s*[0-9.]+s\] ", "", line) for line in lines[1:]] == [
+        "* Starting udev ... [ ok ]", "maculaos-init: slot A", "=" * 5000]
+    assert all(re.match(r"\[\s*[0-9]+\.[0-9]s\] ", line) for line in lines[1:])
