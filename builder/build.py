@@ -54,6 +54,8 @@ def _build_image(profile: Profile, options: BuildOptions, engine: Engine | None)
             dry_run(plan, rendered, options.dry_run)
         return BuildResult(plan=plan)
     (options.output / "logs").mkdir(parents=True, exist_ok=True)
+    if options.cache_registry is not None:
+        options.cache_registry.check()  # a registry that is down: one line now, not a note per stage
     build = Build(plan, options, inputs, rendered, engine or Engine(connect()),
                   previous_manifest(options.output / f"{plan.basename}.manifest.json"))
     build.result.stages = build_stages(build)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from . import __version__, ui
 from .errors import EXIT_INTERRUPTED, EXIT_OK, BadInput, BadInputs, SdkError
+from .registry import ENV as REGISTRY_ENV
+from .registry import StageRegistry
 
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
@@ -31,9 +34,21 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
                    "and console autologin")
     p.add_argument("--dry-run", nargs="?", const=Path("out/dry-run"), type=Path, metavar="DIR",
                    help="print the plan and write rendered Dockerfiles to DIR (default out/dry-run); no build")
+    p.add_argument("--cache-registry", metavar="URL", default=None,
+                   help="an OCI registry shared by build machines: stages it holds are pulled instead of built, "
+                   f"stages built or reused here are pushed (default: ${REGISTRY_ENV}; `docker login` for auth)")
+    p.add_argument("--insecure-registry", action="store_true",
+                   help="allow a plain http:// --cache-registry on another host (the engine must allow it too)")
     p.add_argument("--offline", action="store_true",
                    help="use only cached artifacts, images and package index; fail before building if one is missing")
     p.set_defaults(func=_cmd_build)
+
+
+def _cache_registry(args: argparse.Namespace) -> StageRegistry | None:
+    url = args.cache_registry or os.environ.get(REGISTRY_ENV, "")
+    if not url:
+        return None
+    return StageRegistry.parse(url, args.insecure_registry, "--cache-registry" if args.cache_registry else REGISTRY_ENV)
 
 
 def _positive(text: str) -> int:
@@ -53,6 +68,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
                            explain=args.explain or getattr(args, "debug", False))
     if args.jobs:
         options.jobs = args.jobs
+    options.cache_registry = _cache_registry(args)
     result = build_image(profile, options)
     for path in result.artifacts.values():
         ui.info(f"[bold green]→[/] {path}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import textwrap
 from dataclasses import dataclass
@@ -107,7 +108,23 @@ def run_checks() -> list[Check]:
         *[_binfmt(a) for a in foreign],
         _disk(),
         _stage_images(),
+        *_registry(),
     ]
+
+
+def _registry() -> list[Check]:
+    """The stage cache registry named by MACULAOS_SDK_CACHE_REGISTRY, when it names one."""
+    from .errors import SdkError
+    from .registry import ENV, StageRegistry
+
+    url = os.environ.get(ENV, "")
+    if not url:
+        return []
+    try:
+        StageRegistry.parse(url, where=ENV).check()
+    except SdkError as exc:
+        return [Check("cache registry", False, exc.message, exc.hint or f"fix or unset {ENV}")]
+    return [Check("cache registry", True, f"{url} answers")]
 
 
 WIDTH = 80  # the report fits a standard terminal

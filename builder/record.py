@@ -37,7 +37,7 @@ def manifest(build: Build) -> dict[str, Any]:
         "sdk_version": __version__,
         "profile_files": [str(p) for p in profile.files],
         "stages": {s.stage.key: {"id": s.stage.stage_id, "image": s.stage.image, "cached": s.cached,
-                                 "seconds": round(s.seconds, 1)} for s in result.stages},
+                                 "pulled": s.pulled, "seconds": round(s.seconds, 1)} for s in result.stages},
         "artifacts": build.exported,
         "pinned_artifacts": {dest: {"sha256": path.name} for dest, path in sorted(inputs.pinned.items())},
         "images": inputs.image_records,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from . import explain, gc, ui
+from . import explain, gc, registry, ui
 from .bootstrap import bootstrap
 from .engine import LABEL_STAGE_ID, Engine
 from .errors import BuildFailed
@@ -86,10 +86,17 @@ def _stage_worker(build: Build, r: RenderedStage, activity: ui.Activity, finishe
 def _build_or_reuse(build: Build, r: RenderedStage, activity: ui.Activity) -> StageResult:
     t0, options, basename = time.monotonic(), build.options, build.plan.basename
     if not options.no_cache and build.engine.has_image(r.image):
+        _share(build, r)
         ui.stage_line(r.key, "cached", 0.0, r.image)
         gc.mark_used([r.image])
         explain.remember(basename, [r])
         return StageResult(r, True, 0.0)
+    if not options.no_cache and options.cache_registry is not None and registry.pull(
+            build.engine.client, options.cache_registry, r.image, r.stage_id, r.platform):
+        ui.stage_line(r.key, "pulled", time.monotonic() - t0, options.cache_registry.remote(r.image))
+        gc.mark_used([r.image])
+        explain.remember(basename, [r])
+        return StageResult(r, True, time.monotonic() - t0, pulled=True)
     if options.explain:
         ui.info(f"  {r.key:<10} [dim]rebuilds: {escape(explain.why(basename, r, options.no_cache))}[/]")
     log_path = build.logs / f"{r.label}.log"
@@ -105,7 +112,17 @@ def _build_or_reuse(build: Build, r: RenderedStage, activity: ui.Activity) -> St
     gc.mark_used([r.image])
     explain.remember(basename, [r])
     ui.stage_line(r.key, "done", seconds, r.image)
+    _share(build, r)
     return StageResult(r, False, seconds)
+
+
+def _share(build: Build, r: RenderedStage) -> None:
+    """Push the stage's image to the stage cache registry (a no-op transfer when it has it already)."""
+    if build.options.cache_registry is None:
+        return
+    failed = registry.push(build.engine.client, build.options.cache_registry, r.image)
+    if failed:
+        ui.info(f"[yellow]note:[/] stage {r.key} not pushed to {build.options.cache_registry.url}: {escape(failed)}")
 
 
 def _build_stage(build: Build, r: RenderedStage, log_path: Path) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from .engine import Engine
 from .plan import BuildPlan
+from .registry import StageRegistry
 from .render import RenderedStage
 
 
@@ -28,6 +29,7 @@ class BuildOptions:
     release: bool = False  # a release: a real signing key, no console autologin
     explain: bool = False  # say why each stage that is not cached is built
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)  # stages built at the same time
+    cache_registry: StageRegistry | None = None  # stage images pulled from there instead of built, pushed there
 
 
 @dataclass
@@ -44,8 +46,9 @@ class Inputs:
 @dataclass
 class StageResult:
     stage: RenderedStage
-    cached: bool
+    cached: bool  # not built here: the engine had it, or it was pulled
     seconds: float
+    pulled: bool = False  # from the stage cache registry
 
 
 @dataclass

@@ -14,7 +14,8 @@ from rich.status import Status
 
 console = Console(stderr=True, highlight=False)
 
-_STYLE = {"cached": "cyan", "building": "yellow", "done": "green", "failed": "bold red", "planned": "dim"}
+_STYLE = {"cached": "cyan", "pulled": "cyan", "building": "yellow", "done": "green", "failed": "bold red",
+          "planned": "dim"}
 
 
 def stage_line(name: str, state: str, seconds: float | None = None, detail: str = "") -> None:

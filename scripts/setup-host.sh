@@ -7,11 +7,11 @@ cd "$(dirname "$0")/.."
 PACKAGES=(docker.io mmdebstrap qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64
           qemu-user-static binfmt-support arch-test minisign python3-venv fdisk mtools dosfstools xz-utils openssh-client
           debian-archive-keyring shellcheck cryptsetup-bin device-tree-compiler swtpm tpm2-tools tang clevis jose wget
-          grub-emu)
+          grub-emu docker-registry)
 # lint: shellcheck; unit tests: a LUKS2 header in a file, the Pi's locking overlay, a key sealed to a swtpm
 # (tpm2-tools), a key encrypted to a Tang server (tangd; clevis, to check our format against; jose and wget, as
 # luks.sh uses them), GRUB's own boot decision on each cut of the crash matrix (grub-emu); QEMU tests: swtpm, a
-# guest's TPM 2.0; tangd, the network key source's server
+# guest's TPM 2.0; tangd, the network key source's server; the shared stage cache: an OCI registry (docker-registry)
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
 missing=()
