@@ -121,7 +121,7 @@ def spdx(record: dict[str, Any], base: str) -> dict[str, Any]:
                          "downloadLocation": "NOASSERTION", "filesAnalyzed": False, "licenseConcluded": "NOASSERTION",
                          "licenseDeclared": "NOASSERTION", "copyrightText": "NOASSERTION",
                          "primaryPackagePurpose": "CONTAINER", "comment": "image ids: " + " ".join(img["ids"])})
-    digest = hashlib.sha256(json.dumps(record["stages"], sort_keys=True).encode()).hexdigest()[:32]
+    digest = hashlib.sha256(_stage_ids(record).encode()).hexdigest()[:32]
     return {
         "spdxVersion": "SPDX-2.3", "dataLicense": "CC0-1.0", "SPDXID": "SPDXRef-DOCUMENT", "name": base,
         "documentNamespace": f"{NAMESPACE}/spdx/{base}-{digest}",
@@ -154,7 +154,7 @@ def cyclonedx(record: dict[str, Any], base: str) -> dict[str, Any]:
     for i, img in enumerate(record.get("images") or []):
         components.append({"type": "container", "bom-ref": f"image:{i}:{img['ref']}", "name": img["ref"],
                            "description": "image ids: " + " ".join(img["ids"])})
-    serial = uuid.uuid5(uuid.NAMESPACE_URL, f"{NAMESPACE}/cdx/{base}/" + json.dumps(record["stages"], sort_keys=True))
+    serial = uuid.uuid5(uuid.NAMESPACE_URL, f"{NAMESPACE}/cdx/{base}/" + _stage_ids(record))
     return {
         "bomFormat": "CycloneDX", "specVersion": "1.5", "serialNumber": f"urn:uuid:{serial}", "version": 1,
         "metadata": {"timestamp": _created(record),
@@ -174,6 +174,12 @@ def _where(path: Path) -> str:
         return path.resolve().relative_to(sdk_root().resolve()).as_posix()
     except ValueError:
         return path.name
+
+
+def _stage_ids(record: dict[str, Any]) -> str:
+    """What names a build in its documents: its stages' ids alone. Whether a stage was built, reused or pulled,
+    and how long it took, change no byte (two builds of the same inputs give the same evidence)."""
+    return json.dumps({key: stage["id"] for key, stage in record["stages"].items()}, sort_keys=True)
 
 
 def provenance(record: dict[str, Any], outputs: dict[str, str]) -> dict[str, Any]:
