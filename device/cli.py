@@ -11,6 +11,7 @@
     maculaos factory-reset --confirm [--keep-data]
     maculaos install --device DEV|auto [--config FILE] [--yes] [--poweroff|--reboot]   (from the live ISO)
     maculaos config validate FILE... | show | get KEY | plan | apply
+    maculaos diag [storage|network|update|mesh...] [--json] [--full]   a line per check; --full: a support bundle
 
 SOURCE is a bundle folder: a local path (USB stick) or an https URL, as `maculaos-sdk build-image` writes
 it. Without one, the node config's upgrade.url + upgrade.channel name it: `maculaos-sdk publish` writes
@@ -158,6 +159,10 @@ def main(argv: list[str] | None = None, dev: Device | None = None) -> int:
         from . import nodeconfig
 
         return nodeconfig.main(argv[1:])
+    if argv[:1] == ["diag"]:  # read-only: no lock (it may run beside an update)
+        from . import diag
+
+        return diag.main(dev, argv[1:])
     args = parse_args(argv)
     try:
         lock = dev.lock()

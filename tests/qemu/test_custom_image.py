@@ -5,6 +5,7 @@ good one."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
@@ -150,6 +151,7 @@ def test_custom_image_and_node_config_take_effect(custom_build, make_machine, tm
     m.succeed("udhcpc -i eth0 -n -q -s /etc/udhcpc/default.script >/dev/null 2>&1", timeout=60)
     m.wait_for_network(timeout=30)
     assert m.succeed("cat /etc/resolv.conf") == dns
+    _diagnostics(m)
 
     # a bad config: refused by the validator, reported at boot, and the node keeps its last good config
     m.succeed("printf 'maculaos:\\n  hostnme: typo\\n' > /var/lib/maculaos/config.d.yaml")
@@ -165,3 +167,35 @@ def test_custom_image_and_node_config_take_effect(custom_build, make_machine, tm
     assert m.succeed("cat /var/lib/maculaos/setup-runs") == "setup ran\n"
     out = ssh_when_up(ssh)
     assert out.returncode == 0, out.stderr
+
+
+def _diagnostics(m) -> None:
+    """`maculaos diag`: a line per check on this configured node, a support bundle without the config's secrets,
+    and a broken DNS server reported as a failure with a hint (issue 24, part 6)."""
+    checks = {(c["area"], c["name"]): c for c in json.loads(m.succeed("maculaos diag --json --full 2>/run/diag.err",
+                                                                      timeout=180))}
+    assert {k: c["status"] for k, c in checks.items() if k != ("storage", "free space")} == {
+        ("storage", "data partition"): "pass", ("network", "default route"): "pass", ("network", "DNS servers"): "pass",
+        ("update", "slots"): "pass", ("update", "fallback slot"): "warn", ("update", "update server"): "warn",
+        ("mesh", "roles"): "pass", ("mesh", "firewall"): "pass"}
+    assert checks["storage", "free space"]["status"] != "fail"
+    assert checks["mesh", "roles"]["detail"] == "peer, gateway in realm io.macula"
+    assert checks["network", "DNS servers"]["detail"] == "10.0.2.3, 192.0.2.53"
+    bundle = m.succeed("cat /run/diag.err").strip().removeprefix("support bundle: ")
+    assert m.succeed(f"stat -c %a {bundle}").strip() == "600"
+    data = base64.b64decode(m.succeed(f"base64 -w0 {bundle}", timeout=60))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        files = {i.name.split("/", 1)[1]: tar.extractfile(i).read() for i in tar.getmembers()}
+    assert {"diag.json", "status.json", "config.json", "dmesg.txt", "log.txt", "nft.json", "config.log"} <= files.keys()
+    assert json.loads(files["status.json"])["booted"] == "A" and b"Linux version" in files["dmesg.txt"]
+    for secret in (WIFI_PSK, "s3cret-join-token"):
+        assert not any(secret.encode() in data for data in files.values()), secret
+    # a DNS server that answers nothing, and a name the node needs (its update server's)
+    m.succeed("cp /etc/resolv.conf /run/resolv.keep && echo 'nameserver 192.0.2.1' > /etc/resolv.conf && "
+              "mkdir -p /var/lib/maculaos/config.d && printf 'upgrade:\\n  url: https://updates.maculaos.example\\n' "
+              "> /var/lib/maculaos/config.d/40-diag.yaml")
+    rc, out = m.execute("maculaos diag network --json", timeout=120)
+    m.succeed("cp /run/resolv.keep /etc/resolv.conf && rm /var/lib/maculaos/config.d/40-diag.yaml")
+    resolution = {c["name"]: c for c in json.loads(out)}["name resolution"]
+    assert rc == 1 and resolution["status"] == "fail" and "192.0.2.1" in resolution["detail"]
+    assert "maculaos.dns_nameservers" in resolution["hint"]
