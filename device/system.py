@@ -19,11 +19,11 @@ from . import layout, paths
 
 # Every program the device code runs. tests/test_device_commands.py checks that each run([...]) in the device
 # code names one of these; the rootfs stage refuses to build an image that lacks one of them.
-COMMANDS = ("blockdev", "cryptsetup", "hostname", "minisign", "mkfs.ext4", "mkfs.vfat", "modprobe", "mount", "nft",
-            "partx", "poweroff", "rc-service", "reboot", "resize2fs", "sfdisk", "sh", "ssh-keygen", "sync", "udhcpc",
-            "umount")
+COMMANDS = ("blockdev", "cryptsetup", "df", "dmesg", "hostname", "ip", "minisign", "mkfs.ext4", "mkfs.vfat",
+            "modprobe", "mount", "nft", "partx", "poweroff", "rc-service", "reboot", "resize2fs", "sfdisk", "sh",
+            "ssh-keygen", "sync", "udhcpc", "umount")
 # Run only where the image has them, after checking (boards with Wi-Fi: boards.WIRELESS_PACKAGES).
-OPTIONAL_COMMANDS = ("wpa_supplicant",)
+OPTIONAL_COMMANDS = ("wpa_supplicant", "logread")  # logread: the layer's wrapper (overlay/usr/sbin)
 HEALTH_HOOK_SECONDS = 120
 DISK_PATTERNS = ("vd*", "sd*", "nvme*n*", "mmcblk[0-9]*")  # virtio, SCSI/SATA/USB, NVMe, MMC (sysfs names)
 LOCK_SECONDS = 600

@@ -12,7 +12,7 @@ from pathlib import Path
 from maculaos_device.system import COMMANDS, OPTIONAL_COMMANDS
 
 DEVICE = Path(__file__).resolve().parents[1] / "device"
-RUNNERS = {"run", "Popen", "check_output", "check_call", "call"}
+RUNNERS = {"run", "Popen", "check_output", "check_call", "call", "_command"}  # _command: diag's
 
 
 def program_names(node: ast.expr) -> list[str]:
